@@ -1,0 +1,116 @@
+"""System checks; every id is listed in docs/reference/checks.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.db import DatabaseError
+from django.utils.module_loading import import_string
+
+from . import conf, registry
+
+SETTINGS_HINT = "See docs/reference/settings.md for every PUBSUB key and its default."
+
+
+@register()
+def check_settings(**kwargs: Any) -> list[CheckMessage]:
+    """E001: PUBSUB is not a dict. E002: unknown key. E003: a value out of range."""
+    problems = conf.validate()
+    messages: list[CheckMessage] = []
+    for key, text in problems:
+        if key == "":
+            messages.append(Error(text, hint="Set PUBSUB = {...} in settings.", id="django_pubsub.E001"))
+        elif key not in conf.DEFAULTS:
+            messages.append(
+                Error(
+                    text,
+                    hint=f"Known keys: {', '.join(sorted(conf.DEFAULTS))}.",
+                    id="django_pubsub.E002",
+                )
+            )
+        else:
+            messages.append(Error(text, hint=SETTINGS_HINT, id="django_pubsub.E003"))
+    return messages
+
+
+@register()
+def check_handlers(**kwargs: Any) -> list[CheckMessage]:
+    """E004: a declared handler's dotted path does not import back to a callable."""
+    messages: list[CheckMessage] = []
+    for spec in registry.get_specs().values():
+        try:
+            handler = import_string(spec.handler)
+        except ImportError as exc:
+            handler, reason = None, str(exc)
+        else:
+            reason = "it is not callable"
+        if not callable(handler):
+            messages.append(
+                Error(
+                    f"Subscription {spec.name!r}: handler {spec.handler!r} cannot be used: {reason}.",
+                    hint="Declare @subscriber on a module-level function of an installed app.",
+                    id="django_pubsub.E004",
+                )
+            )
+    return messages
+
+
+@register(Tags.database)
+def check_sqlite(databases: Sequence[str] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """W001: a SQLite database set up so that writers can fail with "database is locked"."""
+    messages: list[CheckMessage] = []
+    db = settings.DATABASES.get("default", {})
+    if "sqlite3" not in db.get("ENGINE", ""):
+        return messages
+    options = db.get("OPTIONS", {})
+    missing = []
+    if str(options.get("transaction_mode", "")).upper() != "IMMEDIATE":
+        missing.append('"transaction_mode": "IMMEDIATE"')
+    if "journal_mode=wal" not in str(options.get("init_command", "")).lower().replace(" ", ""):
+        missing.append('"init_command": "PRAGMA journal_mode=WAL;"')
+    if float(options.get("timeout", 5)) < 5:
+        missing.append('"timeout": 20')
+    if missing:
+        messages.append(
+            Warning(
+                "The default SQLite database is not set up for a dispatcher and handlers "
+                "writing at the same time; writes can fail with 'database is locked'.",
+                hint=f"Add to DATABASES['default']['OPTIONS']: {', '.join(missing)}.",
+                id="django_pubsub.W001",
+            )
+        )
+    return messages
+
+
+@register(Tags.database)
+def check_inactive(databases: Sequence[str] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """W002: subscriptions no longer declared in code still hold undelivered messages."""
+    if not databases or "default" not in databases:
+        return []
+    from .models import Delivery, Subscription
+
+    try:
+        stale = list(
+            Subscription.objects.filter(active=False).values_list("name", "position", "topic__next_offset")
+        )
+        waiting = set(
+            Delivery.objects.filter(subscription__active=False, state__in=Delivery.UNFINISHED)
+            .values_list("subscription__name", flat=True)
+            .distinct()
+        )
+    except DatabaseError:
+        return []  # not migrated yet
+    names = sorted({name for name, position, head in stale if position < head} | waiting)
+    if not names:
+        return []
+    return [
+        Warning(
+            f"Subscriptions no longer declared in code hold undelivered messages: {', '.join(names)}.",
+            hint="Declare them again to resume delivery, or delete their rows in the admin "
+            "once their backlog is no longer wanted.",
+            id="django_pubsub.W002",
+        )
+    ]

@@ -1,0 +1,188 @@
+"""The ``PUBSUB`` setting: one dict, read on every access so ``override_settings`` works.
+
+Each property returns a validated value or raises ``ImproperlyConfigured`` naming the key;
+``validate()`` collects the same problems for the system checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from .retry import Backoff
+
+DEFAULTS: dict[str, Any] = {
+    # Seconds between polls of the database when there is nothing to do.
+    "POLL_INTERVAL": 0.2,
+    # Handler threads in one runpubsub process.
+    "WORKERS": 4,
+    # Seconds a claimed delivery stays leased to its dispatcher.
+    "LEASE": 30.0,
+    # Handler starts before a delivery is dead-lettered.
+    "MAX_ATTEMPTS": 5,
+    # Deliveries of one subscription in flight at once in one process (None: WORKERS).
+    "MAX_INFLIGHT": None,
+    # Whether subscriptions run strictly in offset order unless they say otherwise.
+    "ORDERED": False,
+    # Where a new subscription starts: "latest" or "earliest".
+    "START": "latest",
+    "BACKOFF": {"base": 1.0, "factor": 2.0, "maximum": 300.0, "jitter": 0.1},
+    # Module imported from every installed app to find @subscriber declarations.
+    "AUTODISCOVER_MODULE": "subscribers",
+    # Messages sequenced and deliveries fanned out per topic and subscription in one pass.
+    "BATCH_SIZE": 500,
+    # Seconds between a dispatcher's heartbeats, and silence after which it counts as dead.
+    "HEARTBEAT_INTERVAL": 5.0,
+    "DISPATCHER_TIMEOUT": 60.0,
+    # Seconds running handlers get to finish after SIGINT/SIGTERM.
+    "SHUTDOWN_GRACE": 30.0,
+}
+
+START_CHOICES = ("latest", "earliest")
+
+
+def _positive_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and value > 0
+
+
+def _positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value > 0
+
+
+def _optional_positive_int(value: Any) -> bool:
+    return value is None or _positive_int(value)
+
+
+def _backoff(value: Any) -> bool:
+    try:
+        Backoff.coerce(value)
+    except ImproperlyConfigured:
+        return False
+    return value is not None
+
+
+def _module_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value) and all(p.isidentifier() for p in value.split("."))
+
+
+VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "POLL_INTERVAL": (_positive_number, "a number of seconds > 0"),
+    "WORKERS": (_positive_int, "an integer > 0"),
+    "LEASE": (_positive_number, "a number of seconds > 0"),
+    "MAX_ATTEMPTS": (_positive_int, "an integer > 0"),
+    "MAX_INFLIGHT": (_optional_positive_int, "an integer > 0, or None"),
+    "ORDERED": (lambda v: isinstance(v, bool), "True or False"),
+    "START": (lambda v: v in START_CHOICES, '"latest" or "earliest"'),
+    "BACKOFF": (_backoff, "a dict with base, factor, maximum and jitter"),
+    "AUTODISCOVER_MODULE": (_module_name, "a dotted module name such as 'subscribers'"),
+    "BATCH_SIZE": (_positive_int, "an integer > 0"),
+    "HEARTBEAT_INTERVAL": (_positive_number, "a number of seconds > 0"),
+    "DISPATCHER_TIMEOUT": (_positive_number, "a number of seconds > 0"),
+    "SHUTDOWN_GRACE": (_positive_number, "a number of seconds > 0"),
+}
+
+
+def user_settings() -> Any:
+    return getattr(settings, "PUBSUB", {})
+
+
+def validate() -> list[tuple[str, str]]:
+    """Every problem with ``settings.PUBSUB`` as (key, message); key '' for the whole dict."""
+    raw = user_settings()
+    if not isinstance(raw, dict):
+        return [("", f"PUBSUB must be a dict, not {type(raw).__name__}.")]
+    problems = [
+        (key, f"PUBSUB[{key!r}] is not a known setting.") for key in raw if key not in DEFAULTS
+    ]
+    for key, value in raw.items():
+        if key in VALIDATORS:
+            check, expected = VALIDATORS[key]
+            if not check(value):
+                problems.append((key, f"PUBSUB[{key!r}] must be {expected}, not {value!r}."))
+    if not problems:
+        merged = {**DEFAULTS, **raw}
+        if merged["DISPATCHER_TIMEOUT"] <= merged["HEARTBEAT_INTERVAL"]:
+            problems.append(
+                (
+                    "DISPATCHER_TIMEOUT",
+                    "PUBSUB['DISPATCHER_TIMEOUT'] must be longer than HEARTBEAT_INTERVAL.",
+                )
+            )
+    return problems
+
+
+def get(key: str) -> Any:
+    """The current value of one setting, validated."""
+    raw = user_settings()
+    if not isinstance(raw, dict):
+        raise ImproperlyConfigured(f"PUBSUB must be a dict, not {type(raw).__name__}.")
+    value = raw.get(key, DEFAULTS[key])
+    check, expected = VALIDATORS[key]
+    if not check(value):
+        raise ImproperlyConfigured(f"PUBSUB[{key!r}] must be {expected}, not {value!r}.")
+    return value
+
+
+class PubSubSettings:
+    """One property per setting; nothing is cached, so tests can override settings freely."""
+
+    @property
+    def poll_interval(self) -> float:
+        return float(get("POLL_INTERVAL"))
+
+    @property
+    def workers(self) -> int:
+        return int(get("WORKERS"))
+
+    @property
+    def lease(self) -> float:
+        return float(get("LEASE"))
+
+    @property
+    def max_attempts(self) -> int:
+        return int(get("MAX_ATTEMPTS"))
+
+    @property
+    def max_inflight(self) -> int | None:
+        value = get("MAX_INFLIGHT")
+        return None if value is None else int(value)
+
+    @property
+    def ordered(self) -> bool:
+        return bool(get("ORDERED"))
+
+    @property
+    def start(self) -> str:
+        return str(get("START"))
+
+    @property
+    def backoff(self) -> Backoff:
+        backoff = Backoff.coerce(get("BACKOFF"))
+        assert backoff is not None
+        return backoff
+
+    @property
+    def autodiscover_module(self) -> str:
+        return str(get("AUTODISCOVER_MODULE"))
+
+    @property
+    def batch_size(self) -> int:
+        return int(get("BATCH_SIZE"))
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return float(get("HEARTBEAT_INTERVAL"))
+
+    @property
+    def dispatcher_timeout(self) -> float:
+        return float(get("DISPATCHER_TIMEOUT"))
+
+    @property
+    def shutdown_grace(self) -> float:
+        return float(get("SHUTDOWN_GRACE"))
+
+
+pubsub_settings = PubSubSettings()

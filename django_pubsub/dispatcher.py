@@ -1,0 +1,431 @@
+"""The runpubsub loop: one polling dispatcher for every subscription, a bounded worker pool.
+
+Each pass: heartbeat, take back leases of dead dispatchers and expired leases, record what
+the workers finished (ack in one statement per claim, retry or dead-letter), sequence new
+messages, fan them out, claim as many due deliveries as there are idle workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import FrameType
+from typing import Any
+
+from django.db import close_old_connections
+from django.db.models import F, Q
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from .conf import pubsub_settings
+from .exceptions import HandlerImportError
+from .message import Message
+from .models import Delivery, Dispatcher, Message as MessageRow, Subscription, Topic
+from .retry import Random
+from .sync import sync_subscriptions
+from .workers import Job, Outcome, WorkerPool
+
+logger = logging.getLogger("django_pubsub.dispatcher")
+
+Clock = Callable[[], datetime]
+
+
+@dataclass
+class Stats:
+    claimed: int = 0
+    acked: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead: int = 0
+    given_back: int = 0
+    fenced: int = 0
+    recovered: int = 0
+
+    @property
+    def handled(self) -> int:
+        return self.acked + self.failed
+
+
+class DispatchLoop:
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        poll_interval: float | None = None,
+        subscriptions: Sequence[str] | None = None,
+        until_idle: bool = False,
+        idle_wait: float = 0.0,
+        max_messages: int | None = None,
+        shutdown_grace: float | None = None,
+        clock: Clock = timezone.now,
+        rand: Random = random.random,
+        handle_signals: bool = True,
+    ) -> None:
+        self.workers = workers or pubsub_settings.workers
+        self.poll_interval = poll_interval or pubsub_settings.poll_interval
+        self.only = list(subscriptions) if subscriptions else None
+        self.until_idle = until_idle
+        self.idle_wait = idle_wait
+        self.max_messages = max_messages
+        self.shutdown_grace = (
+            pubsub_settings.shutdown_grace if shutdown_grace is None else shutdown_grace
+        )
+        self.clock = clock
+        self.rand = rand
+        self.handle_signals = handle_signals
+        self.stats = Stats()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._signals_seen = 0
+        self._previous_handlers: dict[int, Any] = {}
+        self._subs: dict[int, Subscription] = {}
+        self._handlers: dict[int, Callable[[Message], Any]] = {}
+        self._inflight: dict[int, int] = defaultdict(int)
+        self._rotation = 0
+        self._pool: WorkerPool | None = None
+        self.row: Dispatcher | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def run(self) -> Stats:
+        self._prepare()
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return self.stats
+
+    def stop(self) -> None:
+        """Stop claiming; running handlers get the shutdown grace to finish."""
+        self._stop.set()
+        self._wake.set()
+
+    def _prepare(self) -> None:
+        sync_subscriptions()
+        self._load_subscriptions()
+        now = self.clock()
+        self.row = Dispatcher.register(now)
+        self._next_beat = now
+        self._pool = WorkerPool(self.workers, on_done=self._wake.set)
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        logger.info(
+            "dispatcher started id=%s workers=%s subscriptions=%s",
+            self.row.pk,
+            self.workers,
+            ",".join(sub.name for sub in self._subs.values()),
+        )
+
+    def _load_subscriptions(self) -> None:
+        active = Subscription.objects.filter(active=True).select_related("topic")
+        by_name = {sub.name: sub for sub in active}
+        if self.only is not None:
+            unknown = [name for name in self.only if name not in by_name]
+            if unknown:
+                raise ValueError(
+                    f"Unknown or inactive subscriptions: {', '.join(unknown)}. "
+                    f"Active ones: {', '.join(sorted(by_name)) or '(none)'}."
+                )
+            by_name = {name: by_name[name] for name in self.only}
+        for sub in by_name.values():
+            try:
+                handler = import_string(sub.handler)
+            except ImportError as exc:
+                raise HandlerImportError(
+                    f"Subscription {sub.name!r}: its handler {sub.handler!r} does not import "
+                    f"({exc}). Fix the path or the module; its deliveries wait until then."
+                ) from exc
+            self._subs[sub.pk] = sub
+            self._handlers[sub.pk] = handler
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals_seen += 1
+        if self._signals_seen > 1:
+            logger.warning("second signal, exiting at once signal=%s", signum)
+            import os
+
+            os._exit(128 + signum)
+        logger.info("signal received, draining signal=%s", signum)
+        self.stop()
+
+    def _shutdown(self) -> None:
+        pool = self._pool
+        try:
+            if pool is not None:
+                unstarted = pool.take_unstarted()
+                self._give_back(unstarted)
+                deadline = time.monotonic() + self.shutdown_grace
+                while pool.running and time.monotonic() < deadline:
+                    self._wake.wait(min(0.05, self.poll_interval))
+                    self._wake.clear()
+                self._collect(self.clock())
+                self._abandon(list(pool.running.values()))
+                pool.stop()
+            if self.row is not None:
+                self.row.stop(self.clock())
+        finally:
+            for signum, previous in self._previous_handlers.items():
+                signal.signal(signum, previous)
+            self._previous_handlers.clear()
+            close_old_connections()
+        logger.info(
+            "dispatcher stopped acked=%s retried=%s dead=%s",
+            self.stats.acked,
+            self.stats.retried,
+            self.stats.dead,
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            progressed = self._pass()
+            if self.max_messages is not None and self.stats.handled >= self.max_messages:
+                return
+            if self.until_idle and not progressed and self._idle():
+                logger.info("idle, exiting")
+                return
+            if not progressed:
+                self._wake.wait(self.poll_interval)
+                self._wake.clear()
+
+    def _pass(self) -> bool:
+        close_old_connections()
+        now = self.clock()
+        progressed = False
+        if now >= self._next_beat:
+            self._heartbeat(now)
+        progressed |= self._recover_expired(now) > 0
+        progressed |= self._collect(now) > 0
+        self._extend_leases(now)
+        batch = pubsub_settings.batch_size
+        progressed |= Topic.sequence_all(batch=batch) > 0
+        behind = Subscription.objects.filter(active=True, position__lt=F("topic__next_offset"))
+        for sub in behind:
+            progressed |= sub.fan_out(now=now, batch=batch) > 0
+        if not self._stop.is_set():
+            progressed |= self._claim(now) > 0
+        return progressed
+
+    def _heartbeat(self, now: datetime) -> None:
+        assert self.row is not None and self._pool is not None
+        self.row.beat(now, inflight=self._pool.busy)
+        self._next_beat = now + timedelta(seconds=pubsub_settings.heartbeat_interval)
+        for dead in Dispatcher.objects.presumed_dead(now, timeout=pubsub_settings.dispatcher_timeout):
+            held = Delivery.objects.inflight().filter(dispatcher=dead)
+            taken = self._release(held, now, f"dispatcher {dead} stopped; lease taken back")
+            dead.stop(now)
+            logger.warning("dispatcher presumed dead dispatcher=%s deliveries_taken_back=%s", dead, taken)
+
+    def _recover_expired(self, now: datetime) -> int:
+        return self._release(Delivery.objects.expired(now), now, "lease expired before an ack")
+
+    def _release(self, deliveries: Any, now: datetime, reason: str) -> int:
+        """Fail the given inflight deliveries (their attempt started) so they run again."""
+        count = 0
+        rows = deliveries.values_list("id", "lease_token", "subscription_id", "attempts")
+        for delivery_id, token, sub_id, attempt in rows[: pubsub_settings.batch_size]:
+            sub = self._subs.get(sub_id) or Subscription.objects.get(pk=sub_id)
+            state = Delivery.objects.fail(
+                delivery_id,
+                token=token,
+                now=now,
+                error=reason,
+                traceback="",
+                max_attempts=sub.effective_max_attempts,
+                delay=0.0,
+            )
+            if state is not None:
+                count += 1
+                self.stats.recovered += 1
+                logger.warning(
+                    "delivery id=%s subscription=%s attempt=%s %s, now %s",
+                    delivery_id, sub.name, attempt, reason, state,
+                )
+        return count
+
+    def _extend_leases(self, now: datetime) -> None:
+        """Keep the leases of handlers still running from expiring under them."""
+        assert self._pool is not None
+        soon = time.monotonic()
+        by_token: dict[str, list[Job]] = defaultdict(list)
+        for job in list(self._pool.running.values()):
+            lease = self._subs[job.subscription_id].effective_lease
+            if job.lease_expires - soon < lease / 2:
+                by_token[job.token].append(job)
+        for token, jobs in by_token.items():
+            lease = self._subs[jobs[0].subscription_id].effective_lease
+            Delivery.objects.filter(
+                id__in=[job.delivery_id for job in jobs], state=Delivery.State.INFLIGHT, lease_token=token
+            ).update(lease_expires_at=now + timedelta(seconds=lease))
+            for job in jobs:
+                job.lease_expires = soon + lease
+
+    def _collect(self, now: datetime) -> int:
+        """Record what the workers finished: acks in one statement per claim token."""
+        assert self._pool is not None
+        outcomes: list[Outcome] = []
+        while not self._pool.outcomes.empty():
+            outcomes.append(self._pool.outcomes.get_nowait())
+        acks: dict[str, list[int]] = defaultdict(list)
+        for outcome in outcomes:
+            job = outcome.job
+            self._inflight[job.subscription_id] -= 1
+            if outcome.error is None:
+                acks[job.token].append(job.delivery_id)
+            else:
+                self._record_failure(outcome, now)
+        for token, ids in acks.items():
+            done = Delivery.objects.ack(ids, token=token, now=now)
+            self.stats.acked += done
+            if done < len(ids):
+                self.stats.fenced += len(ids) - done
+                logger.warning(
+                    "ack rejected, lease no longer held deliveries=%s",
+                    ",".join(map(str, ids)),
+                )
+        return len(outcomes)
+
+    def _record_failure(self, outcome: Outcome, now: datetime) -> None:
+        job = outcome.job
+        sub = self._subs[job.subscription_id]
+        attempt = job.message.attempt
+        state = Delivery.objects.fail(
+            job.delivery_id,
+            token=job.token,
+            now=now,
+            error=outcome.error or "",
+            traceback=outcome.traceback,
+            max_attempts=sub.effective_max_attempts,
+            delay=sub.effective_backoff.delay(attempt, self.rand),
+        )
+        self.stats.failed += 1
+        if state is None:
+            self.stats.fenced += 1
+            logger.warning(
+                "delivery id=%s subscription=%s attempt=%s failed, but its lease is gone: "
+                "result ignored", job.delivery_id, sub.name, attempt,
+            )
+        elif state == Delivery.State.DEAD:
+            self.stats.dead += 1
+            logger.error(
+                "delivery id=%s subscription=%s attempt=%s failed, dead-lettered: %s",
+                job.delivery_id, sub.name, attempt, outcome.error,
+            )
+        else:
+            self.stats.retried += 1
+            logger.warning(
+                "delivery id=%s subscription=%s attempt=%s failed, will retry: %s",
+                job.delivery_id, sub.name, attempt, outcome.error,
+            )
+        logger.debug("delivery id=%s traceback:\n%s", job.delivery_id, outcome.traceback)
+
+    def _claim(self, now: datetime) -> int:
+        assert self._pool is not None and self.row is not None
+        free = self.workers - self._pool.busy
+        if self.max_messages is not None:
+            free = min(free, self.max_messages - self.stats.claimed)
+        subs = list(self._subs.values())
+        if free <= 0 or not subs:
+            return 0
+        self._rotation = (self._rotation + 1) % len(subs)
+        claimed = 0
+        for sub in subs[self._rotation :] + subs[: self._rotation]:
+            room = min(free - claimed, sub.effective_max_inflight(self.workers) - self._inflight[sub.pk])
+            if room <= 0:
+                continue
+            token = uuid.uuid4().hex
+            rows = Delivery.objects.claim(
+                sub, limit=room, now=now, token=token, dispatcher_id=self.row.pk
+            )
+            if rows:
+                self._submit(sub, token, rows)
+                claimed += len(rows)
+            if claimed >= free:
+                break
+        return claimed
+
+    def _submit(self, sub: Subscription, token: str, rows: list[tuple[int, int, int]]) -> None:
+        assert self._pool is not None
+        fields = ("id", "offset", "payload", "payload_bytes", "key", "headers", "published_at")
+        messages = {
+            row[0]: row for row in MessageRow.objects.filter(id__in=[r[1] for r in rows]).values_list(*fields)
+        }
+        expires = time.monotonic() + sub.effective_lease
+        for delivery_id, message_id, attempt in rows:
+            mid, offset, payload, payload_bytes, key, headers, published_at = messages[message_id]
+            message = Message(
+                id=mid,
+                offset=offset,
+                topic=sub.topic.name,
+                payload=bytes(payload_bytes) if payload_bytes is not None else payload,
+                key=key,
+                headers=dict(headers or {}),
+                published_at=published_at,
+                attempt=attempt,
+                subscription=sub.name,
+                delivery_id=delivery_id,
+            )
+            self._inflight[sub.pk] += 1
+            self.stats.claimed += 1
+            self._pool.submit(
+                Job(delivery_id, token, sub.pk, message, self._handlers[sub.pk], expires)
+            )
+
+    def _give_back(self, jobs: list[Job]) -> None:
+        by_token: dict[str, list[int]] = defaultdict(list)
+        for job in jobs:
+            by_token[job.token].append(job.delivery_id)
+            self._inflight[job.subscription_id] -= 1
+        now = self.clock()
+        for token, ids in by_token.items():
+            self.stats.given_back += Delivery.objects.give_back(ids, token=token, now=now)
+
+    def _abandon(self, jobs: list[Job]) -> None:
+        """Handlers still running when the grace ran out: their attempt failed."""
+        now = self.clock()
+        for job in jobs:
+            self._record_failure(
+                Outcome(job, error="still running when the dispatcher shut down"), now
+            )
+
+    def _idle(self) -> bool:
+        """Nothing running, nothing in flight anywhere, nothing due within idle_wait."""
+        assert self._pool is not None
+        if self._pool.busy or not self._pool.outcomes.empty():
+            return False
+        pks = list(self._subs)
+        topics = {sub.topic_id for sub in self._subs.values()}
+        # Rows of still-open transactions are invisible here, so this sees committed work only.
+        if MessageRow.objects.filter(offset__isnull=True, topic_id__in=topics).exists():
+            return False
+        if Subscription.objects.filter(pk__in=pks, position__lt=F("topic__next_offset")).exists():
+            return False
+        horizon = self.clock() + timedelta(seconds=self.idle_wait)
+        unordered = [pk for pk, sub in self._subs.items() if not sub.effective_ordered]
+        if Delivery.objects.filter(subscription_id__in=unordered).filter(
+            Q(state=Delivery.State.INFLIGHT)
+            | Q(state__in=Delivery.WAITING, available_at__lte=horizon)
+        ).exists():
+            return False
+        for pk, sub in self._subs.items():
+            if not sub.effective_ordered:
+                continue
+            head = (
+                Delivery.objects.filter(subscription_id=pk, state__in=Delivery.UNFINISHED)
+                .order_by("offset")
+                .values_list("state", "available_at")
+                .first()
+            )
+            if head and (head[0] == Delivery.State.INFLIGHT or head[1] <= horizon):
+                return False
+        return True

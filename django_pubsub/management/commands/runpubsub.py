@@ -1,0 +1,105 @@
+"""python manage.py runpubsub: parse, set up logging, run the dispatch loop."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_pubsub.dispatcher import DispatchLoop
+from django_pubsub.exceptions import PubSubError
+
+LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seconds(minimum: float, inclusive: bool) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or (
+            value < minimum if inclusive else value <= minimum
+        ):
+            bound = ">=" if inclusive else ">"
+            raise argparse.ArgumentTypeError(f"must be {bound} {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+def names(text: str) -> list[str]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated subscription names, got {text!r}")
+    return parts
+
+
+class Command(BaseCommand):
+    help = "Run the pub/sub dispatcher: deliver published messages to every subscription."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--workers", type=positive_int, help="Handler threads (PUBSUB WORKERS).")
+        parser.add_argument(
+            "--poll-interval", type=seconds(0, inclusive=False), help="Seconds between polls."
+        )
+        parser.add_argument(
+            "--subscriptions", type=names, help="Only these subscriptions, comma-separated."
+        )
+        parser.add_argument(
+            "--until-idle",
+            action="store_true",
+            help="Exit once nothing is in flight and nothing is due within --idle-wait.",
+        )
+        parser.add_argument(
+            "--idle-wait",
+            type=seconds(0, inclusive=True),
+            default=None,
+            help="With --until-idle: also wait for work due within this many seconds.",
+        )
+        parser.add_argument(
+            "--max-messages", type=positive_int, help="Exit after handling this many deliveries."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["idle_wait"] is not None and not options["until_idle"]:
+            raise CommandError("--idle-wait only applies with --until-idle.")
+        self._configure_logging(options["verbosity"])
+        try:
+            loop = DispatchLoop(
+                workers=options["workers"],
+                poll_interval=options["poll_interval"],
+                subscriptions=options["subscriptions"],
+                until_idle=options["until_idle"],
+                idle_wait=options["idle_wait"] or 0.0,
+                max_messages=options["max_messages"],
+            )
+            stats = loop.run()
+        except (PubSubError, ValueError) as exc:
+            raise CommandError(str(exc)) from exc
+        if options["verbosity"] >= 1:
+            self.stdout.write(
+                f"delivered={stats.acked} retried={stats.retried} dead={stats.dead} "
+                f"given_back={stats.given_back}"
+            )
+
+    @staticmethod
+    def _configure_logging(verbosity: int) -> None:
+        logger = logging.getLogger("django_pubsub")
+        logger.setLevel(LEVELS.get(verbosity, logging.DEBUG))
+        if not logger.handlers and not logging.getLogger().handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+            logger.addHandler(handler)

@@ -1,0 +1,468 @@
+"""Topics, their ordered log of messages, subscriptions, and per-message deliveries.
+
+How a message travels:
+
+1. ``publish()`` inserts a ``Message`` with ``offset`` NULL, inside the caller's transaction.
+   Publishers never lock anything shared, so a long transaction does not hold others up.
+2. The dispatcher *sequences* committed messages: under the topic's row lock it gives the
+   visible unsequenced messages consecutive offsets, in id order. A message that commits later
+   is sequenced later and gets a higher offset, so offsets follow commit visibility and a
+   cursor over offsets can never pass over a message that is still uncommitted.
+3. Each subscription keeps a cursor (``position``) in its topic and *fans out* sequenced
+   messages past it into ``Delivery`` rows.
+4. Deliveries are claimed (``inflight`` with a lease token), then acked, retried or
+   dead-lettered; every transition is one UPDATE that checks the expected state and lease
+   token, so a transition that lost a race changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import connections, models, transaction
+from django.db.models import Case, F, Q, Value, When
+
+from .conf import START_CHOICES, pubsub_settings
+from .retry import Backoff
+
+
+def _quoted(model: type[models.Model], field: str | None = None) -> str:
+    """Quoted table name, or quoted column name of ``field`` on it."""
+    qn = connections["default"].ops.quote_name
+    if field is None:
+        return qn(model._meta.db_table)
+    return qn(model._meta.get_field(field).column)
+
+
+def _lock_row(cursor: Any, model: type[models.Model], pk: int, using: str) -> None:
+    """Take the row's write lock for the rest of the transaction.
+
+    PostgreSQL locks the row; SQLite has one writer, so a no-op write takes the database's
+    write lock up front instead of upgrading a read lock later (which fails at once with
+    "database is locked" rather than waiting).
+    """
+    table = _quoted(model)
+    if connections[using].features.has_select_for_update:
+        cursor.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [pk])
+    else:
+        cursor.execute(f"UPDATE {table} SET id = id WHERE id = %s", [pk])
+
+
+class Topic(models.Model):
+    name = models.CharField(max_length=200, unique=True)
+    # The offset the next sequenced message of this topic gets.
+    next_offset = models.BigIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def sequence_all(cls, *, batch: int, using: str = "default") -> int:
+        """Sequence the committed messages of every topic that has some; return how many."""
+        topic_ids = (
+            Message.objects.using(using)
+            .filter(offset__isnull=True)
+            .order_by()
+            .values_list("topic_id", flat=True)
+            .distinct()
+        )
+        return sum(cls.sequence(topic_id, batch=batch, using=using) for topic_id in topic_ids)
+
+    @classmethod
+    def sequence(cls, topic_id: int, *, batch: int, using: str = "default") -> int:
+        message, topic = _quoted(Message), _quoted(Topic)
+        offset, topic_col = _quoted(Message, "offset"), _quoted(Message, "topic")
+        with transaction.atomic(using=using), connections[using].cursor() as cursor:
+            _lock_row(cursor, Topic, topic_id, using)
+            # A new statement after the lock: it sees every message committed so far,
+            # including the offsets a sequencer that held the lock before us assigned.
+            cursor.execute(f"SELECT next_offset FROM {topic} WHERE id = %s", [topic_id])
+            (base,) = cursor.fetchone()
+            cursor.execute(
+                f"UPDATE {message} SET {offset} = %s + s.rn - 1 FROM ("
+                f"SELECT id, row_number() OVER (ORDER BY id) AS rn FROM {message} "
+                f"WHERE {topic_col} = %s AND {offset} IS NULL ORDER BY id LIMIT %s"
+                f") AS s WHERE {message}.id = s.id",
+                [base, topic_id, batch],
+            )
+            count = cursor.rowcount
+            if count:
+                cursor.execute(
+                    f"UPDATE {topic} SET next_offset = %s WHERE id = %s", [base + count, topic_id]
+                )
+        return int(count)
+
+
+class Message(models.Model):
+    id = models.BigAutoField(primary_key=True)
+    topic = models.ForeignKey(Topic, on_delete=models.PROTECT, related_name="messages")
+    # NULL until the dispatcher sequences it; then unique and increasing within the topic.
+    offset = models.BigIntegerField(null=True, editable=False)
+    payload = models.JSONField(null=True, blank=True)
+    payload_bytes = models.BinaryField(null=True, blank=True)
+    key = models.CharField(max_length=255, null=True, blank=True)
+    headers = models.JSONField(default=dict, blank=True)
+    published_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["topic", "offset"], name="pubsub_message_topic_offset"),
+        ]
+        indexes = [
+            # Finds the messages still to sequence without reading the whole log.
+            models.Index(
+                fields=["topic", "id"],
+                condition=Q(offset__isnull=True),
+                name="pubsub_message_unsequenced",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.topic_id}@{self.offset if self.offset is not None else '?'} (#{self.pk})"
+
+    @property
+    def body(self) -> Any:
+        """The payload as published: bytes for binary payloads, JSON data otherwise."""
+        if self.payload_bytes is not None:
+            return bytes(self.payload_bytes)
+        return self.payload
+
+
+class Subscription(models.Model):
+    name = models.CharField(max_length=200, unique=True)
+    topic = models.ForeignKey(Topic, on_delete=models.PROTECT, related_name="subscriptions")
+    handler = models.CharField(max_length=300, help_text="Dotted path of the handler function.")
+    # The declaration's options; NULL means the PUBSUB setting applies when the dispatcher runs.
+    ordered = models.BooleanField(null=True, blank=True)
+    max_attempts = models.PositiveIntegerField(null=True, blank=True)
+    lease = models.FloatField(null=True, blank=True, help_text="Lease in seconds.")
+    max_inflight = models.PositiveIntegerField(null=True, blank=True)
+    backoff = models.JSONField(null=True, blank=True)
+    start = models.CharField(max_length=10, choices=[(c, c) for c in START_CHOICES])
+    # Offset up to which messages of the topic have been fanned out into deliveries.
+    position = models.BigIntegerField(default=0, editable=False)
+    active = models.BooleanField(default=True, help_text="False once the code no longer declares it.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def effective_ordered(self) -> bool:
+        return pubsub_settings.ordered if self.ordered is None else self.ordered
+
+    @property
+    def effective_max_attempts(self) -> int:
+        return self.max_attempts or pubsub_settings.max_attempts
+
+    @property
+    def effective_lease(self) -> float:
+        return self.lease or pubsub_settings.lease
+
+    @property
+    def effective_backoff(self) -> Backoff:
+        return Backoff.coerce(self.backoff) or pubsub_settings.backoff
+
+    def effective_max_inflight(self, workers: int) -> int:
+        return self.max_inflight or pubsub_settings.max_inflight or workers
+
+    def fan_out(self, *, now: datetime, batch: int, using: str = "default") -> int:
+        """Create deliveries for sequenced messages past the cursor; return how many."""
+        delivery, message, topic = _quoted(Delivery), _quoted(Message), _quoted(Topic)
+        offset = _quoted(Message, "offset")
+        with transaction.atomic(using=using), connections[using].cursor() as cursor:
+            _lock_row(cursor, Subscription, self.pk, using)
+            cursor.execute(
+                f"SELECT s.position, t.next_offset FROM {_quoted(Subscription)} s "
+                f"JOIN {topic} t ON t.id = s.topic_id WHERE s.id = %s",
+                [self.pk],
+            )
+            low, head = cursor.fetchone()
+            high = min(head, low + batch)
+            if high <= low:
+                self.position = low
+                return 0
+            cursor.execute(
+                f"INSERT INTO {delivery} (subscription_id, message_id, {offset}, state, attempts, "
+                f"available_at, errors, last_error, created_at, updated_at) "
+                f"SELECT %s, id, {offset}, %s, 0, %s, %s, '', %s, %s FROM {message} "
+                f"WHERE topic_id = %s AND {offset} >= %s AND {offset} < %s "
+                f"ON CONFLICT DO NOTHING",
+                [self.pk, Delivery.State.PENDING, now, "[]", now, now, self.topic_id, low, high],
+            )
+            created = cursor.rowcount
+            cursor.execute(
+                f"UPDATE {_quoted(Subscription)} SET position = %s WHERE id = %s", [high, self.pk]
+            )
+        self.position = high
+        return int(created)
+
+
+class DeliveryQuerySet(models.QuerySet["Delivery"]):
+    def inflight(self) -> DeliveryQuerySet:
+        return self.filter(state=Delivery.State.INFLIGHT)
+
+    def waiting(self) -> DeliveryQuerySet:
+        return self.filter(state__in=Delivery.WAITING)
+
+    def claim(
+        self,
+        subscription: Subscription,
+        *,
+        limit: int,
+        now: datetime,
+        token: str,
+        dispatcher_id: int | None,
+    ) -> list[tuple[int, int, int]]:
+        """Lease up to ``limit`` due deliveries; return (id, message_id, attempt) in offset order.
+
+        The attempt counts here because the dispatcher claims no more than it has idle
+        workers for: a claimed delivery starts at once, and one given back unstarted at
+        shutdown has its attempt returned (``give_back``).
+        """
+        using = self.db
+        table = _quoted(Delivery)
+        offset = _quoted(Delivery, "offset")
+        expires = now + timedelta(seconds=subscription.effective_lease)
+        pending, retry = Delivery.State.PENDING, Delivery.State.RETRY
+        if subscription.effective_ordered:
+            # Only the head of the log: the lowest offset not yet acked or dead, and only if
+            # it is due. While it is inflight or waiting for a retry, nothing behind it starts.
+            target = (
+                f"SELECT id FROM {table} WHERE subscription_id = %s "
+                f"AND state IN (%s, %s, %s) ORDER BY {offset} LIMIT 1"
+            )
+            target_params: list[Any] = [subscription.pk, pending, retry, Delivery.State.INFLIGHT]
+            limit = 1
+            # The lock on the head row (taken by this UPDATE) serialises claimers; the
+            # state check below is re-evaluated after it, so only one of them wins.
+            where = "id = ({target}) AND state IN (%s, %s) AND available_at <= %s"
+        else:
+            skip = (
+                " FOR UPDATE SKIP LOCKED"
+                if connections[using].features.has_select_for_update_skip_locked
+                else ""
+            )
+            target = (
+                f"SELECT id FROM {table} WHERE subscription_id = %s AND state IN (%s, %s) "
+                f"AND available_at <= %s ORDER BY {offset} LIMIT %s{skip}"
+            )
+            target_params = [subscription.pk, pending, retry, now, limit]
+            where = "id IN ({target}) AND state IN (%s, %s) AND available_at <= %s"
+        sql = (
+            f"UPDATE {table} SET state = %s, attempts = attempts + 1, lease_token = %s, "
+            f"lease_expires_at = %s, dispatcher_id = %s, updated_at = %s "
+            f"WHERE {where.format(target=target)} "
+            f"RETURNING id, message_id, attempts, {offset}"
+        )
+        params = [Delivery.State.INFLIGHT, token, expires, dispatcher_id, now]
+        params += target_params + [pending, retry, now]
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, params)
+            rows = cursor.fetchall()
+        rows.sort(key=lambda row: row[3])
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    def ack(self, ids: Sequence[int], *, token: str, now: datetime) -> int:
+        """Mark handled deliveries acked; the lease token fences out late workers."""
+        return self.filter(id__in=ids, state=Delivery.State.INFLIGHT, lease_token=token).update(
+            state=Delivery.State.ACKED,
+            lease_token=None,
+            lease_expires_at=None,
+            dispatcher=None,
+            finished_at=now,
+            updated_at=now,
+        )
+
+    def give_back(self, ids: Sequence[int], *, token: str, now: datetime) -> int:
+        """Return claimed deliveries whose handler never started, with their attempt."""
+        return self.filter(id__in=ids, state=Delivery.State.INFLIGHT, lease_token=token).update(
+            state=Case(
+                When(attempts__gt=1, then=Value(Delivery.State.RETRY)),
+                default=Value(Delivery.State.PENDING),
+            ),
+            attempts=F("attempts") - 1,
+            lease_token=None,
+            lease_expires_at=None,
+            dispatcher=None,
+            updated_at=now,
+        )
+
+    def fail(
+        self,
+        delivery_id: int,
+        *,
+        token: str,
+        now: datetime,
+        error: str,
+        traceback: str,
+        max_attempts: int,
+        delay: float,
+    ) -> str | None:
+        """Record a failed attempt; schedule a retry or dead-letter. None if fenced out."""
+        fenced = self.filter(id=delivery_id, state=Delivery.State.INFLIGHT, lease_token=token)
+        row = fenced.values("attempts", "errors").first()
+        if row is None:
+            return None
+        attempt = row["attempts"]
+        errors = list(row["errors"] or [])
+        errors.append(
+            {"attempt": attempt, "at": now.isoformat(), "error": error, "traceback": traceback}
+        )
+        dead = attempt >= max_attempts
+        state = Delivery.State.DEAD if dead else Delivery.State.RETRY
+        updated = fenced.update(
+            state=state,
+            errors=errors,
+            last_error=error,
+            available_at=now if dead else now + timedelta(seconds=delay),
+            lease_token=None,
+            lease_expires_at=None,
+            dispatcher=None,
+            finished_at=now if dead else None,
+            updated_at=now,
+        )
+        return state if updated else None
+
+    def expired(self, now: datetime) -> DeliveryQuerySet:
+        return self.filter(state=Delivery.State.INFLIGHT, lease_expires_at__lt=now)
+
+
+class Delivery(models.Model):
+    class State(models.TextChoices):
+        PENDING = "pending"
+        INFLIGHT = "inflight"
+        RETRY = "retry"
+        ACKED = "acked"
+        DEAD = "dead"
+
+    WAITING = (State.PENDING, State.RETRY)
+    UNFINISHED = (State.PENDING, State.RETRY, State.INFLIGHT)
+
+    id = models.BigAutoField(primary_key=True)
+    subscription = models.ForeignKey(
+        Subscription, on_delete=models.PROTECT, related_name="deliveries"
+    )
+    message = models.ForeignKey(Message, on_delete=models.PROTECT, related_name="deliveries")
+    # The message's offset, copied so the claim reads one table in log order.
+    offset = models.BigIntegerField()
+    state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
+    # Handler starts so far.
+    attempts = models.PositiveIntegerField(default=0)
+    # When a pending or retrying delivery becomes due.
+    available_at = models.DateTimeField()
+    lease_token = models.CharField(max_length=32, null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    dispatcher = models.ForeignKey(
+        "Dispatcher", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    last_error = models.TextField(blank=True)
+    # One entry per failed attempt: attempt, at, error, traceback.
+    errors = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = DeliveryQuerySet.as_manager()
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["subscription", "message"], name="pubsub_delivery_subscription_message"
+            ),
+        ]
+        indexes = [
+            # The claim and the ordered head: only unfinished rows, so a long acked history
+            # does not make it slower.
+            models.Index(
+                fields=["subscription", "offset"],
+                condition=Q(state__in=["pending", "retry", "inflight"]),
+                name="pubsub_delivery_unfinished",
+            ),
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=Q(state="inflight"),
+                name="pubsub_delivery_leases",
+            ),
+            models.Index(fields=["subscription", "state"], name="pubsub_delivery_sub_state"),
+        ]
+
+    def __str__(self) -> str:
+        return f"delivery {self.pk} of message {self.message_id} to {self.subscription_id}"
+
+
+class DispatcherQuerySet(models.QuerySet["Dispatcher"]):
+    def alive(self) -> DispatcherQuerySet:
+        return self.filter(stopped_at__isnull=True)
+
+    def presumed_dead(self, now: datetime, *, timeout: float) -> list[Dispatcher]:
+        """Running rows whose process is gone: not alive on this host, or silent too long."""
+        host = socket.gethostname()
+        dead = []
+        for row in self.alive():
+            silent = row.last_seen < now - timedelta(seconds=timeout)
+            if silent or (row.hostname == host and not _pid_alive(row.pid)):
+                dead.append(row)
+        return dead
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Dispatcher(models.Model):
+    """The heartbeat of one runpubsub process."""
+
+    hostname = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    last_seen = models.DateTimeField()
+    stopped_at = models.DateTimeField(null=True, blank=True)
+    inflight = models.PositiveIntegerField(default=0)
+
+    objects = DispatcherQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"{self.hostname}:{self.pid}"
+
+    @classmethod
+    def register(cls, now: datetime) -> Dispatcher:
+        return cls.objects.create(
+            hostname=socket.gethostname(), pid=os.getpid(), started_at=now, last_seen=now
+        )
+
+    def beat(self, now: datetime, *, inflight: int) -> None:
+        self.last_seen, self.inflight = now, inflight
+        Dispatcher.objects.filter(pk=self.pk).update(last_seen=now, inflight=inflight)
+
+    def stop(self, now: datetime) -> None:
+        self.stopped_at = self.last_seen = now
+        Dispatcher.objects.filter(pk=self.pk).update(stopped_at=now, last_seen=now, inflight=0)
+
+
+def subscriptions_by_pk(pks: Iterable[int]) -> dict[int, Subscription]:
+    return {sub.pk: sub for sub in Subscription.objects.filter(pk__in=list(pks))}

@@ -1,0 +1,134 @@
+"""The @subscriber decorator and the plain registry it records into.
+
+The registry holds declarations only; it never touches the database. Subscription rows are
+synced from it by ``sync.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .conf import START_CHOICES
+from .exceptions import AlreadyRegistered, InvalidSubscriber
+from .retry import Backoff
+from .validation import NAME_RE, check_topic
+
+if TYPE_CHECKING:
+    from .message import Message
+
+Handler = Callable[["Message"], Any]
+H = TypeVar("H", bound=Handler)
+
+
+@dataclass(frozen=True)
+class SubscriberSpec:
+    """What one @subscriber declaration asked for; None means "the PUBSUB setting applies"."""
+
+    name: str
+    topic: str
+    handler: str
+    ordered: bool | None = None
+    max_attempts: int | None = None
+    lease: float | None = None
+    max_inflight: int | None = None
+    start: str | None = None
+    backoff: Backoff | None = None
+
+
+_registry: dict[str, SubscriberSpec] = {}
+
+
+def _optional_positive(value: object, name: str, kind: type) -> None:
+    if value is None:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+    if not ok or value <= 0:  # type: ignore[operator]
+        raise InvalidSubscriber(f"@subscriber {name} must be a positive number or None, not {value!r}.")
+
+
+def handler_path(func: Callable[..., Any]) -> str:
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        raise InvalidSubscriber(
+            f"@subscriber needs a module-level function that can be imported by its dotted "
+            f"path; {func!r} cannot be (define it at the top level of an app module)."
+        )
+    return f"{module}.{qualname}"
+
+
+def subscriber(
+    topic: str,
+    *,
+    name: str,
+    ordered: bool | None = None,
+    max_attempts: int | None = None,
+    lease: float | None = None,
+    max_inflight: int | None = None,
+    start: str | None = None,
+    backoff: Backoff | Mapping[str, float] | None = None,
+) -> Callable[[H], H]:
+    """Declare ``func`` as the handler of the subscription ``name`` on ``topic``.
+
+    ``name`` is the subscription's identity: moving or renaming the function keeps it.
+    """
+    check_topic(topic)
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise InvalidSubscriber(
+            f"@subscriber name must be 1 to 200 characters from A-Z, a-z, 0-9, '.', '_' "
+            f"and '-'; got {name!r}."
+        )
+    if ordered is not None and not isinstance(ordered, bool):
+        raise InvalidSubscriber(f"@subscriber ordered must be True, False or None, not {ordered!r}.")
+    _optional_positive(max_attempts, "max_attempts", int)
+    _optional_positive(max_inflight, "max_inflight", int)
+    _optional_positive(lease, "lease", float)
+    if start is not None and start not in START_CHOICES:
+        raise InvalidSubscriber(f'@subscriber start must be "latest", "earliest" or None, not {start!r}.')
+    coerced_backoff = Backoff.coerce(backoff)
+
+    def decorate(func: H) -> H:
+        if not callable(func):
+            raise InvalidSubscriber(f"@subscriber must decorate a function, not {func!r}.")
+        spec = SubscriberSpec(
+            name=name,
+            topic=topic,
+            handler=handler_path(func),
+            ordered=ordered,
+            max_attempts=max_attempts,
+            lease=float(lease) if lease is not None else None,
+            max_inflight=max_inflight,
+            start=start,
+            backoff=coerced_backoff,
+        )
+        register(spec)
+        return func
+
+    return decorate
+
+
+def register(spec: SubscriberSpec) -> None:
+    existing = _registry.get(spec.name)
+    # Importing a module twice re-runs its decorators; only a different declaration clashes.
+    if existing is not None and existing != spec:
+        raise AlreadyRegistered(
+            f"Subscription name {spec.name!r} is declared twice: by {existing.handler} on "
+            f"{existing.topic!r} and by {spec.handler} on {spec.topic!r}. Names are the "
+            f"subscriptions' identity and must be unique."
+        )
+    _registry[spec.name] = spec
+
+
+def get_specs() -> dict[str, SubscriberSpec]:
+    return dict(_registry)
+
+
+def unregister(name: str) -> None:
+    _registry.pop(name, None)
+
+
+def reset() -> None:
+    """Forget every declaration (for tests)."""
+    _registry.clear()

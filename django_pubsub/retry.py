@@ -1,0 +1,74 @@
+"""Retry delays: exponential backoff with jitter."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+Random = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delay before attempt ``n + 1`` after attempt ``n`` failed.
+
+    ``base * factor ** (n - 1)``, capped at ``maximum``, then spread by up to
+    ``jitter`` (a fraction) either way so that many failing deliveries do not
+    retry in lock step.
+    """
+
+    base: float = 1.0
+    factor: float = 2.0
+    maximum: float = 300.0
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("base", "factor", "maximum", "jitter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ImproperlyConfigured(f"Backoff {name} must be a number, not {value!r}.")
+        if self.base < 0 or self.maximum < 0:
+            raise ImproperlyConfigured("Backoff base and maximum must be >= 0 seconds.")
+        if self.factor < 1:
+            raise ImproperlyConfigured("Backoff factor must be >= 1.")
+        if not 0 <= self.jitter <= 1:
+            raise ImproperlyConfigured("Backoff jitter must be between 0 and 1.")
+
+    @classmethod
+    def coerce(cls, value: Backoff | Mapping[str, Any] | None) -> Backoff | None:
+        """Accept a Backoff, a dict of its fields, or None."""
+        if value is None or isinstance(value, Backoff):
+            return value
+        if not isinstance(value, Mapping):
+            raise ImproperlyConfigured(
+                f"backoff must be a Backoff or a dict of base/factor/maximum/jitter, not {value!r}."
+            )
+        unknown = set(value) - {"base", "factor", "maximum", "jitter"}
+        if unknown:
+            raise ImproperlyConfigured(
+                f"Unknown backoff keys {sorted(unknown)}; use base, factor, maximum, jitter."
+            )
+        return cls(**value)
+
+    def delay(self, attempt: int, rand: Random = random.random) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        exponent = max(attempt - 1, 0)
+        try:
+            raw = self.base * self.factor**exponent
+        except OverflowError:
+            raw = self.maximum
+        capped = min(raw, self.maximum)
+        spread = capped * self.jitter * (2 * rand() - 1)
+        return max(capped + spread, 0.0)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "base": self.base,
+            "factor": self.factor,
+            "maximum": self.maximum,
+            "jitter": self.jitter,
+        }

@@ -1,0 +1,6 @@
+from django.contrib import admin
+
+from .models import AuditEntry, Order
+
+admin.site.register(Order)
+admin.site.register(AuditEntry)
