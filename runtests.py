@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Run the test suite on SQLite, then on PostgreSQL when one is reachable.
+
+PostgreSQL is used when DATABASE_URL points at one, or when a server answers on
+127.0.0.1:5432 (then as postgres://postgres@127.0.0.1:5432/postgres). Extra arguments go to
+pytest. --require-postgres fails the run when no PostgreSQL answers (CI uses it).
+Each run writes a JUnit report to .test-results/<database>.xml.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+LOCAL_POSTGRES = "postgres://postgres@127.0.0.1:5432/postgres"
+
+
+def postgres_url() -> str | None:
+    url = os.environ.get("DATABASE_URL", "")
+    if url.startswith(("postgres://", "postgresql://", "pgsql://")):
+        return url
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=2):
+            return LOCAL_POSTGRES
+    except OSError:
+        return None
+
+
+def run(name: str, database_url: str | None, args: list[str]) -> int:
+    env = dict(os.environ)
+    env.pop("DATABASE_URL", None)
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    report = ROOT / ".test-results" / f"{name}.xml"
+    report.parent.mkdir(exist_ok=True)
+    report.unlink(missing_ok=True)
+    print(f"\n=== django-pubsub tests on {name} ===", flush=True)
+    command = [sys.executable, "-m", "pytest", f"--junitxml={report}", *args]
+    return subprocess.call(command, cwd=ROOT, env=env)
+
+
+def main(argv: list[str]) -> int:
+    require_postgres = "--require-postgres" in argv
+    args = [arg for arg in argv if arg != "--require-postgres"]
+    results = {"sqlite": run("sqlite", None, args)}
+    url = postgres_url()
+    if url:
+        results["postgresql"] = run("postgresql", url, args)
+    elif require_postgres:
+        print("PostgreSQL is required (--require-postgres) but none answered.", file=sys.stderr)
+        results["postgresql"] = 1
+    else:
+        print("\nNo PostgreSQL answered on 127.0.0.1:5432 and DATABASE_URL names none: skipped.")
+    print("\n" + ", ".join(f"{name}: exit {code}" for name, code in results.items()))
+    # pytest exits 5 when no test ran: that is a failure here too.
+    return 0 if all(code == 0 for code in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

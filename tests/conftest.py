@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from django_pubsub.dispatcher import DispatchLoop, Stats
+from django_pubsub.models import Delivery
+from tests.pubsub_app.models import HandlerRun
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from django.conf import settings
+
+    return f"django_pubsub database: {settings.DATABASES['default']['ENGINE']}"
+
+
+class FakeClock:
+    """A clock the test moves by hand; the dispatcher reads it for every timestamp."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def dispatch() -> Callable[..., Stats]:
+    """Run the dispatcher in-process until idle, for the named subscriptions only."""
+
+    def run(*subscriptions: str, **options: Any) -> Stats:
+        options.setdefault("poll_interval", 0.01)
+        options.setdefault("until_idle", True)
+        options.setdefault("handle_signals", False)
+        return DispatchLoop(subscriptions=list(subscriptions) or None, **options).run()
+
+    return run
+
+
+def runs(subscription: str) -> list[HandlerRun]:
+    return list(HandlerRun.objects.filter(subscription=subscription).order_by("id"))
+
+
+def states(subscription: str) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for state in Delivery.objects.filter(subscription__name=subscription).values_list("state", flat=True):
+        found[state] = found.get(state, 0) + 1
+    return found
+
+
+def is_postgres() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def database_url() -> str:
+    """A URL for the test database, for subprocesses."""
+    settings = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{settings['NAME']}"
+    host = settings.get("HOST") or "127.0.0.1"
+    port = settings.get("PORT") or 5432
+    user = settings.get("USER") or "postgres"
+    password = f":{settings['PASSWORD']}" if settings.get("PASSWORD") else ""
+    return f"postgres://{user}{password}@{host}:{port}/{settings['NAME']}"
+
+
+@pytest.fixture
+def runpubsub(transactional_db: None) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start `manage.py runpubsub` as a real subprocess on the test database."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, log: Path | None = None) -> subprocess.Popen[str]:
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "DATABASE_URL": database_url(),
+            "PYTHONUNBUFFERED": "1",
+        }
+        out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), "runpubsub", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)

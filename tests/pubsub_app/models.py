@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+from django.db import models
+
+
+class HandlerRun(models.Model):
+    """One handler start, written by the handler itself as it begins (ids give start order)."""
+
+    subscription = models.CharField(max_length=200)
+    message_id = models.BigIntegerField()
+    offset = models.BigIntegerField()
+    attempt = models.PositiveIntegerField()
+    pid = models.PositiveIntegerField()
+    payload = models.JSONField(null=True)

@@ -1,0 +1,81 @@
+"""Subscribers used by the tests, each on its own topic so tests do not see each other's."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from django_pubsub import Message, subscriber
+
+from .models import HandlerRun
+
+
+class Planned(Exception):
+    """Raised by a handler because its payload asked it to fail."""
+
+
+def record(message: Message) -> None:
+    payload = message.payload if not isinstance(message.payload, bytes) else None
+    HandlerRun.objects.create(
+        subscription=message.subscription,
+        message_id=message.id,
+        offset=message.offset,
+        attempt=message.attempt,
+        pid=os.getpid(),
+        payload=payload,
+    )
+    if isinstance(payload, dict):
+        if payload.get("sleep"):
+            time.sleep(payload["sleep"])
+        if message.attempt <= payload.get("fail_times", 0):
+            raise Planned(f"planned failure {message.attempt}")
+
+
+@subscriber("t.basic", name="basic.one")
+def basic_one(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.basic", name="basic.two")
+def basic_two(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.ordered", name="ordered.one", ordered=True)
+def ordered_one(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.ordered", name="ordered.two", ordered=True)
+def ordered_two(message: Message) -> None:
+    record(message)
+
+
+@subscriber(
+    "t.flaky",
+    name="flaky.one",
+    max_attempts=4,
+    backoff={"base": 10.0, "factor": 3.0, "maximum": 100.0, "jitter": 0.5},
+)
+def flaky_one(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.slow", name="slow.one", lease=1.0, max_inflight=2)
+def slow_one(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.earliest", name="earliest.one", start="earliest")
+def earliest_one(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.kill", name="kill.unordered", lease=3.0)
+def kill_unordered(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.kill", name="kill.ordered", ordered=True, lease=3.0)
+def kill_ordered(message: Message) -> None:
+    record(message)

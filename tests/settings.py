@@ -1,0 +1,42 @@
+"""The test project's settings plus a test app whose handlers record every run.
+
+DATABASE_URL picks the database as for the test project; runtests.py runs the suite once on
+SQLite and once on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+
+from testproject.settings import *  # noqa: F403
+from testproject.settings import BASE_DIR, DATABASES, INSTALLED_APPS
+
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.pubsub_app"]
+
+_default = DATABASES["default"]
+if _default["ENGINE"].endswith("sqlite3"):
+    # A file, not memory: handler threads and runpubsub subprocesses share it.
+    (BASE_DIR / ".test-results").mkdir(exist_ok=True)
+    _default["TEST"] = {
+        "NAME": os.environ.get(
+            "PUBSUB_TEST_SQLITE", str(BASE_DIR / ".test-results" / "test_pubsub.sqlite3")
+        )
+    }
+else:
+    _default["TEST"] = {"NAME": "test_django_pubsub"}
+
+PUBSUB = {
+    "POLL_INTERVAL": 0.02,
+    "WORKERS": 4,
+    "MAX_ATTEMPTS": 3,
+    "HEARTBEAT_INTERVAL": 0.5,
+    "DISPATCHER_TIMEOUT": 10.0,
+    "SHUTDOWN_GRACE": 5.0,
+    "BACKOFF": {"base": 0.01, "factor": 2.0, "maximum": 0.1, "jitter": 0.0},
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "loggers": {"django_pubsub": {"level": "INFO"}},
+}

@@ -1,0 +1,230 @@
+"""The dispatch loop in-process: ordering, retries, dead letters, leases, idling."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from django_pubsub import publish, publish_many
+from django_pubsub.dispatcher import DispatchLoop
+from django_pubsub.exceptions import HandlerImportError
+from django_pubsub.models import Delivery, Dispatcher, Subscription
+from django_pubsub.retry import Backoff
+from tests.conftest import FakeClock, runs, states
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_handler_gets_a_frozen_message_snapshot(dispatch: Any) -> None:
+    seen = []
+    from tests.pubsub_app import subscribers
+
+    original = subscribers.record
+    subscribers.record = seen.append  # type: ignore[assignment]
+    try:
+        message_id = publish("t.basic", {"a": [1, 2]}, key="k", headers={"h": "v"})
+        dispatch("basic.one")
+    finally:
+        subscribers.record = original
+    (message,) = seen
+    assert (message.id, message.offset, message.topic) == (message_id, 0, "t.basic")
+    assert (message.payload, message.key, dict(message.headers)) == ({"a": [1, 2]}, "k", {"h": "v"})
+    assert message.attempt == 1 and message.subscription == "basic.one"
+    assert message.published_at is not None
+    with pytest.raises(AttributeError):
+        message.payload = {}
+
+
+def test_offsets_are_consecutive_in_publish_order(dispatch: Any) -> None:
+    ids = publish_many("t.ordered", [{"n": n} for n in range(30)])
+    ids += [publish("t.ordered", {"n": 30 + n}) for n in range(10)]
+    dispatch("ordered.one", "ordered.two")
+    for name in ("ordered.one", "ordered.two"):
+        seen = runs(name)
+        assert [run.message_id for run in seen] == ids
+        assert [run.offset for run in seen] == list(range(40))
+
+
+def test_ordered_subscription_waits_for_a_retry_of_the_head(dispatch: Any, clock: FakeClock) -> None:
+    publish("t.ordered", {"n": 0, "fail_times": 1})
+    publish_many("t.ordered", [{"n": 1}, {"n": 2}])
+    dispatch("ordered.one", clock=clock)
+    # Offset 0 failed once and waits for its retry: nothing behind it may start.
+    assert [(run.offset, run.attempt) for run in runs("ordered.one")] == [(0, 1)]
+    assert states("ordered.one") == {"retry": 1, "pending": 2}
+    clock.advance(60)
+    dispatch("ordered.one", clock=clock)
+    assert [(run.offset, run.attempt) for run in runs("ordered.one")] == [(0, 1), (0, 2), (1, 1), (2, 1)]
+    assert states("ordered.one") == {"acked": 3}
+
+
+def test_ordered_subscription_moves_on_after_a_dead_letter(dispatch: Any) -> None:
+    publish_many("t.ordered", [{"n": 0, "fail_times": 99}, {"n": 1}])
+    dispatch("ordered.one", idle_wait=2)
+    assert [(run.offset, run.attempt) for run in runs("ordered.one")] == [(0, 1), (0, 2), (0, 3), (1, 1)]
+    assert states("ordered.one") == {"dead": 1, "acked": 1}
+
+
+def test_retries_follow_the_backoff_and_dead_letter_exactly_at_max_attempts(
+    dispatch: Any, clock: FakeClock
+) -> None:
+    # flaky.one: max_attempts=4, backoff base 10, factor 3, max 100, jitter 0.5.
+    publish("t.flaky", {"fail_times": 99})
+    rand = iter([0.0, 1.0, 0.5] * 3).__next__
+    backoff = Backoff(base=10, factor=3, maximum=100, jitter=0.5)
+    expected = [backoff.delay(1, lambda: 0.0), backoff.delay(2, lambda: 1.0), backoff.delay(3, lambda: 0.5)]
+    assert expected == [5.0, 45.0, 90.0]
+    for attempt, delay in enumerate(expected, start=1):
+        dispatch("flaky.one", clock=clock, rand=rand)
+        delivery = Delivery.objects.get(subscription__name="flaky.one")
+        assert (delivery.state, delivery.attempts) == ("retry", attempt)
+        assert delivery.available_at == clock.now + timedelta(seconds=delay)
+        clock.advance(delay - 0.001)
+        dispatch("flaky.one", clock=clock, rand=rand)  # not due yet: nothing runs
+        assert len(runs("flaky.one")) == attempt
+        clock.advance(0.001)
+    dispatch("flaky.one", clock=clock, rand=rand)
+    delivery = Delivery.objects.get(subscription__name="flaky.one")
+    assert (delivery.state, delivery.attempts) == ("dead", 4)
+    assert [entry["attempt"] for entry in delivery.errors] == [1, 2, 3, 4]
+    assert all("Planned: planned failure" in entry["error"] for entry in delivery.errors)
+    assert all("Traceback" in entry["traceback"] for entry in delivery.errors)
+    assert len(runs("flaky.one")) == 4
+
+
+def test_a_flaky_handler_succeeds_on_retry(dispatch: Any) -> None:
+    # basic.one has no backoff of its own: the test settings' 10 ms one applies.
+    publish("t.basic", {"fail_times": 2})
+    dispatch("basic.one", idle_wait=2)
+    assert [run.attempt for run in runs("basic.one")] == [1, 2, 3]
+    assert states("basic.one") == {"acked": 1}
+
+
+def test_an_expired_lease_is_delivered_again(dispatch: Any, clock: FakeClock) -> None:
+    publish("t.basic", {"n": 1})
+    loop = DispatchLoop(subscriptions=["basic.one"], until_idle=True, handle_signals=False, clock=clock)
+    loop._prepare()
+    try:
+        sub = loop._subs[Subscription.objects.get(name="basic.one").pk]
+        from django_pubsub.models import Topic
+
+        Topic.sequence_all(batch=10)
+        sub.fan_out(now=clock.now, batch=10)
+        # Claimed by a dispatcher that then vanished: no handler runs, the lease stays.
+        (claimed,) = Delivery.objects.claim(sub, limit=1, now=clock.now, token="lost", dispatcher_id=None)
+    finally:
+        loop._pool.stop()  # type: ignore[union-attr]
+        loop.row.stop(clock.now)  # type: ignore[union-attr]
+    # While the lease holds: no second start, and --until-idle counts it as in flight.
+    loop = DispatchLoop(subscriptions=["basic.one"], until_idle=True, handle_signals=False, clock=clock)
+    loop._prepare()
+    loop._pass()
+    assert runs("basic.one") == []
+    assert not loop._idle()
+    loop.stop()
+    loop._shutdown()
+    clock.advance(31)
+    dispatch("basic.one", clock=clock)
+    assert [run.attempt for run in runs("basic.one")] == [2]
+    delivery = Delivery.objects.get(pk=claimed[0])
+    assert delivery.state == "acked"
+    assert delivery.errors[0]["error"] == "lease expired before an ack"
+
+
+def test_a_dead_dispatchers_leases_are_taken_back_without_waiting(dispatch: Any) -> None:
+    publish("t.basic", {"n": 1})
+    dispatch("basic.one", max_messages=1, until_idle=False)
+    Delivery.objects.all().delete()
+    Subscription.objects.filter(name="basic.one").update(position=0)
+    ghost = Dispatcher.objects.create(
+        hostname="gone-host", pid=1, started_at=Dispatcher.objects.get().started_at,
+        last_seen=Dispatcher.objects.get().started_at - timedelta(hours=1),
+    )
+    from django.utils import timezone
+
+    sub = Subscription.objects.get(name="basic.one")
+    sub.fan_out(now=timezone.now(), batch=10)
+    Delivery.objects.claim(sub, limit=1, now=timezone.now(), token="ghost", dispatcher_id=ghost.pk)
+    started = time.monotonic()
+    dispatch("basic.one")
+    assert time.monotonic() - started < 10  # well inside the 30 s lease
+    assert states("basic.one") == {"acked": 1}
+    ghost.refresh_from_db()
+    assert ghost.stopped_at is not None
+
+
+def test_shutdown_gives_back_claimed_work_that_never_started(clock: FakeClock) -> None:
+    publish_many("t.basic", [{"n": n} for n in range(3)])
+    loop = DispatchLoop(subscriptions=["basic.one"], workers=1, handle_signals=False, clock=clock)
+    loop._prepare()
+    gate = threading.Event()
+    loop._handlers = {pk: (lambda message: gate.wait(5)) for pk in loop._handlers}
+    loop._pass()  # claims one (one worker), which blocks on the gate
+    assert states("basic.one") == {"inflight": 1, "pending": 2}
+    # Hand the pool an extra claimed job no worker can take yet, then stop.
+    sub = next(iter(loop._subs.values()))
+    rows = Delivery.objects.claim(sub, limit=1, now=clock.now, token="extra", dispatcher_id=loop.row.pk)  # type: ignore[union-attr]
+    loop._submit(sub, "extra", rows)
+    loop.stop()
+    gate.set()
+    loop._shutdown()
+    assert loop.stats.given_back == 1
+    assert states("basic.one") == {"acked": 1, "pending": 2}
+    assert Delivery.objects.filter(state="pending").values_list("attempts", flat=True).distinct().get() == 0
+
+
+def test_max_inflight_bounds_one_subscription() -> None:
+    # slow.one: max_inflight=2. With 4 workers, never more than 2 of its handlers at once.
+    publish_many("t.slow", [{"sleep": 0.05} for _ in range(8)])
+    peak = 0
+    loop = DispatchLoop(subscriptions=["slow.one"], workers=4, until_idle=True, handle_signals=False, poll_interval=0.005)
+    original = loop._claim
+
+    def watching(now: Any) -> int:
+        nonlocal peak
+        claimed = original(now)
+        peak = max(peak, Delivery.objects.filter(state="inflight").count())
+        return claimed
+
+    loop._claim = watching  # type: ignore[method-assign]
+    loop.run()
+    assert peak == 2
+    assert states("slow.one") == {"acked": 8}
+
+
+def test_until_idle_waits_for_work_due_within_idle_wait(dispatch: Any, settings: Any) -> None:
+    settings.PUBSUB = {**settings.PUBSUB, "BACKOFF": {"base": 0.3, "factor": 1, "maximum": 1, "jitter": 0}}
+    publish("t.basic", {"fail_times": 1})
+    dispatch("basic.one")  # idle_wait 0: the retry is not due yet, so it exits
+    assert states("basic.one") == {"retry": 1}
+    dispatch("basic.one", idle_wait=1.0)
+    assert states("basic.one") == {"acked": 1}
+
+
+def test_unknown_subscription_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="Unknown or inactive subscriptions: nope"):
+        DispatchLoop(subscriptions=["basic.one", "nope"], handle_signals=False).run()
+
+
+def test_a_handler_path_that_does_not_import_stops_the_start() -> None:
+    from tests.pubsub_app.subscribers import basic_one  # noqa: F401
+
+    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False)
+    from django_pubsub import sync
+
+    sync.sync_subscriptions()
+    Subscription.objects.filter(name="basic.one").update(handler="tests.pubsub_app.gone.handler")
+    loop._subs.clear()
+    with pytest.raises(HandlerImportError, match="does not import"):
+        # _load_subscriptions reads rows as they are; run() would first re-sync from code.
+        loop._load_subscriptions()
+
+
+def test_heartbeat_row_is_written_and_closed(dispatch: Any) -> None:
+    dispatch("basic.one")
+    row = Dispatcher.objects.get()
+    assert row.stopped_at is not None and row.last_seen >= row.started_at

@@ -1,0 +1,118 @@
+"""publish() and publish_many(): what is written, in whose transaction, and what is refused."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from django.db import transaction
+
+from django_pubsub import publish, publish_many
+from django_pubsub.exceptions import InvalidHeaders, InvalidKey, InvalidPayload, InvalidTopic
+from django_pubsub.models import Delivery, Message, Topic
+from tests.conftest import runs
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_publish_creates_the_topic_and_returns_the_id() -> None:
+    message_id = publish("t.basic", {"n": 1}, key="k1", headers={"source": "test"})
+    row = Message.objects.get(pk=message_id)
+    assert row.topic.name == "t.basic"
+    assert row.payload == {"n": 1}
+    assert row.key == "k1"
+    assert row.headers == {"source": "test"}
+    assert row.offset is None  # sequenced by the dispatcher, not by the publisher
+
+
+def test_publish_many_keeps_order_and_is_atomic() -> None:
+    ids = publish_many("t.new-topic", [{"n": n} for n in range(5)])
+    assert ids == sorted(ids)
+    assert [m.payload["n"] for m in Message.objects.filter(pk__in=ids).order_by("id")] == list(range(5))
+    assert Topic.objects.filter(name="t.new-topic").count() == 1
+    assert publish_many("t.basic", []) == []
+
+
+def test_a_rolled_back_transaction_publishes_nothing(dispatch: Any) -> None:
+    with pytest.raises(RuntimeError), transaction.atomic():
+        publish("t.basic", {"n": "lost"})
+        raise RuntimeError("the caller's transaction fails")
+    kept = publish("t.basic", {"n": "kept"})
+    dispatch("basic.one", "basic.two")
+    assert Message.objects.count() == 1
+    for name in ("basic.one", "basic.two"):
+        assert [run.message_id for run in runs(name)] == [kept]
+
+
+def test_a_committed_message_reaches_every_subscription(dispatch: Any) -> None:
+    with transaction.atomic():
+        ids = [publish("t.basic", {"n": n}) for n in range(20)]
+    dispatch("basic.one", "basic.two")
+    for name in ("basic.one", "basic.two"):
+        assert sorted(run.message_id for run in runs(name)) == ids
+        assert set(Delivery.objects.filter(subscription__name=name).values_list("state", flat=True)) == {
+            "acked"
+        }
+
+
+def test_bytes_come_back_as_bytes(dispatch: Any) -> None:
+    publish("t.basic", b"\x00\xffbinary")
+    publish("t.basic", bytearray(b""))
+    seen: list[Any] = []
+    from tests.pubsub_app import subscribers
+
+    original = subscribers.record
+    subscribers.record = lambda message: seen.append(message.payload)  # type: ignore[assignment]
+    try:
+        dispatch("basic.one")
+    finally:
+        subscribers.record = original
+    assert sorted(seen) == [b"", b"\x00\xffbinary"]
+
+
+BAD_PAYLOADS = [
+    {1: "int key"},
+    {"when": object()},
+    [1, 2, {3}],
+    math.nan,
+    {"deep": [{"x": math.inf}]},
+    "ok".encode().decode,  # a function
+]
+
+
+@pytest.mark.parametrize("payload", BAD_PAYLOADS)
+def test_bad_payloads_are_refused_and_write_nothing(payload: Any) -> None:
+    with pytest.raises(InvalidPayload):
+        publish("t.basic", payload)
+    assert Message.objects.count() == 0
+    assert Topic.objects.filter(name="t.basic", messages__isnull=False).count() == 0
+
+
+def test_publish_many_refuses_the_whole_batch_for_one_bad_payload() -> None:
+    with pytest.raises(InvalidPayload, match=r"payloads\[2\]"):
+        publish_many("t.basic", [{"ok": 1}, {"ok": 2}, {"bad": object()}])
+    with pytest.raises(InvalidPayload):
+        publish_many("t.basic", {"not": "a list"})
+    assert Message.objects.count() == 0
+
+
+@pytest.mark.parametrize("topic", ["", "has space", "x" * 201, "semi;colon", None, 5, "ünïcode"])
+def test_bad_topic_names_are_refused(topic: Any) -> None:
+    with pytest.raises(InvalidTopic):
+        publish(topic, {})
+    assert Message.objects.count() == 0
+
+
+@pytest.mark.parametrize("headers", [{"a": 1}, {1: "a"}, ["a"], "a=b"])
+def test_bad_headers_are_refused(headers: Any) -> None:
+    with pytest.raises(InvalidHeaders):
+        publish("t.basic", {}, headers=headers)
+    assert Message.objects.count() == 0
+
+
+@pytest.mark.parametrize("key", [5, "", "k" * 256, b"bytes"])
+def test_bad_keys_are_refused(key: Any) -> None:
+    with pytest.raises(InvalidKey):
+        publish("t.basic", {}, key=key)
+    assert Message.objects.count() == 0
