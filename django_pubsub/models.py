@@ -240,35 +240,36 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         if subscription.effective_ordered:
             # Only the head of the log: the lowest offset not yet acked or dead, and only if
             # it is due. While it is inflight or waiting for a retry, nothing behind it starts.
-            target = (
-                f"SELECT id FROM {table} WHERE subscription_id = %s "
+            # Two claimers can pick the same head; the UPDATE re-checks its state under the
+            # row lock, so only one of them gets it.
+            picked = (
+                f"SELECT id AS picked_id FROM {table} WHERE subscription_id = %s "
                 f"AND state IN (%s, %s, %s) ORDER BY {offset} LIMIT 1"
             )
-            target_params: list[Any] = [subscription.pk, pending, retry, Delivery.State.INFLIGHT]
-            limit = 1
-            # The lock on the head row (taken by this UPDATE) serialises claimers; the
-            # state check below is re-evaluated after it, so only one of them wins.
-            where = "id = ({target}) AND state IN (%s, %s) AND available_at <= %s"
+            picked_params: list[Any] = [subscription.pk, pending, retry, Delivery.State.INFLIGHT]
         else:
             skip = (
                 " FOR UPDATE SKIP LOCKED"
                 if connections[using].features.has_select_for_update_skip_locked
                 else ""
             )
-            target = (
-                f"SELECT id FROM {table} WHERE subscription_id = %s AND state IN (%s, %s) "
-                f"AND available_at <= %s ORDER BY {offset} LIMIT %s{skip}"
+            picked = (
+                f"SELECT id AS picked_id FROM {table} WHERE subscription_id = %s "
+                f"AND state IN (%s, %s) AND available_at <= %s ORDER BY {offset} LIMIT %s{skip}"
             )
-            target_params = [subscription.pk, pending, retry, now, limit]
-            where = "id IN ({target}) AND state IN (%s, %s) AND available_at <= %s"
+            picked_params = [subscription.pk, pending, retry, now, limit]
+        # MATERIALIZED: PostgreSQL may otherwise rescan a LIMIT ... SKIP LOCKED subquery as
+        # part of a join and lease more rows than asked for.
         sql = (
+            f"WITH picked AS MATERIALIZED ({picked}) "
             f"UPDATE {table} SET state = %s, attempts = attempts + 1, lease_token = %s, "
             f"lease_expires_at = %s, dispatcher_id = %s, updated_at = %s "
-            f"WHERE {where.format(target=target)} "
+            f"FROM picked WHERE {table}.id = picked.picked_id "
+            f"AND {table}.state IN (%s, %s) AND {table}.available_at <= %s "
             f"RETURNING id, message_id, attempts, {offset}"
         )
-        params = [Delivery.State.INFLIGHT, token, expires, dispatcher_id, now]
-        params += target_params + [pending, retry, now]
+        params = picked_params + [Delivery.State.INFLIGHT, token, expires, dispatcher_id, now]
+        params += [pending, retry, now]
         with connections[using].cursor() as cursor:
             cursor.execute(sql, params)
             rows = cursor.fetchall()
