@@ -53,7 +53,12 @@ TEMPLATES = [
     }
 ]
 
-DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+# An empty DATABASE_URL counts as unset: the SQLite default applies.
+DATABASES = {
+    "default": env.db_url_config(
+        env.str("DATABASE_URL", default="") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
+    )
+}
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # WAL lets readers and the one writer work at once; IMMEDIATE transactions take the write
     # lock up front, so a writer waits (up to timeout) instead of failing "database is locked".
