@@ -27,6 +27,8 @@ def record(message: Message) -> None:
     if isinstance(payload, dict):
         if payload.get("sleep"):
             time.sleep(payload["sleep"])
+        if payload.get("sleep_first") and message.attempt == 1:
+            time.sleep(payload["sleep_first"])
         if message.attempt <= payload.get("fail_times", 0):
             raise Planned(f"planned failure {message.attempt}")
 
