@@ -55,7 +55,13 @@ class SubscriptionAdmin(ReadOnlyAdmin):
 @admin.register(Delivery)
 class DeliveryAdmin(ReadOnlyAdmin):
     list_display = [
-        "id", "subscription", "message_id", "offset", "state", "attempts", "available_at",
+        "id",
+        "subscription",
+        "message_id",
+        "offset",
+        "state",
+        "attempts",
+        "available_at",
         "lease_expires_at",
     ]
     list_filter = ["state", "subscription", "subscription__topic"]

@@ -8,6 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.db import DatabaseError
+from django.db.models import Q
 from django.utils.module_loading import import_string
 
 from . import conf, registry
@@ -22,7 +23,9 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
     for key, text in problems:
         if key == "":
-            messages.append(Error(text, hint="Set PUBSUB = {...} in settings.", id="django_pubsub.E001"))
+            messages.append(
+                Error(text, hint="Set PUBSUB = {...} in settings.", id="django_pubsub.E001")
+            )
         elif key not in conf.DEFAULTS:
             messages.append(
                 Error(
@@ -50,7 +53,8 @@ def check_handlers(**kwargs: Any) -> list[CheckMessage]:
         if not callable(handler):
             messages.append(
                 Error(
-                    f"Subscription {spec.name!r}: handler {spec.handler!r} cannot be used: {reason}.",
+                    f"Subscription {spec.name!r}: handler {spec.handler!r} cannot be used: "
+                    f"{reason}.",
                     hint="Declare @subscriber on a module-level function of an installed app.",
                     id="django_pubsub.E004",
                 )
@@ -61,8 +65,11 @@ def check_handlers(**kwargs: Any) -> list[CheckMessage]:
 @register(Tags.database)
 def check_sqlite(databases: Sequence[str] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """W001: a SQLite database set up so that writers can fail with "database is locked"."""
+    return sqlite_warnings(settings.DATABASES.get("default", {}))
+
+
+def sqlite_warnings(db: dict[str, Any]) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
-    db = settings.DATABASES.get("default", {})
     if "sqlite3" not in db.get("ENGINE", ""):
         return messages
     options = db.get("OPTIONS", {})
@@ -90,27 +97,27 @@ def check_inactive(databases: Sequence[str] | None = None, **kwargs: Any) -> lis
     """W002: subscriptions no longer declared in code still hold undelivered messages."""
     if not databases or "default" not in databases:
         return []
-    from .models import Delivery, Subscription
+    from .models import Delivery, Message, Subscription
 
+    names = []
     try:
-        stale = list(
-            Subscription.objects.filter(active=False).values_list("name", "position", "topic__next_offset")
-        )
-        waiting = set(
-            Delivery.objects.filter(subscription__active=False, state__in=Delivery.UNFINISHED)
-            .values_list("subscription__name", flat=True)
-            .distinct()
-        )
+        for sub in Subscription.objects.filter(active=False):
+            unread = Message.objects.filter(topic_id=sub.topic_id).filter(
+                Q(offset__isnull=True) | Q(offset__gte=sub.position)
+            )
+            unfinished = Delivery.objects.filter(subscription=sub, state__in=Delivery.UNFINISHED)
+            if unread.exists() or unfinished.exists():
+                names.append(sub.name)
     except DatabaseError:
         return []  # not migrated yet
-    names = sorted({name for name, position, head in stale if position < head} | waiting)
     if not names:
         return []
     return [
         Warning(
-            f"Subscriptions no longer declared in code hold undelivered messages: {', '.join(names)}.",
-            hint="Declare them again to resume delivery, or delete their rows in the admin "
-            "once their backlog is no longer wanted.",
+            "Subscriptions no longer declared in code hold undelivered messages: "
+            f"{', '.join(names)}.",
+            hint="Declare them again (same name and topic) to resume where they stopped; "
+            "until then nothing is delivered to them and nothing of theirs is deleted.",
             id="django_pubsub.W002",
         )
     ]

@@ -65,7 +65,9 @@ def _backoff(value: Any) -> bool:
 
 
 def _module_name(value: Any) -> bool:
-    return isinstance(value, str) and bool(value) and all(p.isidentifier() for p in value.split("."))
+    return (
+        isinstance(value, str) and bool(value) and all(p.isidentifier() for p in value.split("."))
+    )
 
 
 VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {

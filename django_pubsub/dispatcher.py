@@ -28,7 +28,8 @@ from django.utils.module_loading import import_string
 from .conf import pubsub_settings
 from .exceptions import HandlerImportError
 from .message import Message
-from .models import Delivery, Dispatcher, Message as MessageRow, Subscription, Topic
+from .models import Delivery, Dispatcher, Subscription, Topic
+from .models import Message as MessageRow
 from .retry import Random
 from .sync import sync_subscriptions
 from .workers import Job, Outcome, WorkerPool
@@ -220,11 +221,15 @@ class DispatchLoop:
         assert self.row is not None and self._pool is not None
         self.row.beat(now, inflight=self._pool.busy)
         self._next_beat = now + timedelta(seconds=pubsub_settings.heartbeat_interval)
-        for dead in Dispatcher.objects.presumed_dead(now, timeout=pubsub_settings.dispatcher_timeout):
+        for dead in Dispatcher.objects.presumed_dead(
+            now, timeout=pubsub_settings.dispatcher_timeout
+        ):
             held = Delivery.objects.inflight().filter(dispatcher=dead)
             taken = self._release(held, now, f"dispatcher {dead} stopped; lease taken back")
             dead.stop(now)
-            logger.warning("dispatcher presumed dead dispatcher=%s deliveries_taken_back=%s", dead, taken)
+            logger.warning(
+                "dispatcher presumed dead dispatcher=%s deliveries_taken_back=%s", dead, taken
+            )
 
     def _recover_expired(self, now: datetime) -> int:
         return self._release(Delivery.objects.expired(now), now, "lease expired before an ack")
@@ -249,7 +254,11 @@ class DispatchLoop:
                 self.stats.recovered += 1
                 logger.warning(
                     "delivery id=%s subscription=%s attempt=%s %s, now %s",
-                    delivery_id, sub.name, attempt, reason, state,
+                    delivery_id,
+                    sub.name,
+                    attempt,
+                    reason,
+                    state,
                 )
         return count
 
@@ -265,7 +274,9 @@ class DispatchLoop:
         for token, jobs in by_token.items():
             lease = self._subs[jobs[0].subscription_id].effective_lease
             Delivery.objects.filter(
-                id__in=[job.delivery_id for job in jobs], state=Delivery.State.INFLIGHT, lease_token=token
+                id__in=[job.delivery_id for job in jobs],
+                state=Delivery.State.INFLIGHT,
+                lease_token=token,
             ).update(lease_expires_at=now + timedelta(seconds=lease))
             for job in jobs:
                 job.lease_expires = soon + lease
@@ -313,19 +324,28 @@ class DispatchLoop:
             self.stats.fenced += 1
             logger.warning(
                 "delivery id=%s subscription=%s attempt=%s failed, but its lease is gone: "
-                "result ignored", job.delivery_id, sub.name, attempt,
+                "result ignored",
+                job.delivery_id,
+                sub.name,
+                attempt,
             )
         elif state == Delivery.State.DEAD:
             self.stats.dead += 1
             logger.error(
                 "delivery id=%s subscription=%s attempt=%s failed, dead-lettered: %s",
-                job.delivery_id, sub.name, attempt, outcome.error,
+                job.delivery_id,
+                sub.name,
+                attempt,
+                outcome.error,
             )
         else:
             self.stats.retried += 1
             logger.warning(
                 "delivery id=%s subscription=%s attempt=%s failed, will retry: %s",
-                job.delivery_id, sub.name, attempt, outcome.error,
+                job.delivery_id,
+                sub.name,
+                attempt,
+                outcome.error,
             )
         logger.debug("delivery id=%s traceback:\n%s", job.delivery_id, outcome.traceback)
 
@@ -340,7 +360,9 @@ class DispatchLoop:
         self._rotation = (self._rotation + 1) % len(subs)
         claimed = 0
         for sub in subs[self._rotation :] + subs[: self._rotation]:
-            room = min(free - claimed, sub.effective_max_inflight(self.workers) - self._inflight[sub.pk])
+            room = min(
+                free - claimed, sub.effective_max_inflight(self.workers) - self._inflight[sub.pk]
+            )
             if room <= 0:
                 continue
             token = uuid.uuid4().hex
@@ -358,7 +380,8 @@ class DispatchLoop:
         assert self._pool is not None
         fields = ("id", "offset", "payload", "payload_bytes", "key", "headers", "published_at")
         messages = {
-            row[0]: row for row in MessageRow.objects.filter(id__in=[r[1] for r in rows]).values_list(*fields)
+            row[0]: row
+            for row in MessageRow.objects.filter(id__in=[r[1] for r in rows]).values_list(*fields)
         }
         expires = time.monotonic() + sub.effective_lease
         for delivery_id, message_id, attempt in rows:
@@ -412,10 +435,14 @@ class DispatchLoop:
             return False
         horizon = self.clock() + timedelta(seconds=self.idle_wait)
         unordered = [pk for pk, sub in self._subs.items() if not sub.effective_ordered]
-        if Delivery.objects.filter(subscription_id__in=unordered).filter(
-            Q(state=Delivery.State.INFLIGHT)
-            | Q(state__in=Delivery.WAITING, available_at__lte=horizon)
-        ).exists():
+        if (
+            Delivery.objects.filter(subscription_id__in=unordered)
+            .filter(
+                Q(state=Delivery.State.INFLIGHT)
+                | Q(state__in=Delivery.WAITING, available_at__lte=horizon)
+            )
+            .exists()
+        ):
             return False
         for pk, sub in self._subs.items():
             if not sub.effective_ordered:

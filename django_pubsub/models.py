@@ -35,7 +35,9 @@ def _quoted(model: type[models.Model], field: str | None = None) -> str:
     qn = connections["default"].ops.quote_name
     if field is None:
         return qn(model._meta.db_table)
-    return qn(model._meta.get_field(field).column)
+    column = model._meta.get_field(field).column  # type: ignore[union-attr]
+    assert column is not None
+    return qn(column)
 
 
 def _lock_row(cursor: Any, model: type[models.Model], pk: int, using: str) -> None:
@@ -108,7 +110,8 @@ class Message(models.Model):
     offset = models.BigIntegerField(null=True, editable=False)
     payload = models.JSONField(null=True, blank=True)
     payload_bytes = models.BinaryField(null=True, blank=True)
-    key = models.CharField(max_length=255, null=True, blank=True)
+    # NULL: no key (a later ordering-key feature tells "no key" from any string).
+    key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
     headers = models.JSONField(default=dict, blank=True)
     published_at = models.DateTimeField()
 
@@ -149,7 +152,9 @@ class Subscription(models.Model):
     start = models.CharField(max_length=10, choices=[(c, c) for c in START_CHOICES])
     # Offset up to which messages of the topic have been fanned out into deliveries.
     position = models.BigIntegerField(default=0, editable=False)
-    active = models.BooleanField(default=True, help_text="False once the code no longer declares it.")
+    active = models.BooleanField(
+        default=True, help_text="False once the code no longer declares it."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -268,7 +273,7 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
             f"AND {table}.state IN (%s, %s) AND {table}.available_at <= %s "
             f"RETURNING id, message_id, attempts, {offset}"
         )
-        params = picked_params + [Delivery.State.INFLIGHT, token, expires, dispatcher_id, now]
+        params = [*picked_params, Delivery.State.INFLIGHT, token, expires, dispatcher_id, now]
         params += [pending, retry, now]
         with connections[using].cursor() as cursor:
             cursor.execute(sql, params)
@@ -364,7 +369,7 @@ class Delivery(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     # When a pending or retrying delivery becomes due.
     available_at = models.DateTimeField()
-    lease_token = models.CharField(max_length=32, null=True, blank=True)
+    lease_token = models.CharField(max_length=32, null=True, blank=True)  # noqa: DJ001  (NULL: not leased)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     dispatcher = models.ForeignKey(
         "Dispatcher", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"

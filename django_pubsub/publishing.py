@@ -1,4 +1,4 @@
-"""publish() and publish_many(): validate everything first, then insert in the caller's transaction."""
+"""publish() and publish_many(): validate everything, then insert in the caller's transaction."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def publish_many(
     check_topic(topic)
     key = check_key(key)
     header_dict = check_headers(headers)
-    if isinstance(payloads, str | bytes | bytearray | Mapping) or not isinstance(payloads, Iterable):
+    if isinstance(payloads, str | bytes | bytearray | Mapping) or not isinstance(
+        payloads, Iterable
+    ):
         raise InvalidPayload(
             f"publish_many() takes an iterable of payloads (such as a list), not "
             f"{type(payloads).__name__}."

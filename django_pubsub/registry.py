@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from django.core.exceptions import ImproperlyConfigured
+
 from .conf import START_CHOICES
 from .exceptions import AlreadyRegistered, InvalidSubscriber
 from .retry import Backoff
@@ -45,7 +47,9 @@ def _optional_positive(value: object, name: str, kind: type) -> None:
         return
     ok = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
     if not ok or value <= 0:  # type: ignore[operator]
-        raise InvalidSubscriber(f"@subscriber {name} must be a positive number or None, not {value!r}.")
+        raise InvalidSubscriber(
+            f"@subscriber {name} must be a positive number or None, not {value!r}."
+        )
 
 
 def handler_path(func: Callable[..., Any]) -> str:
@@ -81,13 +85,20 @@ def subscriber(
             f"and '-'; got {name!r}."
         )
     if ordered is not None and not isinstance(ordered, bool):
-        raise InvalidSubscriber(f"@subscriber ordered must be True, False or None, not {ordered!r}.")
+        raise InvalidSubscriber(
+            f"@subscriber ordered must be True, False or None, not {ordered!r}."
+        )
     _optional_positive(max_attempts, "max_attempts", int)
     _optional_positive(max_inflight, "max_inflight", int)
     _optional_positive(lease, "lease", float)
     if start is not None and start not in START_CHOICES:
-        raise InvalidSubscriber(f'@subscriber start must be "latest", "earliest" or None, not {start!r}.')
-    coerced_backoff = Backoff.coerce(backoff)
+        raise InvalidSubscriber(
+            f'@subscriber start must be "latest", "earliest" or None, not {start!r}.'
+        )
+    try:
+        coerced_backoff = Backoff.coerce(backoff)
+    except ImproperlyConfigured as exc:
+        raise InvalidSubscriber(f"@subscriber {exc}") from None
 
     def decorate(func: H) -> H:
         if not callable(func):

@@ -26,7 +26,9 @@ def check_key(key: object) -> str | None:
     if key is None:
         return None
     if not isinstance(key, str) or not 0 < len(key) <= KEY_MAX_LENGTH:
-        raise InvalidKey(f"key must be None or a string of 1 to {KEY_MAX_LENGTH} characters; got {key!r}.")
+        raise InvalidKey(
+            f"key must be None or a string of 1 to {KEY_MAX_LENGTH} characters; got {key!r}."
+        )
     return key
 
 
@@ -37,14 +39,12 @@ def check_headers(headers: object) -> dict[str, str]:
         raise InvalidHeaders(f"headers must be a dict of str to str; got {type(headers).__name__}.")
     for name, value in headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
-            raise InvalidHeaders(
-                f"headers must map str to str; {name!r}: {value!r} is not."
-            )
+            raise InvalidHeaders(f"headers must map str to str; {name!r}: {value!r} is not.")
     return dict(headers)
 
 
 def check_payload(payload: object) -> object:
-    """Return bytes for binary payloads; raise unless the value survives JSON unchanged in meaning."""
+    """Return bytes for binary payloads; raise unless the value survives JSON unchanged."""
     if isinstance(payload, bytes | bytearray | memoryview):
         return bytes(payload)
     _check_json(payload, "payload")

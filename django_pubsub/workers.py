@@ -100,8 +100,10 @@ class WorkerPool:
         close_old_connections()
         try:
             job.handler(job.message)
-        except BaseException as exc:  # noqa: BLE001  (a handler's failure is data here)
-            return Outcome(job, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        except BaseException as exc:
+            return Outcome(
+                job, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
+            )
         finally:
             close_old_connections()
         return Outcome(job)

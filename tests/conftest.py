@@ -61,7 +61,9 @@ def runs(subscription: str) -> list[HandlerRun]:
 
 def states(subscription: str) -> dict[str, int]:
     found: dict[str, int] = {}
-    for state in Delivery.objects.filter(subscription__name=subscription).values_list("state", flat=True):
+    for state in Delivery.objects.filter(subscription__name=subscription).values_list(
+        "state", flat=True
+    ):
         found[state] = found.get(state, 0) + 1
     return found
 
@@ -94,7 +96,7 @@ def runpubsub(transactional_db: None) -> Iterator[Callable[..., subprocess.Popen
             "DATABASE_URL": database_url(),
             "PYTHONUNBUFFERED": "1",
         }
-        out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115
+        out = open(log, "w") if log else subprocess.DEVNULL
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "manage.py"), "runpubsub", *args],
             cwd=ROOT,

@@ -153,5 +153,7 @@ def test_many_concurrent_writers_with_rollbacks_while_dispatching(dispatch: Any)
         assert sorted(run.message_id for run in seen) == sorted(committed)
         assert [run.offset for run in seen] == list(range(len(committed)))
     # Both ordered subscriptions saw the one order of the log.
-    assert [r.message_id for r in runs("ordered.one")] == [r.message_id for r in runs("ordered.two")]
+    assert [r.message_id for r in runs("ordered.one")] == [
+        r.message_id for r in runs("ordered.two")
+    ]
     assert set(Delivery.objects.values_list("state", flat=True)) == {"acked"}

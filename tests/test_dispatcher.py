@@ -49,7 +49,9 @@ def test_offsets_are_consecutive_in_publish_order(dispatch: Any) -> None:
         assert [run.offset for run in seen] == list(range(40))
 
 
-def test_ordered_subscription_waits_for_a_retry_of_the_head(dispatch: Any, clock: FakeClock) -> None:
+def test_ordered_subscription_waits_for_a_retry_of_the_head(
+    dispatch: Any, clock: FakeClock
+) -> None:
     publish("t.ordered", {"n": 0, "fail_times": 1})
     publish_many("t.ordered", [{"n": 1}, {"n": 2}])
     dispatch("ordered.one", clock=clock)
@@ -58,14 +60,24 @@ def test_ordered_subscription_waits_for_a_retry_of_the_head(dispatch: Any, clock
     assert states("ordered.one") == {"retry": 1, "pending": 2}
     clock.advance(60)
     dispatch("ordered.one", clock=clock)
-    assert [(run.offset, run.attempt) for run in runs("ordered.one")] == [(0, 1), (0, 2), (1, 1), (2, 1)]
+    assert [(run.offset, run.attempt) for run in runs("ordered.one")] == [
+        (0, 1),
+        (0, 2),
+        (1, 1),
+        (2, 1),
+    ]
     assert states("ordered.one") == {"acked": 3}
 
 
 def test_ordered_subscription_moves_on_after_a_dead_letter(dispatch: Any) -> None:
     publish_many("t.ordered", [{"n": 0, "fail_times": 99}, {"n": 1}])
     dispatch("ordered.one", idle_wait=2)
-    assert [(run.offset, run.attempt) for run in runs("ordered.one")] == [(0, 1), (0, 2), (0, 3), (1, 1)]
+    assert [(run.offset, run.attempt) for run in runs("ordered.one")] == [
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (1, 1),
+    ]
     assert states("ordered.one") == {"dead": 1, "acked": 1}
 
 
@@ -76,7 +88,11 @@ def test_retries_follow_the_backoff_and_dead_letter_exactly_at_max_attempts(
     publish("t.flaky", {"fail_times": 99})
     rand = iter([0.0, 1.0, 0.5] * 3).__next__
     backoff = Backoff(base=10, factor=3, maximum=100, jitter=0.5)
-    expected = [backoff.delay(1, lambda: 0.0), backoff.delay(2, lambda: 1.0), backoff.delay(3, lambda: 0.5)]
+    expected = [
+        backoff.delay(1, lambda: 0.0),
+        backoff.delay(2, lambda: 1.0),
+        backoff.delay(3, lambda: 0.5),
+    ]
     assert expected == [5.0, 45.0, 90.0]
     for attempt, delay in enumerate(expected, start=1):
         dispatch("flaky.one", clock=clock, rand=rand)
@@ -106,7 +122,9 @@ def test_a_flaky_handler_succeeds_on_retry(dispatch: Any) -> None:
 
 def test_an_expired_lease_is_delivered_again(dispatch: Any, clock: FakeClock) -> None:
     publish("t.basic", {"n": 1})
-    loop = DispatchLoop(subscriptions=["basic.one"], until_idle=True, handle_signals=False, clock=clock)
+    loop = DispatchLoop(
+        subscriptions=["basic.one"], until_idle=True, handle_signals=False, clock=clock
+    )
     loop._prepare()
     try:
         sub = loop._subs[Subscription.objects.get(name="basic.one").pk]
@@ -115,12 +133,16 @@ def test_an_expired_lease_is_delivered_again(dispatch: Any, clock: FakeClock) ->
         Topic.sequence_all(batch=10)
         sub.fan_out(now=clock.now, batch=10)
         # Claimed by a dispatcher that then vanished: no handler runs, the lease stays.
-        (claimed,) = Delivery.objects.claim(sub, limit=1, now=clock.now, token="lost", dispatcher_id=None)
+        (claimed,) = Delivery.objects.claim(
+            sub, limit=1, now=clock.now, token="lost", dispatcher_id=None
+        )
     finally:
         loop._pool.stop()  # type: ignore[union-attr]
         loop.row.stop(clock.now)  # type: ignore[union-attr]
     # While the lease holds: no second start, and --until-idle counts it as in flight.
-    loop = DispatchLoop(subscriptions=["basic.one"], until_idle=True, handle_signals=False, clock=clock)
+    loop = DispatchLoop(
+        subscriptions=["basic.one"], until_idle=True, handle_signals=False, clock=clock
+    )
     loop._prepare()
     loop._pass()
     assert runs("basic.one") == []
@@ -141,7 +163,9 @@ def test_a_dead_dispatchers_leases_are_taken_back_without_waiting(dispatch: Any)
     Delivery.objects.all().delete()
     Subscription.objects.filter(name="basic.one").update(position=0)
     ghost = Dispatcher.objects.create(
-        hostname="gone-host", pid=1, started_at=Dispatcher.objects.get().started_at,
+        hostname="gone-host",
+        pid=1,
+        started_at=Dispatcher.objects.get().started_at,
         last_seen=Dispatcher.objects.get().started_at - timedelta(hours=1),
     )
     from django.utils import timezone
@@ -167,21 +191,32 @@ def test_shutdown_gives_back_claimed_work_that_never_started(clock: FakeClock) -
     assert states("basic.one") == {"inflight": 1, "pending": 2}
     # Hand the pool an extra claimed job no worker can take yet, then stop.
     sub = next(iter(loop._subs.values()))
-    rows = Delivery.objects.claim(sub, limit=1, now=clock.now, token="extra", dispatcher_id=loop.row.pk)  # type: ignore[union-attr]
+    rows = Delivery.objects.claim(
+        sub, limit=1, now=clock.now, token="extra", dispatcher_id=loop.row.pk
+    )  # type: ignore[union-attr]
     loop._submit(sub, "extra", rows)
     loop.stop()
     gate.set()
     loop._shutdown()
     assert loop.stats.given_back == 1
     assert states("basic.one") == {"acked": 1, "pending": 2}
-    assert Delivery.objects.filter(state="pending").values_list("attempts", flat=True).distinct().get() == 0
+    assert (
+        Delivery.objects.filter(state="pending").values_list("attempts", flat=True).distinct().get()
+        == 0
+    )
 
 
 def test_max_inflight_bounds_one_subscription() -> None:
     # slow.one: max_inflight=2. With 4 workers, never more than 2 of its handlers at once.
     publish_many("t.slow", [{"sleep": 0.05} for _ in range(8)])
     peak = 0
-    loop = DispatchLoop(subscriptions=["slow.one"], workers=4, until_idle=True, handle_signals=False, poll_interval=0.005)
+    loop = DispatchLoop(
+        subscriptions=["slow.one"],
+        workers=4,
+        until_idle=True,
+        handle_signals=False,
+        poll_interval=0.005,
+    )
     original = loop._claim
 
     def watching(now: Any) -> int:
@@ -197,7 +232,10 @@ def test_max_inflight_bounds_one_subscription() -> None:
 
 
 def test_until_idle_waits_for_work_due_within_idle_wait(dispatch: Any, settings: Any) -> None:
-    settings.PUBSUB = {**settings.PUBSUB, "BACKOFF": {"base": 0.3, "factor": 1, "maximum": 1, "jitter": 0}}
+    settings.PUBSUB = {
+        **settings.PUBSUB,
+        "BACKOFF": {"base": 0.3, "factor": 1, "maximum": 1, "jitter": 0},
+    }
     publish("t.basic", {"fail_times": 1})
     dispatch("basic.one")  # idle_wait 0: the retry is not due yet, so it exits
     assert states("basic.one") == {"retry": 1}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,21 @@ def test_sigkill_mid_run_loses_nothing_and_keeps_order(runpubsub: Any, tmp_path:
     ids = publish_many("t.kill", [{"n": n, "sleep": 0.003} for n in range(240)])
     kills = 0
     for round_ in range(2):
-        proc = runpubsub("--subscriptions", KILL_SUBS, "--workers", "4", "--poll-interval", "0.02",
-                         log=tmp_path / f"run{round_}.log")
+        proc = runpubsub(
+            "--subscriptions",
+            KILL_SUBS,
+            "--workers",
+            "4",
+            "--poll-interval",
+            "0.02",
+            log=tmp_path / f"run{round_}.log",
+        )
         target = 60 * (round_ + 1)
-        wait_for(lambda: HandlerRun.objects.filter(subscription="kill.ordered").count() >= target)
+        wait_for(
+            lambda target=target: (
+                HandlerRun.objects.filter(subscription="kill.ordered").count() >= target
+            )
+        )
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=10) == -signal.SIGKILL
         kills += 1
@@ -51,10 +63,12 @@ def test_sigkill_mid_run_loses_nothing_and_keeps_order(runpubsub: Any, tmp_path:
         assert duplicates <= 4 * kills
     ordered = [run.offset for run in runs("kill.ordered")]
     # A re-run of the head that was in flight at the kill is allowed; going back is not.
-    assert all(later >= earlier for earlier, later in zip(ordered, ordered[1:], strict=False))
+    assert all(later >= earlier for earlier, later in pairwise(ordered))
     assert sorted(set(ordered)) == list(range(len(ids)))
     dupes = [len(runs(name)) - len(ids) for name in ("kill.unordered", "kill.ordered")]
-    print(f"kills={kills} inflight_at_last_kill={inflight_at_kill} recovery={recovery:.2f}s dupes={dupes}")
+    print(
+        f"kills={kills} inflight_at_kill={inflight_at_kill} recovery={recovery:.2f}s dupes={dupes}"
+    )
     assert kills == 2
     # The dead dispatchers were recognised at once (same host, pid gone), not after the lease.
     assert recovery < 60

@@ -29,7 +29,9 @@ def test_publish_creates_the_topic_and_returns_the_id() -> None:
 def test_publish_many_keeps_order_and_is_atomic() -> None:
     ids = publish_many("t.new-topic", [{"n": n} for n in range(5)])
     assert ids == sorted(ids)
-    assert [m.payload["n"] for m in Message.objects.filter(pk__in=ids).order_by("id")] == list(range(5))
+    assert [m.payload["n"] for m in Message.objects.filter(pk__in=ids).order_by("id")] == list(
+        range(5)
+    )
     assert Topic.objects.filter(name="t.new-topic").count() == 1
     assert publish_many("t.basic", []) == []
 
@@ -51,9 +53,9 @@ def test_a_committed_message_reaches_every_subscription(dispatch: Any) -> None:
     dispatch("basic.one", "basic.two")
     for name in ("basic.one", "basic.two"):
         assert sorted(run.message_id for run in runs(name)) == ids
-        assert set(Delivery.objects.filter(subscription__name=name).values_list("state", flat=True)) == {
-            "acked"
-        }
+        assert set(
+            Delivery.objects.filter(subscription__name=name).values_list("state", flat=True)
+        ) == {"acked"}
 
 
 def test_bytes_come_back_as_bytes(dispatch: Any) -> None:
@@ -77,7 +79,7 @@ BAD_PAYLOADS = [
     [1, 2, {3}],
     math.nan,
     {"deep": [{"x": math.inf}]},
-    "ok".encode().decode,  # a function
+    b"ok".decode,  # a function
 ]
 
 

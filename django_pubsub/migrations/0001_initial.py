@@ -5,106 +5,209 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Dispatcher',
+            name="Dispatcher",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('hostname', models.CharField(max_length=255)),
-                ('pid', models.PositiveIntegerField()),
-                ('started_at', models.DateTimeField()),
-                ('last_seen', models.DateTimeField()),
-                ('stopped_at', models.DateTimeField(blank=True, null=True)),
-                ('inflight', models.PositiveIntegerField(default=0)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("hostname", models.CharField(max_length=255)),
+                ("pid", models.PositiveIntegerField()),
+                ("started_at", models.DateTimeField()),
+                ("last_seen", models.DateTimeField()),
+                ("stopped_at", models.DateTimeField(blank=True, null=True)),
+                ("inflight", models.PositiveIntegerField(default=0)),
             ],
             options={
-                'ordering': ['-started_at'],
+                "ordering": ["-started_at"],
             },
         ),
         migrations.CreateModel(
-            name='Topic',
+            name="Topic",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200, unique=True)),
-                ('next_offset', models.BigIntegerField(default=0, editable=False)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200, unique=True)),
+                ("next_offset", models.BigIntegerField(default=0, editable=False)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='Subscription',
+            name="Subscription",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200, unique=True)),
-                ('handler', models.CharField(help_text='Dotted path of the handler function.', max_length=300)),
-                ('ordered', models.BooleanField(blank=True, null=True)),
-                ('max_attempts', models.PositiveIntegerField(blank=True, null=True)),
-                ('lease', models.FloatField(blank=True, help_text='Lease in seconds.', null=True)),
-                ('max_inflight', models.PositiveIntegerField(blank=True, null=True)),
-                ('backoff', models.JSONField(blank=True, null=True)),
-                ('start', models.CharField(choices=[('latest', 'latest'), ('earliest', 'earliest')], max_length=10)),
-                ('position', models.BigIntegerField(default=0, editable=False)),
-                ('active', models.BooleanField(default=True, help_text='False once the code no longer declares it.')),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('topic', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='subscriptions', to='django_pubsub.topic')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200, unique=True)),
+                (
+                    "handler",
+                    models.CharField(
+                        help_text="Dotted path of the handler function.", max_length=300
+                    ),
+                ),
+                ("ordered", models.BooleanField(blank=True, null=True)),
+                ("max_attempts", models.PositiveIntegerField(blank=True, null=True)),
+                ("lease", models.FloatField(blank=True, help_text="Lease in seconds.", null=True)),
+                ("max_inflight", models.PositiveIntegerField(blank=True, null=True)),
+                ("backoff", models.JSONField(blank=True, null=True)),
+                (
+                    "start",
+                    models.CharField(
+                        choices=[("latest", "latest"), ("earliest", "earliest")], max_length=10
+                    ),
+                ),
+                ("position", models.BigIntegerField(default=0, editable=False)),
+                (
+                    "active",
+                    models.BooleanField(
+                        default=True, help_text="False once the code no longer declares it."
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "topic",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="subscriptions",
+                        to="django_pubsub.topic",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='Message',
+            name="Message",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('offset', models.BigIntegerField(editable=False, null=True)),
-                ('payload', models.JSONField(blank=True, null=True)),
-                ('payload_bytes', models.BinaryField(blank=True, null=True)),
-                ('key', models.CharField(blank=True, max_length=255, null=True)),
-                ('headers', models.JSONField(blank=True, default=dict)),
-                ('published_at', models.DateTimeField()),
-                ('topic', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='messages', to='django_pubsub.topic')),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("offset", models.BigIntegerField(editable=False, null=True)),
+                ("payload", models.JSONField(blank=True, null=True)),
+                ("payload_bytes", models.BinaryField(blank=True, null=True)),
+                ("key", models.CharField(blank=True, max_length=255, null=True)),
+                ("headers", models.JSONField(blank=True, default=dict)),
+                ("published_at", models.DateTimeField()),
+                (
+                    "topic",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="messages",
+                        to="django_pubsub.topic",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='Delivery',
+            name="Delivery",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('offset', models.BigIntegerField()),
-                ('state', models.CharField(choices=[('pending', 'Pending'), ('inflight', 'Inflight'), ('retry', 'Retry'), ('acked', 'Acked'), ('dead', 'Dead')], default='pending', max_length=10)),
-                ('attempts', models.PositiveIntegerField(default=0)),
-                ('available_at', models.DateTimeField()),
-                ('lease_token', models.CharField(blank=True, max_length=32, null=True)),
-                ('lease_expires_at', models.DateTimeField(blank=True, null=True)),
-                ('last_error', models.TextField(blank=True)),
-                ('errors', models.JSONField(blank=True, default=list)),
-                ('created_at', models.DateTimeField()),
-                ('updated_at', models.DateTimeField()),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('dispatcher', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='django_pubsub.dispatcher')),
-                ('message', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='deliveries', to='django_pubsub.message')),
-                ('subscription', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='deliveries', to='django_pubsub.subscription')),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("offset", models.BigIntegerField()),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("inflight", "Inflight"),
+                            ("retry", "Retry"),
+                            ("acked", "Acked"),
+                            ("dead", "Dead"),
+                        ],
+                        default="pending",
+                        max_length=10,
+                    ),
+                ),
+                ("attempts", models.PositiveIntegerField(default=0)),
+                ("available_at", models.DateTimeField()),
+                ("lease_token", models.CharField(blank=True, max_length=32, null=True)),
+                ("lease_expires_at", models.DateTimeField(blank=True, null=True)),
+                ("last_error", models.TextField(blank=True)),
+                ("errors", models.JSONField(blank=True, default=list)),
+                ("created_at", models.DateTimeField()),
+                ("updated_at", models.DateTimeField()),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "dispatcher",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="django_pubsub.dispatcher",
+                    ),
+                ),
+                (
+                    "message",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="deliveries",
+                        to="django_pubsub.message",
+                    ),
+                ),
+                (
+                    "subscription",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="deliveries",
+                        to="django_pubsub.subscription",
+                    ),
+                ),
             ],
             options={
-                'verbose_name_plural': 'deliveries',
-                'indexes': [models.Index(condition=models.Q(('state__in', ['pending', 'retry', 'inflight'])), fields=['subscription', 'offset'], name='pubsub_delivery_unfinished'), models.Index(condition=models.Q(('state', 'inflight')), fields=['lease_expires_at'], name='pubsub_delivery_leases'), models.Index(fields=['subscription', 'state'], name='pubsub_delivery_sub_state')],
-                'constraints': [models.UniqueConstraint(fields=('subscription', 'message'), name='pubsub_delivery_subscription_message')],
+                "verbose_name_plural": "deliveries",
+                "indexes": [
+                    models.Index(
+                        condition=models.Q(("state__in", ["pending", "retry", "inflight"])),
+                        fields=["subscription", "offset"],
+                        name="pubsub_delivery_unfinished",
+                    ),
+                    models.Index(
+                        condition=models.Q(("state", "inflight")),
+                        fields=["lease_expires_at"],
+                        name="pubsub_delivery_leases",
+                    ),
+                    models.Index(
+                        fields=["subscription", "state"], name="pubsub_delivery_sub_state"
+                    ),
+                ],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("subscription", "message"),
+                        name="pubsub_delivery_subscription_message",
+                    )
+                ],
             },
         ),
         migrations.AddIndex(
-            model_name='message',
-            index=models.Index(condition=models.Q(('offset__isnull', True)), fields=['topic', 'id'], name='pubsub_message_unsequenced'),
+            model_name="message",
+            index=models.Index(
+                condition=models.Q(("offset__isnull", True)),
+                fields=["topic", "id"],
+                name="pubsub_message_unsequenced",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='message',
-            constraint=models.UniqueConstraint(fields=('topic', 'offset'), name='pubsub_message_topic_offset'),
+            model_name="message",
+            constraint=models.UniqueConstraint(
+                fields=("topic", "offset"), name="pubsub_message_topic_offset"
+            ),
         ),
     ]

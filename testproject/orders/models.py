@@ -19,3 +19,6 @@ class AuditEntry(models.Model):
     order_id = models.BigIntegerField()
     offset = models.BigIntegerField()
     recorded_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"order {self.order_id} at offset {self.offset}"

@@ -12,3 +12,6 @@ class HandlerRun(models.Model):
     attempt = models.PositiveIntegerField()
     pid = models.PositiveIntegerField()
     payload = models.JSONField(null=True)
+
+    def __str__(self) -> str:
+        return f"{self.subscription} offset {self.offset} attempt {self.attempt}"

@@ -29,9 +29,13 @@ def seconds(minimum: float, inclusive: bool) -> Any:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")) or (
-            value < minimum if inclusive else value <= minimum
+            raise argparse.ArgumentTypeError(
+                f"expected a number of seconds, got {text!r}"
+            ) from None
+        if (
+            value != value
+            or value in (float("inf"), float("-inf"))
+            or (value < minimum if inclusive else value <= minimum)
         ):
             bound = ">=" if inclusive else ">"
             raise argparse.ArgumentTypeError(f"must be {bound} {minimum:g}, got {text}")
@@ -43,7 +47,9 @@ def seconds(minimum: float, inclusive: bool) -> Any:
 def names(text: str) -> list[str]:
     parts = [part.strip() for part in text.split(",")]
     if not all(parts):
-        raise argparse.ArgumentTypeError(f"expected comma-separated subscription names, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated subscription names, got {text!r}"
+        )
     return parts
 
 
@@ -51,7 +57,9 @@ class Command(BaseCommand):
     help = "Run the pub/sub dispatcher: deliver published messages to every subscription."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--workers", type=positive_int, help="Handler threads (PUBSUB WORKERS).")
+        parser.add_argument(
+            "--workers", type=positive_int, help="Handler threads (PUBSUB WORKERS)."
+        )
         parser.add_argument(
             "--poll-interval", type=seconds(0, inclusive=False), help="Seconds between polls."
         )
@@ -101,5 +109,7 @@ class Command(BaseCommand):
         logger.setLevel(LEVELS.get(verbosity, logging.DEBUG))
         if not logger.handlers and not logging.getLogger().handlers:
             handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+            )
             logger.addHandler(handler)

@@ -4,23 +4,26 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='HandlerRun',
+            name="HandlerRun",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('subscription', models.CharField(max_length=200)),
-                ('message_id', models.BigIntegerField()),
-                ('offset', models.BigIntegerField()),
-                ('attempt', models.PositiveIntegerField()),
-                ('pid', models.PositiveIntegerField()),
-                ('payload', models.JSONField(null=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("subscription", models.CharField(max_length=200)),
+                ("message_id", models.BigIntegerField()),
+                ("offset", models.BigIntegerField()),
+                ("attempt", models.PositiveIntegerField()),
+                ("pid", models.PositiveIntegerField()),
+                ("payload", models.JSONField(null=True)),
             ],
         ),
     ]

@@ -28,7 +28,9 @@ class Command(BaseCommand):
             place_order(CUSTOMERS[n % len(CUSTOMERS)], 1000 + n) for n in range(options["orders"])
         ]
         self.stdout.write(f"Published {len(orders)} orders.created messages.\n")
-        self.stdout.write("Running the dispatcher until idle (retries back off for a few seconds)...")
+        self.stdout.write(
+            "Running the dispatcher until idle (retries back off for a few seconds)..."
+        )
         # Long enough for the flaky handler's retries: 0.2 s, then 0.4 s (PUBSUB BACKOFF).
         call_command("runpubsub", until_idle=True, idle_wait=2.0, verbosity=0)
 
@@ -38,14 +40,16 @@ class Command(BaseCommand):
             deliveries.values("subscription__name")
             .annotate(
                 delivered=Count("id", filter=Q(state=Delivery.State.ACKED)),
-                retried=Count("id", filter=Q(attempts__gt=1)),
+                retried=Count("id", filter=Q(state=Delivery.State.ACKED, attempts__gt=1)),
                 dead=Count("id", filter=Q(state=Delivery.State.DEAD)),
                 waiting=Count("id", filter=Q(state__in=Delivery.UNFINISHED)),
             )
             .order_by("subscription__name")
         )
         self.stdout.write("")
-        self.stdout.write(f"{'subscription':<22}{'delivered':>10}{'retried':>9}{'dead':>6}{'waiting':>9}")
+        self.stdout.write(
+            f"{'subscription':<22}{'delivered':>10}{'retried':>9}{'dead':>6}{'waiting':>9}"
+        )
         for row in rows:
             self.stdout.write(
                 f"{row['subscription__name']:<22}{row['delivered']:>10}{row['retried']:>9}"
@@ -57,10 +61,14 @@ class Command(BaseCommand):
                 f"{dead.attempts} attempts: {dead.last_error}"
             )
         audited = list(
-            AuditEntry.objects.filter(order_id__in=ids).order_by("id").values_list("offset", flat=True)
+            AuditEntry.objects.filter(order_id__in=ids)
+            .order_by("id")
+            .values_list("offset", flat=True)
         )
         in_order = audited == sorted(audited)
         self.stdout.write(
             f"audit.log (ordered) recorded {len(audited)} orders, in offset order: {in_order}"
         )
-        self.stdout.write("Browse them: python manage.py createsuperuser; python manage.py runserver; /admin/")
+        self.stdout.write(
+            "Browse them: python manage.py createsuperuser; python manage.py runserver; /admin/"
+        )

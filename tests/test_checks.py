@@ -1,0 +1,83 @@
+"""System checks and settings: each id fires on the problem it names, with a hint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.test import override_settings
+
+from django_pubsub import checks, registry
+from django_pubsub.conf import pubsub_settings
+from django_pubsub.registry import SubscriberSpec
+
+
+def ids(messages: list[Any]) -> list[str]:
+    return [message.id for message in messages]
+
+
+def test_the_project_passes_its_checks() -> None:
+    call_command("check")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ([], ["django_pubsub.E001"]),
+        ({"WORKER": 4}, ["django_pubsub.E002"]),
+        ({"WORKERS": 0}, ["django_pubsub.E003"]),
+        ({"POLL_INTERVAL": "fast"}, ["django_pubsub.E003"]),
+        ({"START": "beginning"}, ["django_pubsub.E003"]),
+        ({"BACKOFF": {"base": -1}}, ["django_pubsub.E003"]),
+        ({"MAX_INFLIGHT": None, "ORDERED": True}, []),
+        ({"HEARTBEAT_INTERVAL": 10, "DISPATCHER_TIMEOUT": 5}, ["django_pubsub.E003"]),
+    ],
+)
+def test_settings_checks(value: Any, expected: list[str]) -> None:
+    with override_settings(PUBSUB=value):
+        found = checks.check_settings()
+    assert ids(found) == expected
+    assert all(message.hint for message in found)
+
+
+def test_settings_are_read_when_used_and_refuse_bad_values() -> None:
+    with override_settings(PUBSUB={"WORKERS": 9}):
+        assert pubsub_settings.workers == 9
+    assert pubsub_settings.workers == 4
+    with (
+        override_settings(PUBSUB={"LEASE": -5}),
+        pytest.raises(ImproperlyConfigured, match="LEASE"),
+    ):
+        pubsub_settings.lease  # noqa: B018
+
+
+def test_unimportable_handler_is_reported() -> None:
+    spec = SubscriberSpec(name="ghost.sub", topic="ghost", handler="tests.nowhere.handler")
+    registry.register(spec)
+    try:
+        found = checks.check_handlers()
+    finally:
+        registry.unregister("ghost.sub")
+    assert ids(found) == ["django_pubsub.E004"]
+    assert "ghost.sub" in found[0].msg
+
+
+@pytest.mark.parametrize(
+    ("options", "warned"),
+    [
+        ({"init_command": "PRAGMA journal_mode=WAL;", "transaction_mode": "IMMEDIATE"}, False),
+        ({"transaction_mode": "IMMEDIATE"}, True),
+        ({"init_command": "PRAGMA journal_mode = wal"}, True),
+        ({}, True),
+    ],
+)
+def test_sqlite_settings_check(options: dict[str, Any], warned: bool) -> None:
+    found = checks.sqlite_warnings({"ENGINE": "django.db.backends.sqlite3", "OPTIONS": options})
+    assert ids(found) == (["django_pubsub.W001"] if warned else [])
+
+
+def test_postgres_is_not_subject_to_the_sqlite_check() -> None:
+    assert checks.sqlite_warnings({"ENGINE": "django.db.backends.postgresql"}) == []
+    assert checks.check_sqlite(databases=["default"]) == []  # the test project is set up right

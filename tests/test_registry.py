@@ -1,0 +1,88 @@
+"""@subscriber declarations: validated at the call, names unique, registry resettable."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from django_pubsub import Message, registry, subscriber
+from django_pubsub.exceptions import AlreadyRegistered, InvalidSubscriber, InvalidTopic
+
+
+@pytest.fixture
+def clean_registry() -> Iterator[None]:
+    saved = registry.get_specs()
+    registry.reset()
+    yield
+    registry.reset()
+    for spec in saved.values():
+        registry.register(spec)
+
+
+def handler(message: Message) -> None:
+    pass
+
+
+def other_handler(message: Message) -> None:
+    pass
+
+
+def test_declaration_records_the_dotted_path(clean_registry: None) -> None:
+    decorated = subscriber("orders", name="billing.charge", ordered=True, max_attempts=7)(handler)
+    assert decorated is handler
+    spec = registry.get_specs()["billing.charge"]
+    assert spec.handler == "tests.test_registry.handler"
+    assert (spec.topic, spec.ordered, spec.max_attempts, spec.lease) == ("orders", True, 7, None)
+
+
+def test_same_declaration_twice_is_fine_but_a_clash_is_an_error(clean_registry: None) -> None:
+    subscriber("orders", name="billing.charge")(handler)
+    subscriber("orders", name="billing.charge")(handler)  # a module imported twice
+    with pytest.raises(AlreadyRegistered, match="declared twice"):
+        subscriber("orders", name="billing.charge")(other_handler)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"name": ""}, InvalidSubscriber),
+        ({"name": "has space"}, InvalidSubscriber),
+        ({"name": "ok", "max_attempts": 0}, InvalidSubscriber),
+        ({"name": "ok", "max_attempts": True}, InvalidSubscriber),
+        ({"name": "ok", "lease": -1}, InvalidSubscriber),
+        ({"name": "ok", "max_inflight": 1.5}, InvalidSubscriber),
+        ({"name": "ok", "ordered": "yes"}, InvalidSubscriber),
+        ({"name": "ok", "start": "beginning"}, InvalidSubscriber),
+        ({"name": "ok", "backoff": {"base": 1, "speed": 2}}, InvalidSubscriber),
+        ({"name": "ok", "backoff": {"factor": 0.5}}, InvalidSubscriber),
+    ],
+)
+def test_bad_declarations_fail_at_the_decorator(
+    clean_registry: None, kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        subscriber("orders", **kwargs)(handler)
+    assert registry.get_specs() == {}
+
+
+def test_bad_topic_fails_at_the_decorator(clean_registry: None) -> None:
+    with pytest.raises(InvalidTopic):
+        subscriber("no spaces allowed", name="x")
+    with pytest.raises(TypeError):
+        subscriber("orders")(handler)  # type: ignore[call-arg]  # name is required
+
+
+def test_nested_functions_cannot_be_subscribers(clean_registry: None) -> None:
+    def local(message: Message) -> None:
+        pass
+
+    with pytest.raises(InvalidSubscriber, match="module-level function"):
+        subscriber("orders", name="local")(local)
+
+
+def test_autodiscovery_found_the_apps_subscribers() -> None:
+    specs = registry.get_specs()
+    assert specs["billing.charge"].handler == "testproject.orders.subscribers.charge"
+    assert specs["kill.ordered"].ordered is True

@@ -1,0 +1,94 @@
+"""Subscription rows follow the code: created, updated, deactivated, never deleted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from django_pubsub import checks, publish, registry
+from django_pubsub.exceptions import InvalidSubscriber
+from django_pubsub.models import Subscription
+from django_pubsub.registry import SubscriberSpec
+from django_pubsub.sync import sync_subscriptions
+from tests.conftest import runs
+
+pytestmark = pytest.mark.django_db(transaction=True)
+HANDLER = "tests.pubsub_app.subscribers.basic_one"
+
+
+@pytest.fixture
+def extra() -> Iterator[list[str]]:
+    names: list[str] = []
+    yield names
+    for name in names:
+        registry.unregister(name)
+
+
+def declare(extra: list[str], **fields: Any) -> SubscriberSpec:
+    spec = SubscriberSpec(**{"handler": HANDLER, **fields})
+    registry.unregister(spec.name)
+    registry.register(spec)
+    extra.append(spec.name)
+    return spec
+
+
+def test_migrate_created_a_row_per_declaration() -> None:
+    names = set(Subscription.objects.values_list("name", flat=True))
+    assert set(registry.get_specs()) <= names
+    assert Subscription.objects.get(name="billing.charge").topic.name == "orders.created"
+
+
+def test_latest_starts_after_what_is_already_published(extra: list[str], dispatch: Any) -> None:
+    before = publish("t.late", {"n": "before"})
+    declare(extra, name="late.latest", topic="t.late")
+    declare(extra, name="late.earliest", topic="t.late", start="earliest")
+    sync_subscriptions()
+    after = publish("t.late", {"n": "after"})
+    dispatch("late.latest", "late.earliest")
+    assert [run.message_id for run in runs("late.latest")] == [after]
+    assert sorted(run.message_id for run in runs("late.earliest")) == [before, after]
+
+
+def test_moving_the_function_keeps_the_subscription(extra: list[str]) -> None:
+    declare(extra, name="moving", topic="t.move")
+    sync_subscriptions()
+    first = Subscription.objects.get(name="moving")
+    declare(
+        extra,
+        name="moving",
+        topic="t.move",
+        handler="tests.pubsub_app.subscribers.basic_two",
+        max_attempts=9,
+    )
+    result = sync_subscriptions()
+    moved = Subscription.objects.get(name="moving")
+    assert moved.pk == first.pk and moved.handler.endswith("basic_two") and moved.max_attempts == 9
+    assert "moving" in result.updated
+
+
+def test_a_subscription_removed_from_code_is_kept_inactive_and_warned_about(
+    extra: list[str],
+) -> None:
+    declare(extra, name="leaving", topic="t.leave")
+    sync_subscriptions()
+    publish("t.leave", {"n": 1})
+    registry.unregister("leaving")
+    result = sync_subscriptions()
+    row = Subscription.objects.get(name="leaving")
+    assert result.deactivated == ["leaving"] and row.active is False
+    found = checks.check_inactive(databases=["default"])
+    assert [message.id for message in found] == ["django_pubsub.W002"]
+    assert "leaving" in found[0].msg
+    declare(extra, name="leaving", topic="t.leave")
+    sync_subscriptions()
+    assert Subscription.objects.get(name="leaving").active is True
+
+
+def test_changing_a_subscriptions_topic_is_refused(extra: list[str]) -> None:
+    declare(extra, name="switcher", topic="t.one")
+    sync_subscriptions()
+    declare(extra, name="switcher", topic="t.two")
+    with pytest.raises(InvalidSubscriber, match="declare a new name"):
+        sync_subscriptions()
