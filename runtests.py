@@ -3,7 +3,8 @@
 
 PostgreSQL is used when DATABASE_URL points at one, or when a server answers on
 127.0.0.1:5432 (then as postgres://postgres@127.0.0.1:5432/postgres). Extra arguments go to
-pytest. --require-postgres fails the run when no PostgreSQL answers (CI uses it).
+pytest. --require-postgres, or CI=true in the environment, fails the run when no PostgreSQL
+answers, so CI cannot pass on SQLite alone.
 Each run writes a JUnit report to .test-results/<database>.xml.
 """
 
@@ -44,7 +45,7 @@ def run(name: str, database_url: str | None, args: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    require_postgres = "--require-postgres" in argv
+    require_postgres = "--require-postgres" in argv or os.environ.get("CI") == "true"
     args = [arg for arg in argv if arg != "--require-postgres"]
     results = {"sqlite": run("sqlite", None, args)}
     url = postgres_url()
