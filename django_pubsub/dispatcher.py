@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 
-from django.db import close_old_connections
+from django.db import DatabaseError, Error, connections
 from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -37,6 +37,8 @@ from .workers import Job, Outcome, WorkerPool
 logger = logging.getLogger("django_pubsub.dispatcher")
 
 Clock = Callable[[], datetime]
+# Longest wait between retries while the database is unreachable.
+MAX_ERROR_BACKOFF = 5.0
 
 
 @dataclass
@@ -162,22 +164,16 @@ class DispatchLoop:
         pool = self._pool
         try:
             if pool is not None:
-                unstarted = pool.take_unstarted()
-                self._give_back(unstarted)
-                deadline = time.monotonic() + self.shutdown_grace
-                while pool.running and time.monotonic() < deadline:
-                    self._wake.wait(min(0.05, self.poll_interval))
-                    self._wake.clear()
-                self._collect(self.clock())
-                self._abandon(list(pool.running.values()))
-                pool.stop()
+                self._drain(pool)
             if self.row is not None:
                 self.row.stop(self.clock())
+        except DatabaseError:
+            logger.exception("database error during shutdown; leases left will expire")
         finally:
             for signum, previous in self._previous_handlers.items():
                 signal.signal(signum, previous)
             self._previous_handlers.clear()
-            close_old_connections()
+            connections["default"].close()
         logger.info(
             "dispatcher stopped acked=%s retried=%s dead=%s",
             self.stats.acked,
@@ -185,62 +181,115 @@ class DispatchLoop:
             self.stats.dead,
         )
 
+    def _drain(self, pool: WorkerPool) -> None:
+        """Give back unstarted work; let running handlers finish within the grace."""
+        self._give_back(pool.take_unstarted())
+        deadline = time.monotonic() + self.shutdown_grace
+        while pool.busy and time.monotonic() < deadline:
+            self._wake.wait(min(0.05, self.poll_interval))
+            self._wake.clear()
+            try:
+                now = self.clock()
+                # Draining handlers keep their leases, or another dispatcher would start
+                # them a second time while they finish here.
+                self._extend_leases(now)
+                if now >= self._next_beat:
+                    self._heartbeat(now)
+                self._collect(now)
+            except Error:
+                logger.exception("database error while draining; retrying")
+                self._reset_connection()
+        outcomes, still_running = pool.close()
+        now = self.clock()
+        self._record(outcomes, now)
+        self._abandon(still_running)
+
     # -- the loop ----------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        failures = 0
         while not self._stop.is_set():
-            progressed = self._pass()
+            try:
+                progressed = self._pass()
+                idle = self.until_idle and not progressed and self._idle()
+            except Error:
+                # A lost connection or a restarted server must not end the dispatcher:
+                # back off (bounded), reconnect on the next pass, keep what is unrecorded.
+                failures += 1
+                delay = min(self.poll_interval * 2**failures, MAX_ERROR_BACKOFF)
+                logger.exception("database error, retrying in %.1fs failures=%s", delay, failures)
+                self._reset_connection()
+                self._stop.wait(delay)
+                continue
+            failures = 0
             if self.max_messages is not None and self.stats.handled >= self.max_messages:
                 return
-            if self.until_idle and not progressed and self._idle():
+            if idle:
                 logger.info("idle, exiting")
                 return
             if not progressed:
                 self._wake.wait(self.poll_interval)
                 self._wake.clear()
 
+    @staticmethod
+    def _reset_connection() -> None:
+        try:
+            connections["default"].close()
+        except Error:
+            pass
+
     def _pass(self) -> bool:
-        close_old_connections()
+        # The loop keeps one connection whatever CONN_MAX_AGE says (closing it every pass
+        # would reconnect several times a second); a broken one is replaced after an error.
         now = self.clock()
         progressed = False
+        # Extend first: a slow pass must not let this process's own running handlers'
+        # leases look expired to the recovery below.
+        self._extend_leases(now)
         if now >= self._next_beat:
             self._heartbeat(now)
-        progressed |= self._recover_expired(now) > 0
         progressed |= self._collect(now) > 0
-        self._extend_leases(now)
+        progressed |= self._recover_expired(now) > 0
         batch = pubsub_settings.batch_size
         progressed |= Topic.sequence_all(batch=batch) > 0
         behind = Subscription.objects.filter(active=True, position__lt=F("topic__next_offset"))
         for sub in behind:
             progressed |= sub.fan_out(now=now, batch=batch) > 0
         if not self._stop.is_set():
-            progressed |= self._claim(now) > 0
+            progressed |= self._claim(self.clock()) > 0
         return progressed
 
     def _heartbeat(self, now: datetime) -> None:
         assert self.row is not None and self._pool is not None
         self.row.beat(now, inflight=self._pool.busy)
         self._next_beat = now + timedelta(seconds=pubsub_settings.heartbeat_interval)
-        for dead in Dispatcher.objects.presumed_dead(
-            now, timeout=pubsub_settings.dispatcher_timeout
-        ):
+        timeout = pubsub_settings.dispatcher_timeout
+        for dead in Dispatcher.objects.presumed_dead(now, timeout=timeout, me=self.row):
+            if not dead.mark_dead(now):
+                continue  # it beat in the meantime, or another dispatcher got there first
             held = Delivery.objects.inflight().filter(dispatcher=dead)
-            taken = self._release(held, now, f"dispatcher {dead} stopped; lease taken back")
-            dead.stop(now)
-            logger.warning(
-                "dispatcher presumed dead dispatcher=%s deliveries_taken_back=%s", dead, taken
-            )
+            reason = f"dispatcher {dead} stopped; lease taken back"
+            taken = self._release(held, now, reason, Q(dispatcher=dead))
+            logger.warning("dispatcher presumed dead dispatcher=%s taken_back=%s", dead, taken)
 
     def _recover_expired(self, now: datetime) -> int:
-        return self._release(Delivery.objects.expired(now), now, "lease expired before an ack")
+        assert self._pool is not None
+        expired = Delivery.objects.expired(now).exclude(id__in=self._pool.held())
+        return self._release(
+            expired, now, "lease expired before an ack", Q(lease_expires_at__lt=now)
+        )
 
-    def _release(self, deliveries: Any, now: datetime, reason: str) -> int:
-        """Fail the given inflight deliveries (their attempt started) so they run again."""
+    def _release(self, deliveries: Any, now: datetime, reason: str, still: Q) -> int:
+        """Fail the given inflight deliveries (their attempt started) so they run again.
+
+        ``still`` re-checks, in the fenced UPDATE itself, why we may take the lease: a holder
+        that extended its lease a moment ago keeps it.
+        """
         count = 0
         rows = deliveries.values_list("id", "lease_token", "subscription_id", "attempts")
         for delivery_id, token, sub_id, attempt in rows[: pubsub_settings.batch_size]:
             sub = self._subs.get(sub_id) or Subscription.objects.get(pk=sub_id)
-            state = Delivery.objects.fail(
+            state = Delivery.objects.filter(still).fail(
                 delivery_id,
                 token=token,
                 now=now,
@@ -267,7 +316,7 @@ class DispatchLoop:
         assert self._pool is not None
         soon = time.monotonic()
         by_token: dict[str, list[Job]] = defaultdict(list)
-        for job in list(self._pool.running.values()):
+        for job in self._pool.running():
             lease = self._subs[job.subscription_id].effective_lease
             if job.lease_expires - soon < lease / 2:
                 by_token[job.token].append(job)
@@ -282,17 +331,22 @@ class DispatchLoop:
                 job.lease_expires = soon + lease
 
     def _collect(self, now: datetime) -> int:
-        """Record what the workers finished: acks in one statement per claim token."""
+        """Record what the workers finished; keep it for the next pass if that fails."""
         assert self._pool is not None
-        outcomes: list[Outcome] = []
-        while not self._pool.outcomes.empty():
-            outcomes.append(self._pool.outcomes.get_nowait())
+        outcomes = self._pool.take_outcomes()
+        try:
+            self._record(outcomes, now)
+        except BaseException:
+            self._pool.put_back(outcomes)
+            raise
+        return len(outcomes)
+
+    def _record(self, outcomes: list[Outcome], now: datetime) -> None:
+        """Acks in one statement per claim token; failures one by one."""
         acks: dict[str, list[int]] = defaultdict(list)
         for outcome in outcomes:
-            job = outcome.job
-            self._inflight[job.subscription_id] -= 1
             if outcome.error is None:
-                acks[job.token].append(job.delivery_id)
+                acks[outcome.job.token].append(outcome.job.delivery_id)
             else:
                 self._record_failure(outcome, now)
         for token, ids in acks.items():
@@ -304,7 +358,9 @@ class DispatchLoop:
                     "ack rejected, lease no longer held deliveries=%s",
                     ",".join(map(str, ids)),
                 )
-        return len(outcomes)
+        # Only once everything is recorded: a retried _record must not count twice.
+        for outcome in outcomes:
+            self._inflight[outcome.job.subscription_id] -= 1
 
     def _record_failure(self, outcome: Outcome, now: datetime) -> None:
         job = outcome.job
@@ -417,14 +473,14 @@ class DispatchLoop:
         """Handlers still running when the grace ran out: their attempt failed."""
         now = self.clock()
         for job in jobs:
-            self._record_failure(
-                Outcome(job, error="still running when the dispatcher shut down"), now
-            )
+            error = "still running when the dispatcher shut down"
+            self._record_failure(Outcome(job, error=error), now)
+            self._inflight[job.subscription_id] -= 1
 
     def _idle(self) -> bool:
         """Nothing running, nothing in flight anywhere, nothing due within idle_wait."""
         assert self._pool is not None
-        if self._pool.busy or not self._pool.outcomes.empty():
+        if self._pool.busy or self._pool.has_outcomes():
             return False
         pks = list(self._subs)
         topics = {sub.topic_id for sub in self._subs.values()}

@@ -17,9 +17,10 @@ How a message travels:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,6 +29,8 @@ from django.db.models import Case, F, Q, Value, When
 
 from .conf import START_CHOICES, pubsub_settings
 from .retry import Backoff
+
+logger = logging.getLogger("django_pubsub.models")
 
 
 def _quoted(model: type[models.Model], field: str | None = None) -> str:
@@ -48,7 +51,12 @@ def _lock_row(cursor: Any, model: type[models.Model], pk: int, using: str) -> No
     "database is locked" rather than waiting).
     """
     table = _quoted(model)
-    if connections[using].features.has_select_for_update:
+    connection = connections[using]
+    if connection.vendor == "postgresql":
+        # NO KEY UPDATE: it serialises us with each other but not with the FOR KEY SHARE
+        # locks that publishers' foreign key checks take on the topic row at commit.
+        cursor.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR NO KEY UPDATE", [pk])
+    elif connection.features.has_select_for_update:
         cursor.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [pk])
     else:
         cursor.execute(f"UPDATE {table} SET id = id WHERE id = %s", [pk])
@@ -410,24 +418,33 @@ class Delivery(models.Model):
         return f"delivery {self.pk} of message {self.message_id} to {self.subscription_id}"
 
 
+def pid_namespace() -> str:
+    """Which PID space our pid belongs to: two containers on one host share no pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 class DispatcherQuerySet(models.QuerySet["Dispatcher"]):
     def alive(self) -> DispatcherQuerySet:
         return self.filter(stopped_at__isnull=True)
 
-    def presumed_dead(self, now: datetime, *, timeout: float) -> list[Dispatcher]:
-        """Running rows whose process is gone: not alive on this host, or silent too long."""
-        host = socket.gethostname()
+    def presumed_dead(self, now: datetime, *, timeout: float, me: Dispatcher) -> list[Dispatcher]:
+        """Running rows whose process is gone: silent too long, or known gone on this host."""
+        host, namespace = socket.gethostname(), pid_namespace()
         dead = []
-        for row in self.alive():
-            silent = row.last_seen < now - timedelta(seconds=timeout)
-            if silent or (row.hostname == host and not _pid_alive(row.pid)):
+        for row in self.alive().exclude(pk=me.pk):
+            if row.last_seen < now - timedelta(seconds=timeout):
                 dead.append(row)
+            elif row.hostname == host and row.pid_namespace == namespace and namespace:
+                # Same pid space: a pid that is ours (reused) or no longer exists is gone.
+                if row.pid == me.pid or not _pid_alive(row.pid):
+                    dead.append(row)
         return dead
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -442,6 +459,7 @@ class Dispatcher(models.Model):
 
     hostname = models.CharField(max_length=255)
     pid = models.PositiveIntegerField()
+    pid_namespace = models.CharField(max_length=64, blank=True)
     started_at = models.DateTimeField()
     last_seen = models.DateTimeField()
     stopped_at = models.DateTimeField(null=True, blank=True)
@@ -458,17 +476,33 @@ class Dispatcher(models.Model):
     @classmethod
     def register(cls, now: datetime) -> Dispatcher:
         return cls.objects.create(
-            hostname=socket.gethostname(), pid=os.getpid(), started_at=now, last_seen=now
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            pid_namespace=pid_namespace(),
+            started_at=now,
+            last_seen=now,
         )
 
-    def beat(self, now: datetime, *, inflight: int) -> None:
-        self.last_seen, self.inflight = now, inflight
-        Dispatcher.objects.filter(pk=self.pk).update(last_seen=now, inflight=inflight)
+    def beat(self, now: datetime, *, inflight: int) -> bool:
+        """Record that we are alive; False if another dispatcher had presumed us dead."""
+        mine = Dispatcher.objects.filter(pk=self.pk)
+        if mine.filter(stopped_at__isnull=True).update(last_seen=now, inflight=inflight):
+            self.last_seen, self.inflight = now, inflight
+            return True
+        # Our leases were taken back: results of handlers running now will be fenced out.
+        # Count as alive again so nobody takes the leases we claim from here on.
+        logger.warning("dispatcher %s was presumed dead by another; carrying on", self)
+        mine.update(last_seen=now, inflight=inflight, stopped_at=None)
+        self.last_seen, self.inflight, self.stopped_at = now, inflight, None
+        return False
+
+    def mark_dead(self, now: datetime) -> bool:
+        """Mark a presumed-dead dispatcher stopped, unless it beat since we looked."""
+        updated = Dispatcher.objects.filter(
+            pk=self.pk, stopped_at__isnull=True, last_seen=self.last_seen
+        ).update(stopped_at=now)
+        return bool(updated)
 
     def stop(self, now: datetime) -> None:
         self.stopped_at = self.last_seen = now
         Dispatcher.objects.filter(pk=self.pk).update(stopped_at=now, last_seen=now, inflight=0)
-
-
-def subscriptions_by_pk(pks: Iterable[int]) -> dict[int, Subscription]:
-    return {sub.pk: sub for sub in Subscription.objects.filter(pk__in=list(pks))}

@@ -137,7 +137,7 @@ def test_an_expired_lease_is_delivered_again(dispatch: Any, clock: FakeClock) ->
             sub, limit=1, now=clock.now, token="lost", dispatcher_id=None
         )
     finally:
-        loop._pool.stop()  # type: ignore[union-attr]
+        loop._pool.close()  # type: ignore[union-attr]
         loop.row.stop(clock.now)  # type: ignore[union-attr]
     # While the lease holds: no second start, and --until-idle counts it as in flight.
     loop = DispatchLoop(

@@ -1,0 +1,91 @@
+"""Regressions: a dispatcher never re-runs its own running handler, keeps leases while
+draining, and survives losing its database connection."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from django_pubsub import publish, publish_many
+from django_pubsub.dispatcher import DispatchLoop
+from django_pubsub.models import Delivery
+from tests.conftest import FakeClock, is_postgres, runs, states
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def wait_for(condition: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_a_slow_pass_does_not_take_back_the_dispatchers_own_running_lease(
+    clock: FakeClock,
+) -> None:
+    publish("t.slow", {"n": 1})  # slow.one: lease 1 s
+    loop = DispatchLoop(subscriptions=["slow.one"], handle_signals=False, clock=clock)
+    loop._prepare()
+    gate = threading.Event()
+    started = []
+    loop._handlers = {
+        pk: (lambda m: (started.append(m.attempt), gate.wait(10))) for pk in loop._handlers
+    }
+    loop._pass()
+    wait_for(lambda: started == [1])
+    clock.advance(5)  # the database now says the lease expired: as after a long stall
+    loop._pass()
+    assert started == [1]  # not started a second time by its own dispatcher
+    assert states("slow.one") == {"inflight": 1}
+    gate.set()
+    wait_for(lambda: loop._pool.busy == 0)  # type: ignore[union-attr]
+    loop._pass()
+    loop.stop()
+    loop._shutdown()
+    assert states("slow.one") == {"acked": 1}
+    assert loop.stats.fenced == 0
+
+
+def test_draining_keeps_the_leases_of_running_handlers() -> None:
+    publish("t.slow", {"sleep": 2.5})  # runs past its 1 s lease
+    loop = DispatchLoop(subscriptions=["slow.one"], handle_signals=False, poll_interval=0.01)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    wait_for(lambda: len(runs("slow.one")) == 1)
+    loop.stop()
+    time.sleep(1.6)
+    assert thread.is_alive()  # still draining
+    assert Delivery.objects.expired(timezone.now()).count() == 0
+    thread.join(20)
+    assert states("slow.one") == {"acked": 1}
+    assert loop.stats.fenced == 0
+
+
+def test_the_dispatcher_survives_losing_its_connection() -> None:
+    if not is_postgres():
+        pytest.skip("SQLite has no server connection to kill")
+    publish_many("t.basic", [{"n": n, "sleep": 0.01} for n in range(40)])
+    loop = DispatchLoop(
+        subscriptions=["basic.one"], handle_signals=False, poll_interval=0.01, workers=2
+    )
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    wait_for(lambda: len(runs("basic.one")) >= 5)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        killed = cursor.rowcount
+    assert killed >= 1
+    wait_for(lambda: Delivery.objects.filter(state="acked").count() == 40, timeout=30)
+    loop.stop()
+    thread.join(20)
+    assert not thread.is_alive()
+    assert states("basic.one") == {"acked": 40}
