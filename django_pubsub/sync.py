@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from django.db import transaction
+from django.db import connections, transaction
 
 from . import registry
 from .conf import pubsub_settings
 from .exceptions import InvalidSubscriber
 from .models import Subscription, Topic
+from .registry import SubscriberSpec
 
 logger = logging.getLogger("django_pubsub.sync")
+
+SYNC_LOCK_KEY = 0x70756273  # an arbitrary constant shared by every django-pubsub process
 
 
 @dataclass
@@ -32,50 +35,68 @@ def sync_subscriptions(using: str = "default") -> SyncResult:
     """
     result = SyncResult()
     specs = registry.get_specs()
-    batch = pubsub_settings.batch_size
-    for spec in specs.values():
-        with transaction.atomic(using=using):
-            topic, _ = Topic.objects.using(using).get_or_create(name=spec.topic)
-            existing = Subscription.objects.using(using).filter(name=spec.name).first()
-            fields = {
-                "handler": spec.handler,
-                "ordered": spec.ordered,
-                "max_attempts": spec.max_attempts,
-                "lease": spec.lease,
-                "max_inflight": spec.max_inflight,
-                "backoff": spec.backoff.as_dict() if spec.backoff else None,
-                "active": True,
-            }
-            if existing is None:
-                start = spec.start or pubsub_settings.start
-                position = 0
-                if start == "latest":
-                    while Topic.sequence(topic.pk, batch=batch, using=using) == batch:
-                        pass
-                    position = Topic.objects.using(using).get(pk=topic.pk).next_offset
-                Subscription.objects.using(using).create(
-                    name=spec.name, topic=topic, start=start, position=position, **fields
-                )
-                result.created.append(spec.name)
-                continue
-            if existing.topic_id != topic.pk:
-                raise InvalidSubscriber(
-                    f"Subscription {spec.name!r} exists on topic {existing.topic.name!r} but the "
-                    f"code now declares it on {spec.topic!r}. A subscription's cursor belongs to "
-                    f"its topic: declare a new name for the new topic."
-                )
-            changed = [name for name, value in fields.items() if getattr(existing, name) != value]
-            if changed:
-                for name in changed:
-                    setattr(existing, name, fields[name])
-                existing.save(using=using, update_fields=[*changed, "updated_at"])
-                result.updated.append(spec.name)
-    gone = Subscription.objects.using(using).filter(active=True).exclude(name__in=list(specs))
-    result.deactivated = list(gone.values_list("name", flat=True))
-    if result.deactivated:
-        gone.update(active=False)
-        logger.warning(
-            "subscriptions no longer declared, marked inactive names=%s",
-            ",".join(result.deactivated),
-        )
+    # One sync at a time: dispatchers starting together would otherwise both create a new
+    # subscription, and the second would fail on the unique name.
+    with transaction.atomic(using=using):
+        _lock(using)
+        for spec in specs.values():
+            _sync_one(spec, using, result)
+        gone = Subscription.objects.using(using).filter(active=True).exclude(name__in=list(specs))
+        result.deactivated = list(gone.values_list("name", flat=True))
+        if result.deactivated:
+            gone.update(active=False)
+            logger.warning(
+                "subscriptions no longer declared, marked inactive names=%s",
+                ",".join(result.deactivated),
+            )
     return result
+
+
+def _sync_one(spec: SubscriberSpec, using: str, result: SyncResult) -> None:
+    topic, _ = Topic.objects.using(using).get_or_create(name=spec.topic)
+    existing = Subscription.objects.using(using).filter(name=spec.name).first()
+    fields = {
+        "handler": spec.handler,
+        "ordered": spec.ordered,
+        "max_attempts": spec.max_attempts,
+        "lease": spec.lease,
+        "max_inflight": spec.max_inflight,
+        "backoff": spec.backoff.as_dict() if spec.backoff else None,
+        "active": True,
+    }
+    if existing is None:
+        start = spec.start or pubsub_settings.start
+        position = 0
+        if start == "latest":
+            batch = pubsub_settings.batch_size
+            while Topic.sequence(topic.pk, batch=batch, using=using) == batch:
+                pass
+            position = Topic.objects.using(using).get(pk=topic.pk).next_offset
+        Subscription.objects.using(using).create(
+            name=spec.name, topic=topic, start=start, position=position, **fields
+        )
+        result.created.append(spec.name)
+        return
+    if existing.topic_id != topic.pk:
+        raise InvalidSubscriber(
+            f"Subscription {spec.name!r} exists on topic {existing.topic.name!r} but the code "
+            f"now declares it on {spec.topic!r}. A subscription's cursor belongs to its "
+            f"topic: declare a new name for the new topic."
+        )
+    changed = [name for name, value in fields.items() if getattr(existing, name) != value]
+    if changed:
+        for name in changed:
+            setattr(existing, name, fields[name])
+        existing.save(using=using, update_fields=[*changed, "updated_at"])
+        result.updated.append(spec.name)
+
+
+def _lock(using: str) -> None:
+    connection = connections[using]
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SYNC_LOCK_KEY])
+        else:
+            # SQLite: write first, so this transaction holds the write lock before it reads.
+            table = connection.ops.quote_name(Subscription._meta.db_table)
+            cursor.execute(f"UPDATE {table} SET id = id WHERE 1 = 0")

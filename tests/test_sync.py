@@ -92,3 +92,30 @@ def test_changing_a_subscriptions_topic_is_refused(extra: list[str]) -> None:
     declare(extra, name="switcher", topic="t.two")
     with pytest.raises(InvalidSubscriber, match="declare a new name"):
         sync_subscriptions()
+
+
+def test_dispatchers_starting_together_create_a_new_subscription_once(extra: list[str]) -> None:
+    import threading
+
+    from django.db import connection
+
+    declare(extra, name="together", topic="t.together")
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def start() -> None:
+        try:
+            barrier.wait(10)
+            sync_subscriptions()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert Subscription.objects.filter(name="together").count() == 1
