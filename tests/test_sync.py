@@ -100,6 +100,7 @@ def test_dispatchers_starting_together_create_a_new_subscription_once(extra: lis
     from django.db import connection
 
     declare(extra, name="together", topic="t.together")
+    publish("t.together", {"n": 0})  # the topic exists: nothing else serialises the syncs
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)
 
