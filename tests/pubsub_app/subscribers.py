@@ -81,3 +81,18 @@ def kill_unordered(message: Message) -> None:
 @subscriber("t.kill", name="kill.ordered", ordered=True, lease=3.0)
 def kill_ordered(message: Message) -> None:
     record(message)
+
+
+@subscriber("t.multi", name="multi.a")
+def multi_a(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.multi", name="multi.b")
+def multi_b(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.multi", name="multi.ordered", ordered=True)
+def multi_ordered(message: Message) -> None:
+    record(message)
