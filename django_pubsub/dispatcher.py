@@ -32,6 +32,7 @@ from .models import Delivery, Dispatcher, Subscription, Topic
 from .models import Message as MessageRow
 from .retry import Random
 from .sync import sync_subscriptions
+from .wakeups import Listener
 from .workers import Job, Outcome, WorkerPool
 
 logger = logging.getLogger("django_pubsub.dispatcher")
@@ -94,6 +95,7 @@ class DispatchLoop:
         self._inflight: dict[int, int] = defaultdict(int)
         self._rotation = 0
         self._pool: WorkerPool | None = None
+        self._listener: Listener | None = None
         self.row: Dispatcher | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -118,6 +120,7 @@ class DispatchLoop:
         self.row = Dispatcher.register(now)
         self._next_beat = now
         self._pool = WorkerPool(self.workers, on_done=self._wake.set)
+        self._listener = Listener.start_for(self._wake.set)
         if self.handle_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -165,6 +168,8 @@ class DispatchLoop:
         try:
             if pool is not None:
                 self._drain(pool)
+            if self._listener is not None:
+                self._listener.stop()
             if self.row is not None:
                 self.row.stop(self.clock())
         except DatabaseError:
@@ -209,6 +214,9 @@ class DispatchLoop:
     def _loop(self) -> None:
         failures = 0
         while not self._stop.is_set():
+            # Cleared before the pass, not after the wait: a wake-up that arrives during the
+            # pass makes the next wait return at once instead of being lost.
+            self._wake.clear()
             try:
                 progressed = self._pass()
                 idle = self.until_idle and not progressed and self._idle()
@@ -229,7 +237,6 @@ class DispatchLoop:
                 return
             if not progressed:
                 self._wake.wait(self.poll_interval)
-                self._wake.clear()
 
     @staticmethod
     def _reset_connection() -> None:

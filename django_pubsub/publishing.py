@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from .exceptions import InvalidPayload
 from .validation import check_headers, check_key, check_payload, check_topic
+from .wakeups import notify
 
 
 def publish(
@@ -70,6 +71,7 @@ def publish_many(
             for body in checked
         ]
         created = Message.objects.bulk_create(rows)
+        notify()
     return [message.pk for message in created]
 
 

@@ -137,8 +137,8 @@ def test_an_expired_lease_is_delivered_again(dispatch: Any, clock: FakeClock) ->
             sub, limit=1, now=clock.now, token="lost", dispatcher_id=None
         )
     finally:
-        loop._pool.close()  # type: ignore[union-attr]
-        loop.row.stop(clock.now)  # type: ignore[union-attr]
+        loop.stop()
+        loop._shutdown()
     # While the lease holds: no second start, and --until-idle counts it as in flight.
     loop = DispatchLoop(
         subscriptions=["basic.one"], until_idle=True, handle_signals=False, clock=clock

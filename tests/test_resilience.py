@@ -89,3 +89,24 @@ def test_the_dispatcher_survives_losing_its_connection() -> None:
     thread.join(20)
     assert not thread.is_alive()
     assert states("basic.one") == {"acked": 40}
+
+
+def test_postgres_wakes_the_dispatcher_on_commit_not_on_the_next_poll() -> None:
+    if not is_postgres():
+        pytest.skip("SQLite has no LISTEN/NOTIFY: it polls")
+    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, poll_interval=5.0)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    wait_for(lambda: loop._listener is not None and loop._listener.listening.is_set())
+    time.sleep(0.3)  # let the loop settle into its 5 s wait
+    latencies = []
+    for n in range(3):
+        started = time.monotonic()
+        publish("t.basic", {"n": n})
+        wait_for(lambda n=n: len(runs("basic.one")) == n + 1, timeout=4)
+        latencies.append(time.monotonic() - started)
+        time.sleep(0.2)
+    loop.stop()
+    thread.join(20)
+    print("wake-up latencies ms:", [round(x * 1000, 1) for x in latencies])
+    assert max(latencies) < 1.0, latencies  # a poll would take up to 5 s

@@ -1,0 +1,84 @@
+"""Wake-ups on PostgreSQL: publish() sends NOTIFY, the dispatcher LISTENs.
+
+PostgreSQL delivers a NOTIFY only when the publishing transaction commits, and drops it if
+that rolls back, so a wake-up never runs ahead of the data. Polling stays the safety net: a
+missed notification only costs one poll interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from django.db import connections
+
+logger = logging.getLogger("django_pubsub.wakeups")
+
+CHANNEL = "django_pubsub"
+# Longest wait between attempts to re-establish LISTEN after losing the connection.
+MAX_RECONNECT_WAIT = 5.0
+
+
+def notify(using: str = "default") -> None:
+    """Queue a wake-up for dispatchers; sent when the current transaction commits."""
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(f"NOTIFY {CHANNEL}")
+
+
+class Listener:
+    """A thread holding its own connection in LISTEN; calls ``wake`` on every notification."""
+
+    def __init__(self, wake: Callable[[], None], using: str = "default") -> None:
+        self._wake = wake
+        self._using = using
+        self._stop = threading.Event()
+        self.listening = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pubsub-listener", daemon=True)
+
+    @classmethod
+    def start_for(cls, wake: Callable[[], None], using: str = "default") -> Listener | None:
+        if connections[using].vendor != "postgresql":
+            return None
+        listener = cls(wake, using)
+        listener._thread.start()
+        return listener
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._listen()
+                failures = 0
+            except Exception:  # any failure: reconnect after a bounded wait
+                failures += 1
+                wait = min(0.1 * 2**failures, MAX_RECONNECT_WAIT)
+                logger.warning("LISTEN connection lost, reconnecting in %.1fs", wait, exc_info=True)
+            finally:
+                self.listening.clear()
+            # A wake-up after a reconnect: notifications sent meanwhile were lost.
+            self._wake()
+            self._stop.wait(min(0.1 * 2**failures, MAX_RECONNECT_WAIT) if failures else 0)
+
+    def _listen(self) -> None:
+        wrapper = connections[self._using]
+        raw: Any = wrapper.get_new_connection(wrapper.get_connection_params())
+        try:
+            raw.autocommit = True
+            raw.execute(f"LISTEN {CHANNEL}")
+            self.listening.set()
+            logger.debug("listening channel=%s", CHANNEL)
+            while not self._stop.is_set():
+                # Short timeout: stop() is answered within it; waiting costs no query.
+                for _ in raw.notifies(timeout=0.1):
+                    self._wake()
+        finally:
+            raw.close()
