@@ -110,3 +110,36 @@ def test_a_second_sigint_exits_at_once(runpubsub: Any, tmp_path: Path) -> None:
     delivery = Delivery.objects.get()
     assert delivery.state == "acked"
     assert "stopped; lease taken back" in delivery.errors[0]["error"]
+
+
+def test_a_paused_dispatchers_late_ack_is_rejected(runpubsub: Any, tmp_path: Path) -> None:
+    # slow.one: lease 1 s. The first attempt sleeps 3 s; A is frozen while it runs.
+    publish_many("t.slow", [{"sleep_first": 3}])
+    log_a = tmp_path / "a.log"
+    a = runpubsub("--subscriptions", "slow.one", "--poll-interval", "0.02", "-v", "2", log=log_a)
+    wait_for(lambda: len(runs("slow.one")) == 1)
+    a.send_signal(signal.SIGSTOP)
+    try:
+        # B sees the lease expire (A is alive, just frozen), takes over and delivers.
+        b = runpubsub(
+            "--subscriptions",
+            "slow.one",
+            "--until-idle",
+            "--idle-wait",
+            "3",
+            log=tmp_path / "b.log",
+        )
+        assert b.wait(timeout=30) == 0, (tmp_path / "b.log").read_text()
+        assert [run.attempt for run in runs("slow.one")] == [1, 2]
+        delivery = Delivery.objects.get()
+        assert (delivery.state, delivery.attempts) == ("acked", 2)
+        finished_at = delivery.finished_at
+    finally:
+        a.send_signal(signal.SIGCONT)
+    # A wakes, its handler returns, and its ack with the old lease token changes nothing.
+    wait_for(lambda: "ack rejected" in log_a.read_text(), timeout=15)
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(timeout=15) == 0
+    delivery.refresh_from_db()
+    assert (delivery.state, delivery.attempts, delivery.finished_at) == ("acked", 2, finished_at)
+    assert delivery.errors[0]["error"] == "lease expired before an ack"
