@@ -8,6 +8,7 @@ messages, fan them out, claim as many due deliveries as there are idle workers.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import threading
@@ -30,7 +31,7 @@ from .exceptions import HandlerImportError
 from .message import Message
 from .models import Delivery, Dispatcher, Subscription, Topic
 from .models import Message as MessageRow
-from .retry import Random
+from .retry import Backoff, Random
 from .sync import sync_subscriptions
 from .wakeups import Listener
 from .workers import Job, Outcome, WorkerPool
@@ -96,6 +97,9 @@ class DispatchLoop:
         self._rotation = 0
         self._pool: WorkerPool | None = None
         self._listener: Listener | None = None
+        self._error_backoff = Backoff(
+            base=self.poll_interval, factor=2, maximum=MAX_ERROR_BACKOFF, jitter=0
+        )
         self.row: Dispatcher | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -157,8 +161,6 @@ class DispatchLoop:
         self._signals_seen += 1
         if self._signals_seen > 1:
             logger.warning("second signal, exiting at once signal=%s", signum)
-            import os
-
             os._exit(128 + signum)
         logger.info("signal received, draining signal=%s", signum)
         self.stop()
@@ -178,7 +180,7 @@ class DispatchLoop:
             for signum, previous in self._previous_handlers.items():
                 signal.signal(signum, previous)
             self._previous_handlers.clear()
-            connections["default"].close()
+            self._reset_connection()
         logger.info(
             "dispatcher stopped acked=%s retried=%s dead=%s",
             self.stats.acked,
@@ -194,13 +196,9 @@ class DispatchLoop:
             self._wake.wait(min(0.05, self.poll_interval))
             self._wake.clear()
             try:
-                now = self.clock()
                 # Draining handlers keep their leases, or another dispatcher would start
                 # them a second time while they finish here.
-                self._extend_leases(now)
-                if now >= self._next_beat:
-                    self._heartbeat(now)
-                self._collect(now)
+                self._upkeep(self.clock())
             except Error:
                 logger.exception("database error while draining; retrying")
                 self._reset_connection()
@@ -224,7 +222,7 @@ class DispatchLoop:
                 # A lost connection or a restarted server must not end the dispatcher:
                 # back off (bounded), reconnect on the next pass, keep what is unrecorded.
                 failures += 1
-                delay = min(self.poll_interval * 2**failures, MAX_ERROR_BACKOFF)
+                delay = self._error_backoff.delay(failures + 1)
                 logger.exception("database error, retrying in %.1fs failures=%s", delay, failures)
                 self._reset_connection()
                 self._stop.wait(delay)
@@ -249,13 +247,7 @@ class DispatchLoop:
         # The loop keeps one connection whatever CONN_MAX_AGE says (closing it every pass
         # would reconnect several times a second); a broken one is replaced after an error.
         now = self.clock()
-        progressed = False
-        # Extend first: a slow pass must not let this process's own running handlers'
-        # leases look expired to the recovery below.
-        self._extend_leases(now)
-        if now >= self._next_beat:
-            self._heartbeat(now)
-        progressed |= self._collect(now) > 0
+        progressed = self._upkeep(now) > 0
         progressed |= self._recover_expired(now) > 0
         batch = pubsub_settings.batch_size
         progressed |= Topic.sequence_all(batch=batch) > 0
@@ -265,6 +257,17 @@ class DispatchLoop:
         if not self._stop.is_set():
             progressed |= self._claim(self.clock()) > 0
         return progressed
+
+    def _upkeep(self, now: datetime) -> int:
+        """Keep our leases and heartbeat fresh, record finished work; return how much.
+
+        Leases are extended first: a slow pass must not let this process's own running
+        handlers' leases look expired to the recovery that follows in a pass.
+        """
+        self._extend_leases(now)
+        if now >= self._next_beat:
+            self._heartbeat(now)
+        return self._collect(now)
 
     def _heartbeat(self, now: datetime) -> None:
         assert self.row is not None and self._pool is not None

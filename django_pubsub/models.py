@@ -227,9 +227,6 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
     def inflight(self) -> DeliveryQuerySet:
         return self.filter(state=Delivery.State.INFLIGHT)
 
-    def waiting(self) -> DeliveryQuerySet:
-        return self.filter(state__in=Delivery.WAITING)
-
     def claim(
         self,
         subscription: Subscription,

@@ -14,6 +14,8 @@ from typing import Any
 
 from django.db import connections
 
+from .retry import Backoff
+
 logger = logging.getLogger("django_pubsub.wakeups")
 
 CHANNEL = "django_pubsub"
@@ -53,20 +55,22 @@ class Listener:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        backoff = Backoff(base=0.1, factor=2, maximum=MAX_RECONNECT_WAIT, jitter=0)
         failures = 0
         while not self._stop.is_set():
+            wait = 0.0
             try:
                 self._listen()
                 failures = 0
             except Exception:  # any failure: reconnect after a bounded wait
                 failures += 1
-                wait = min(0.1 * 2**failures, MAX_RECONNECT_WAIT)
+                wait = backoff.delay(failures + 1)
                 logger.warning("LISTEN connection lost, reconnecting in %.1fs", wait, exc_info=True)
             finally:
                 self.listening.clear()
             # A wake-up after a reconnect: notifications sent meanwhile were lost.
             self._wake()
-            self._stop.wait(min(0.1 * 2**failures, MAX_RECONNECT_WAIT) if failures else 0)
+            self._stop.wait(wait)
 
     def _listen(self) -> None:
         wrapper = connections[self._using]

@@ -19,7 +19,7 @@ from django.db import connection, transaction
 from django_pubsub import publish
 from django_pubsub.dispatcher import DispatchLoop
 from django_pubsub.models import Delivery, Message
-from tests.conftest import is_postgres, runs
+from tests.conftest import is_postgres, runs, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ORDERED = ("ordered.one", "ordered.two")
@@ -77,9 +77,7 @@ def test_a_lower_id_that_commits_last_is_still_delivered(dispatch: Any) -> None:
         assert ids["a"] < ids["b"]  # A holds the lower id, B committed first
         # Many passes while A is still open: none may move past A's message for good.
         background = Background(*ORDERED)
-        deadline = time.monotonic() + 10
-        while len(runs("ordered.one")) < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: len(runs("ordered.one")) >= 1, timeout=10)
         time.sleep(0.2)
         background.stop()
         for name in ORDERED:

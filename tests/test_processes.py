@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 
 from django_pubsub import publish_many
 from django_pubsub.models import Delivery, Dispatcher
-from tests.conftest import runs, states
+from tests.conftest import runs, states, wait_for
 from tests.pubsub_app.models import HandlerRun
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -22,13 +21,6 @@ KILL_SUBS = "kill.unordered,kill.ordered"
 # The default suite kills twice; a soak sets PUBSUB_SOAK_KILLS (docs/guarantees.md).
 KILLS = int(os.environ.get("PUBSUB_SOAK_KILLS", "2"))
 PER_KILL = 30  # ordered handler starts between two kills
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
 
 
 def test_sigkill_mid_run_loses_nothing_and_keeps_order(runpubsub: Any, tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
 import pytest
 from django.db import connection
@@ -14,16 +13,9 @@ from django.utils import timezone
 from django_pubsub import publish, publish_many
 from django_pubsub.dispatcher import DispatchLoop
 from django_pubsub.models import Delivery
-from tests.conftest import FakeClock, is_postgres, runs, states
+from tests.conftest import FakeClock, is_postgres, runs, states, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def wait_for(condition: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
 
 
 def test_a_slow_pass_does_not_take_back_the_dispatchers_own_running_lease(
