@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 
-from django.db import DatabaseError, Error, connections
+from django.db import DatabaseError, Error, connections, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -432,24 +432,32 @@ class DispatchLoop:
             if room <= 0:
                 continue
             token = uuid.uuid4().hex
-            rows = Delivery.objects.claim(
-                sub, limit=room, now=now, token=token, dispatcher_id=self.row.pk
-            )
-            if rows:
-                self._submit(sub, token, rows)
-                claimed += len(rows)
+            # The lease and the read of what it leased commit together: a claim whose
+            # messages could not be read (a lost connection) rolls back instead of leaving
+            # deliveries leased to a live dispatcher that never runs them.
+            with transaction.atomic():
+                rows = Delivery.objects.claim(
+                    sub, limit=room, now=now, token=token, dispatcher_id=self.row.pk
+                )
+                jobs = self._jobs(sub, token, rows)
+            # Handed to workers only after the commit: none runs on a lease that rolled back.
+            self._submit(jobs)
+            claimed += len(jobs)
             if claimed >= free:
                 break
         return claimed
 
-    def _submit(self, sub: Subscription, token: str, rows: list[tuple[int, int, int]]) -> None:
-        assert self._pool is not None
+    def _jobs(self, sub: Subscription, token: str, rows: list[tuple[int, int, int]]) -> list[Job]:
+        """Read the claimed deliveries' messages and build the handlers' jobs."""
+        if not rows:
+            return []
         fields = ("id", "offset", "payload", "payload_bytes", "key", "headers", "published_at")
         messages = {
             row[0]: row
             for row in MessageRow.objects.filter(id__in=[r[1] for r in rows]).values_list(*fields)
         }
         expires = time.monotonic() + sub.effective_lease
+        jobs = []
         for delivery_id, message_id, attempt in rows:
             mid, offset, payload, payload_bytes, key, headers, published_at = messages[message_id]
             message = Message(
@@ -464,11 +472,16 @@ class DispatchLoop:
                 subscription=sub.name,
                 delivery_id=delivery_id,
             )
-            self._inflight[sub.pk] += 1
+            handler = self._handlers[sub.pk]
+            jobs.append(Job(delivery_id, token, sub.pk, message, handler, expires))
+        return jobs
+
+    def _submit(self, jobs: list[Job]) -> None:
+        assert self._pool is not None
+        for job in jobs:
+            self._inflight[job.subscription_id] += 1
             self.stats.claimed += 1
-            self._pool.submit(
-                Job(delivery_id, token, sub.pk, message, self._handlers[sub.pk], expires)
-            )
+            self._pool.submit(job)
 
     def _give_back(self, jobs: list[Job]) -> None:
         by_token: dict[str, list[int]] = defaultdict(list)

@@ -194,7 +194,7 @@ def test_shutdown_gives_back_claimed_work_that_never_started(clock: FakeClock) -
     rows = Delivery.objects.claim(
         sub, limit=1, now=clock.now, token="extra", dispatcher_id=loop.row.pk
     )  # type: ignore[union-attr]
-    loop._submit(sub, "extra", rows)
+    loop._submit(loop._jobs(sub, "extra", rows))
     loop.stop()
     gate.set()
     loop._shutdown()

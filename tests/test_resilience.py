@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 from django.db import connection
@@ -102,3 +103,28 @@ def test_postgres_wakes_the_dispatcher_on_commit_not_on_the_next_poll() -> None:
     thread.join(20)
     print("wake-up latencies ms:", [round(x * 1000, 1) for x in latencies])
     assert max(latencies) < 1.0, latencies  # a poll would take up to 5 s
+
+
+def test_a_claim_whose_messages_cannot_be_read_is_rolled_back(clock: FakeClock) -> None:
+    from django.db import OperationalError
+
+    publish_many("t.basic", [{"n": 1}, {"n": 2}])
+    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
+    loop._prepare()
+    real_jobs = loop._jobs
+
+    def connection_lost(*args: Any) -> Any:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    loop._jobs = connection_lost  # type: ignore[method-assign]
+    with pytest.raises(OperationalError):
+        loop._pass()
+    # Not leased to a dispatcher that will never run them, and no attempt counted.
+    assert states("basic.one") == {"pending": 2}
+    assert set(Delivery.objects.values_list("attempts", flat=True)) == {0}
+    loop._jobs = real_jobs  # type: ignore[method-assign]
+    loop._pass()
+    wait_for(lambda: len(runs("basic.one")) == 2)
+    loop.stop()
+    loop._shutdown()
+    assert states("basic.one") == {"acked": 2}
