@@ -21,6 +21,8 @@ DEFAULTS: dict[str, Any] = {
     "WORKERS": 4,
     # Seconds a claimed delivery stays leased to its dispatcher.
     "LEASE": 30.0,
+    # Seconds a handler may run before its attempt fails as timed out (None: no limit).
+    "TIMEOUT": None,
     # Handler starts before a delivery is dead-lettered.
     "MAX_ATTEMPTS": 5,
     # Deliveries of one subscription in flight at once in one process (None: WORKERS).
@@ -52,6 +54,10 @@ def _positive_int(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and value > 0
 
 
+def _optional_positive_number(value: Any) -> bool:
+    return value is None or _positive_number(value)
+
+
 def _optional_positive_int(value: Any) -> bool:
     return value is None or _positive_int(value)
 
@@ -74,6 +80,7 @@ VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "POLL_INTERVAL": (_positive_number, "a number of seconds > 0"),
     "WORKERS": (_positive_int, "an integer > 0"),
     "LEASE": (_positive_number, "a number of seconds > 0"),
+    "TIMEOUT": (_optional_positive_number, "a number of seconds > 0, or None"),
     "MAX_ATTEMPTS": (_positive_int, "an integer > 0"),
     "MAX_INFLIGHT": (_optional_positive_int, "an integer > 0, or None"),
     "ORDERED": (lambda v: isinstance(v, bool), "True or False"),
@@ -142,6 +149,11 @@ class PubSubSettings:
     @property
     def lease(self) -> float:
         return float(get("LEASE"))
+
+    @property
+    def timeout(self) -> float | None:
+        value = get("TIMEOUT")
+        return None if value is None else float(value)
 
     @property
     def max_attempts(self) -> int:

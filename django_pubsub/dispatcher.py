@@ -41,6 +41,8 @@ logger = logging.getLogger("django_pubsub.dispatcher")
 Clock = Callable[[], datetime]
 # Longest wait between retries while the database is unreachable.
 MAX_ERROR_BACKOFF = 5.0
+# Seconds between attempts to import handlers that did not import.
+IMPORT_RETRY_INTERVAL = 60.0
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Stats:
     given_back: int = 0
     fenced: int = 0
     recovered: int = 0
+    timed_out: int = 0
 
     @property
     def handled(self) -> int:
@@ -93,6 +96,8 @@ class DispatchLoop:
         self._previous_handlers: dict[int, Any] = {}
         self._subs: dict[int, Subscription] = {}
         self._handlers: dict[int, Callable[[Message], Any]] = {}
+        self._unloaded: dict[int, Subscription] = {}
+        self._next_import = 0.0
         self._inflight: dict[int, int] = defaultdict(int)
         self._rotation = 0
         self._pool: WorkerPool | None = None
@@ -148,14 +153,41 @@ class DispatchLoop:
             by_name = {name: by_name[name] for name in self.only}
         for sub in by_name.values():
             try:
-                handler = import_string(sub.handler)
-            except ImportError as exc:
-                raise HandlerImportError(
-                    f"Subscription {sub.name!r}: its handler {sub.handler!r} does not import "
-                    f"({exc}). Fix the path or the module; its deliveries wait until then."
-                ) from exc
-            self._subs[sub.pk] = sub
-            self._handlers[sub.pk] = handler
+                self._load(sub)
+            except HandlerImportError as exc:
+                if self.only is not None:
+                    raise  # asked for by name: refuse to start
+                # Declared by other code (a newer release, say) or a module that broke:
+                # the other subscriptions run; this one's deliveries wait, never acked.
+                logger.error("%s", exc)
+                self._unloaded[sub.pk] = sub
+        self._next_import = time.monotonic() + IMPORT_RETRY_INTERVAL
+
+    def _load(self, sub: Subscription) -> None:
+        try:
+            handler = import_string(sub.handler)
+        except ImportError as exc:
+            raise HandlerImportError(
+                f"Subscription {sub.name!r}: its handler {sub.handler!r} does not import "
+                f"({exc}). Its deliveries wait until a dispatcher can import it."
+            ) from exc
+        self._subs[sub.pk] = sub
+        self._handlers[sub.pk] = handler
+
+    def _retry_imports(self) -> None:
+        """Try the handlers that did not import again, now and then (a deploy may fix them)."""
+        if not self._unloaded or time.monotonic() < self._next_import:
+            return
+        self._next_import = time.monotonic() + IMPORT_RETRY_INTERVAL
+        for pk, sub in list(self._unloaded.items()):
+            sub.refresh_from_db()
+            try:
+                self._load(sub)
+            except HandlerImportError as exc:
+                logger.error("%s", exc)
+            else:
+                del self._unloaded[pk]
+                logger.info("subscription %s: its handler imports now, delivering", sub.name)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals_seen += 1
@@ -248,6 +280,7 @@ class DispatchLoop:
         # would reconnect several times a second); a broken one is replaced after an error.
         now = self.clock()
         progressed = self._upkeep(now) > 0
+        self._retry_imports()
         progressed |= self._recover_expired(now) > 0
         batch = pubsub_settings.batch_size
         progressed |= Topic.sequence_all(batch=batch) > 0
@@ -265,13 +298,30 @@ class DispatchLoop:
         handlers' leases look expired to the recovery that follows in a pass.
         """
         self._extend_leases(now)
+        self._time_out()
         if now >= self._next_beat:
             self._heartbeat(now)
         return self._collect(now)
 
+    def _time_out(self) -> None:
+        """Fail handlers that outran their subscription's timeout; report their threads."""
+        assert self._pool is not None
+        for job in self._pool.time_out():
+            self.stats.timed_out += 1
+            logger.error(
+                "delivery id=%s subscription=%s attempt=%s timed out after %gs; its worker "
+                "thread stays busy until the handler returns, a new thread takes its place "
+                "stuck=%s",
+                job.delivery_id,
+                job.message.subscription,
+                job.message.attempt,
+                job.timeout,
+                len(self._pool.stuck()),
+            )
+
     def _heartbeat(self, now: datetime) -> None:
         assert self.row is not None and self._pool is not None
-        self.row.beat(now, inflight=self._pool.busy)
+        self.row.beat(now, inflight=self._pool.busy, stuck=len(self._pool.stuck()))
         self._next_beat = now + timedelta(seconds=pubsub_settings.heartbeat_interval)
         timeout = pubsub_settings.dispatcher_timeout
         for dead in Dispatcher.objects.presumed_dead(now, timeout=timeout, me=self.row):
@@ -368,9 +418,11 @@ class DispatchLoop:
                     "ack rejected, lease no longer held deliveries=%s",
                     ",".join(map(str, ids)),
                 )
-        # Only once everything is recorded: a retried _record must not count twice.
+        # Only once everything is recorded: a retried _record must not count twice. A
+        # timed-out handler keeps its subscription's slot until its thread is free again.
         for outcome in outcomes:
-            self._inflight[outcome.job.subscription_id] -= 1
+            if outcome.frees_slot:
+                self._inflight[outcome.job.subscription_id] -= 1
 
     def _record_failure(self, outcome: Outcome, now: datetime) -> None:
         job = outcome.job
@@ -473,7 +525,17 @@ class DispatchLoop:
                 delivery_id=delivery_id,
             )
             handler = self._handlers[sub.pk]
-            jobs.append(Job(delivery_id, token, sub.pk, message, handler, expires))
+            jobs.append(
+                Job(
+                    delivery_id,
+                    token,
+                    sub.pk,
+                    message,
+                    handler,
+                    expires,
+                    timeout=sub.effective_timeout,
+                )
+            )
         return jobs
 
     def _submit(self, jobs: list[Job]) -> None:

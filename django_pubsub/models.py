@@ -155,6 +155,9 @@ class Subscription(models.Model):
     ordered = models.BooleanField(null=True, blank=True)
     max_attempts = models.PositiveIntegerField(null=True, blank=True)
     lease = models.FloatField(null=True, blank=True, help_text="Lease in seconds.")
+    timeout = models.FloatField(
+        null=True, blank=True, help_text="Seconds a handler may run before its attempt fails."
+    )
     max_inflight = models.PositiveIntegerField(null=True, blank=True)
     backoff = models.JSONField(null=True, blank=True)
     start = models.CharField(max_length=10, choices=[(c, c) for c in START_CHOICES])
@@ -183,6 +186,10 @@ class Subscription(models.Model):
     @property
     def effective_lease(self) -> float:
         return self.lease or pubsub_settings.lease
+
+    @property
+    def effective_timeout(self) -> float | None:
+        return self.timeout or pubsub_settings.timeout
 
     @property
     def effective_backoff(self) -> Backoff:
@@ -461,6 +468,8 @@ class Dispatcher(models.Model):
     last_seen = models.DateTimeField()
     stopped_at = models.DateTimeField(null=True, blank=True)
     inflight = models.PositiveIntegerField(default=0)
+    # Handlers that outran their timeout and still hold a thread (Python cannot stop them).
+    stuck = models.PositiveIntegerField(default=0)
 
     objects = DispatcherQuerySet.as_manager()
 
@@ -480,18 +489,18 @@ class Dispatcher(models.Model):
             last_seen=now,
         )
 
-    def beat(self, now: datetime, *, inflight: int) -> bool:
+    def beat(self, now: datetime, *, inflight: int, stuck: int = 0) -> bool:
         """Record that we are alive; False if another dispatcher had presumed us dead."""
         mine = Dispatcher.objects.filter(pk=self.pk)
-        if mine.filter(stopped_at__isnull=True).update(last_seen=now, inflight=inflight):
-            self.last_seen, self.inflight = now, inflight
-            return True
-        # Our leases were taken back: results of handlers running now will be fenced out.
-        # Count as alive again so nobody takes the leases we claim from here on.
-        logger.warning("dispatcher %s was presumed dead by another; carrying on", self)
-        mine.update(last_seen=now, inflight=inflight, stopped_at=None)
-        self.last_seen, self.inflight, self.stopped_at = now, inflight, None
-        return False
+        fields = {"last_seen": now, "inflight": inflight, "stuck": stuck}
+        alive = bool(mine.filter(stopped_at__isnull=True).update(**fields))
+        if not alive:
+            # Our leases were taken back: results of handlers running now will be fenced out.
+            # Count as alive again so nobody takes the leases we claim from here on.
+            logger.warning("dispatcher %s was presumed dead by another; carrying on", self)
+            mine.update(stopped_at=None, **fields)
+        self.last_seen, self.inflight, self.stuck, self.stopped_at = now, inflight, stuck, None
+        return alive
 
     def mark_dead(self, now: datetime) -> bool:
         """Mark a presumed-dead dispatcher stopped, unless it beat since we looked."""

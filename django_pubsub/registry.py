@@ -34,6 +34,7 @@ class SubscriberSpec:
     ordered: bool | None = None
     max_attempts: int | None = None
     lease: float | None = None
+    timeout: float | None = None
     max_inflight: int | None = None
     start: str | None = None
     backoff: Backoff | None = None
@@ -70,6 +71,7 @@ def subscriber(
     ordered: bool | None = None,
     max_attempts: int | None = None,
     lease: float | None = None,
+    timeout: float | None = None,
     max_inflight: int | None = None,
     start: str | None = None,
     backoff: Backoff | Mapping[str, float] | None = None,
@@ -91,6 +93,7 @@ def subscriber(
     _optional_positive(max_attempts, "max_attempts", int)
     _optional_positive(max_inflight, "max_inflight", int)
     _optional_positive(lease, "lease", float)
+    _optional_positive(timeout, "timeout", float)
     if start is not None and start not in START_CHOICES:
         raise InvalidSubscriber(
             f'@subscriber start must be "latest", "earliest" or None, not {start!r}.'
@@ -110,6 +113,7 @@ def subscriber(
             ordered=ordered,
             max_attempts=max_attempts,
             lease=float(lease) if lease is not None else None,
+            timeout=float(timeout) if timeout is not None else None,
             max_inflight=max_inflight,
             start=start,
             backoff=coerced_backoff,

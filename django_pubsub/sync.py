@@ -60,6 +60,7 @@ def _sync_one(spec: SubscriberSpec, using: str, result: SyncResult) -> None:
         "ordered": spec.ordered,
         "max_attempts": spec.max_attempts,
         "lease": spec.lease,
+        "timeout": spec.timeout,
         "max_inflight": spec.max_inflight,
         "backoff": spec.backoff.as_dict() if spec.backoff else None,
         "active": True,

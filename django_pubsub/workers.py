@@ -3,14 +3,21 @@
 Not concurrent.futures: its threads are joined at interpreter exit, so one hung handler would
 keep a process that was told to exit at once alive. Daemon threads die with the process.
 
-A job is always in exactly one place: queued, running, or finished (an outcome). It moves
-between them under one lock, so the dispatcher can count, give back and abandon work
+A job is always in exactly one place: queued, running, stuck, or finished (an outcome). It
+moves between them under one lock, so the dispatcher can count, give back and abandon work
 without a window where a job is in none of them.
+
+A job that outruns its timeout is *stuck*: Python cannot stop a thread, so the pool reports
+the attempt as failed at once, starts a replacement thread so the other jobs keep their
+workers, and lets the stuck thread end when its handler finally returns. Its late result is
+then reported too (``late=True``); the dispatcher's lease fencing rejects it.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +38,9 @@ class Job:
     handler: Callable[[Message], Any]
     # time.monotonic() by which the dispatcher extends the lease again.
     lease_expires: float = 0.0
+    # Seconds the handler may run (None: no limit), and time.monotonic() when it started.
+    timeout: float | None = None
+    started: float | None = None
 
 
 @dataclass
@@ -38,6 +48,10 @@ class Outcome:
     job: Job
     error: str | None = None
     traceback: str = ""
+    # Whether the job's slot is free again: not for a timeout whose handler still runs.
+    frees_slot: bool = True
+    # The result of a handler that had already been reported as timed out.
+    late: bool = False
 
 
 class WorkerPool:
@@ -46,16 +60,21 @@ class WorkerPool:
         self._on_done = on_done
         self._lock = threading.Condition()
         self._queued: deque[Job] = deque()
-        self._running: dict[int, Job] = {}
+        # Keyed by id(job): a retried delivery can be claimed again while its stuck run
+        # still holds a thread.
+        self._running: dict[int, tuple[Job, threading.Thread]] = {}
+        self._stuck: dict[int, tuple[Job, threading.Thread]] = {}
         self._outcomes: list[Outcome] = []
         self._stopping = False
         self._closed = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"pubsub-worker-{n}", daemon=True)
-            for n in range(size)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._started = 0
+        for _ in range(size):
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        name = f"pubsub-worker-{self._started}"
+        self._started += 1
+        threading.Thread(target=self._work, name=name, daemon=True).start()
 
     @property
     def busy(self) -> int:
@@ -65,14 +84,48 @@ class WorkerPool:
 
     def running(self) -> list[Job]:
         with self._lock:
-            return list(self._running.values())
+            return [job for job, _ in self._running.values()]
+
+    def stuck(self) -> list[tuple[Job, threading.Thread]]:
+        with self._lock:
+            return list(self._stuck.values())
 
     def held(self) -> list[int]:
         """Delivery ids this process still answers for: queued, running, or finished but
         not yet recorded. Their leases are ours even if the database says they expired."""
         with self._lock:
-            jobs = [*self._queued, *self._running.values(), *(o.job for o in self._outcomes)]
-            return [job.delivery_id for job in jobs]
+            running = (job for job, _ in self._running.values())
+            finished = (o.job for o in self._outcomes if not o.late)
+            return [job.delivery_id for job in (*self._queued, *running, *finished)]
+
+    def time_out(self) -> list[Job]:
+        """Fail the running jobs that outran their timeout; keep the pool at full strength.
+
+        Each one's outcome is a failure carrying the hung thread's current stack, and its
+        thread is replaced, so the pool still has ``size`` threads taking work.
+        """
+        now = time.monotonic()
+        timed_out = []
+        with self._lock:
+            if self._stopping:
+                return []
+            for key, (job, thread) in list(self._running.items()):
+                if job.timeout is None or job.started is None:
+                    continue
+                if now - job.started < job.timeout:
+                    continue
+                del self._running[key]
+                self._stuck[key] = (job, thread)
+                frame = sys._current_frames().get(thread.ident or -1)
+                stack = "".join(traceback.format_stack(frame)) if frame else ""
+                error = (
+                    f"TimeoutError: handler still running after {job.timeout:g}s; "
+                    f"thread {thread.name} left running"
+                )
+                self._outcomes.append(Outcome(job, error, stack, frees_slot=False))
+                self._start_thread()
+                timed_out.append(job)
+        return timed_out
 
     def has_outcomes(self) -> bool:
         with self._lock:
@@ -109,7 +162,7 @@ class WorkerPool:
         with self._lock:
             self._closed = self._stopping = True
             outcomes, self._outcomes = self._outcomes, []
-            running = list(self._running.values())
+            running = [job for job, _ in self._running.values()]
             self._queued.clear()
             self._lock.notify_all()
         return outcomes, running
@@ -123,13 +176,18 @@ class WorkerPool:
                     if self._stopping:
                         return
                     job = self._queued.popleft()
-                    self._running[job.delivery_id] = job
+                    job.started = time.monotonic()
+                    self._running[id(job)] = (job, threading.current_thread())
                 outcome = self._run(job)
                 with self._lock:
-                    self._running.pop(job.delivery_id, None)
+                    timed_out = self._stuck.pop(id(job), None) is not None
+                    self._running.pop(id(job), None)
+                    outcome.late = timed_out
                     if not self._closed:
                         self._outcomes.append(outcome)
                 self._on_done()
+                if timed_out:
+                    return  # a replacement thread took this one's place
         finally:
             connections.close_all()
 

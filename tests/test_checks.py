@@ -32,6 +32,9 @@ def test_the_project_passes_its_checks() -> None:
         ({"START": "beginning"}, ["django_pubsub.E003"]),
         ({"BACKOFF": {"base": -1}}, ["django_pubsub.E003"]),
         ({"MAX_INFLIGHT": None, "ORDERED": True}, []),
+        ({"TIMEOUT": 0}, ["django_pubsub.E003"]),
+        ({"TIMEOUT": None}, []),
+        ({"TIMEOUT": 2.5}, []),
         ({"HEARTBEAT_INTERVAL": 10, "DISPATCHER_TIMEOUT": 5}, ["django_pubsub.E003"]),
     ],
 )

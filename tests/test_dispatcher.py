@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from django_pubsub import publish, publish_many
+from django_pubsub import publish, publish_many, registry
 from django_pubsub.dispatcher import DispatchLoop
 from django_pubsub.exceptions import HandlerImportError
 from django_pubsub.models import Delivery, Dispatcher, Subscription
+from django_pubsub.registry import SubscriberSpec
 from django_pubsub.retry import Backoff
-from tests.conftest import FakeClock, runs, states
+from tests.conftest import FakeClock, runs, states, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -248,18 +249,52 @@ def test_unknown_subscription_names_are_refused() -> None:
         DispatchLoop(subscriptions=["basic.one", "nope"], handle_signals=False).run()
 
 
-def test_a_handler_path_that_does_not_import_stops_the_start() -> None:
-    from tests.pubsub_app.subscribers import basic_one  # noqa: F401
-
-    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False)
+def _break_handler(name: str) -> None:
+    """Make a subscription's row point at a handler that no longer imports, as a row
+    written by other code (a newer release) or left behind by a deleted module would."""
     from django_pubsub import sync
 
     sync.sync_subscriptions()
-    Subscription.objects.filter(name="basic.one").update(handler="tests.pubsub_app.gone.handler")
-    loop._subs.clear()
+    Subscription.objects.filter(name=name).update(handler="tests.pubsub_app.gone.handler")
+
+
+def test_a_named_subscription_whose_handler_does_not_import_stops_the_start() -> None:
+    _break_handler("basic.one")
+    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False)
     with pytest.raises(HandlerImportError, match="does not import"):
         # _load_subscriptions reads rows as they are; run() would first re-sync from code.
         loop._load_subscriptions()
+
+
+def test_a_handler_that_does_not_import_leaves_its_deliveries_waiting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A declaration whose path does not import: as a row written by a newer release, or
+    # a module that broke. (The E004 check stops a runpubsub whose own code does this.)
+    gone = SubscriberSpec(name="basic.gone", topic="t.basic", handler="tests.gone.handler")
+    registry.register(gone)
+    try:
+        loop = DispatchLoop(poll_interval=0.01, handle_signals=False)
+        thread = threading.Thread(target=loop.run, daemon=True)
+        with caplog.at_level("ERROR", logger="django_pubsub"):
+            thread.start()
+            wait_for(lambda: loop.row is not None)
+            publish_many("t.basic", [{"n": n} for n in range(3)])
+            wait_for(lambda: states("basic.one") == {"acked": 3})
+            wait_for(lambda: states("basic.gone") == {"pending": 3})
+        assert "'basic.gone': its handler 'tests.gone.handler' does not import" in caplog.text
+        time.sleep(0.2)
+        assert states("basic.gone") == {"pending": 3}  # waiting, never acked
+        # Fixed by a deploy: the next import retry picks it up and delivers.
+        Subscription.objects.filter(name="basic.gone").update(
+            handler="tests.pubsub_app.subscribers.basic_two"
+        )
+        loop._next_import = 0.0
+        wait_for(lambda: states("basic.gone") == {"acked": 3})
+        loop.stop()
+        thread.join(20)
+    finally:
+        registry.unregister("basic.gone")
 
 
 def test_heartbeat_row_is_written_and_closed(dispatch: Any) -> None:

@@ -52,6 +52,8 @@ def test_same_declaration_twice_is_fine_but_a_clash_is_an_error(clean_registry: 
         ({"name": "ok", "max_attempts": 0}, InvalidSubscriber),
         ({"name": "ok", "max_attempts": True}, InvalidSubscriber),
         ({"name": "ok", "lease": -1}, InvalidSubscriber),
+        ({"name": "ok", "timeout": 0}, InvalidSubscriber),
+        ({"name": "ok", "timeout": "1s"}, InvalidSubscriber),
         ({"name": "ok", "max_inflight": 1.5}, InvalidSubscriber),
         ({"name": "ok", "ordered": "yes"}, InvalidSubscriber),
         ({"name": "ok", "start": "beginning"}, InvalidSubscriber),

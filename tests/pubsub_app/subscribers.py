@@ -25,6 +25,10 @@ def record(message: Message) -> None:
         payload=payload,
     )
     if isinstance(payload, dict):
+        if payload.get("kill") == message.subscription and message.attempt == 1:
+            from .faults import die
+
+            die()
         if payload.get("sleep"):
             time.sleep(payload["sleep"])
         if payload.get("sleep_first") and message.attempt == 1:
@@ -95,4 +99,9 @@ def multi_b(message: Message) -> None:
 
 @subscriber("t.multi", name="multi.ordered", ordered=True)
 def multi_ordered(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.hang", name="hang.one", timeout=0.3, max_inflight=2, max_attempts=3)
+def hang_one(message: Message) -> None:
     record(message)

@@ -1,0 +1,68 @@
+"""A per-subscriber timeout fails a hung handler's attempt and retries it; the hung thread is
+replaced so other subscriptions keep their workers, and its late ack is fenced out."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from django_pubsub import publish, publish_many
+from django_pubsub.dispatcher import DispatchLoop
+from django_pubsub.models import Delivery, Dispatcher
+from tests.conftest import runs, states, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+HANG = 4.0  # seconds the first attempts hang; hang.one's timeout is 0.3 s
+
+
+def test_a_hung_handler_times_out_is_retried_and_its_late_ack_is_rejected() -> None:
+    hung = publish_many("t.hang", [{"n": n, "sleep_first": HANG} for n in range(2)])
+    loop = DispatchLoop(
+        subscriptions=["hang.one", "basic.one"],
+        workers=2,
+        poll_interval=0.01,
+        handle_signals=False,
+    )
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(runs("hang.one")) == 2)
+        # Both first attempts hang, holding both original threads. The other subscription
+        # still gets workers: its messages are all handled while they hang.
+        publish_many("t.basic", [{"n": n} for n in range(20)])
+        wait_for(lambda: states("basic.one") == {"acked": 20}, timeout=HANG - 1)
+        assert loop.stats.timed_out == 2
+        assert states("hang.one") == {"retry": 2}
+        pool = loop._pool
+        assert pool is not None and len(pool.stuck()) == 2
+        wait_for(lambda: Dispatcher.objects.get(pk=loop.row.pk).stuck == 2, timeout=2)  # type: ignore[union-attr]
+        # The stuck runs hold hang.one's two slots (its max_inflight), so the retries wait
+        # for them; then the late acks are fenced out and the retries succeed.
+        wait_for(lambda: states("hang.one") == {"acked": 2}, timeout=HANG + 10)
+        wait_for(lambda: loop.stats.fenced == 2, timeout=5)
+    finally:
+        loop.stop()
+        thread.join(20)
+    for delivery in Delivery.objects.filter(message_id__in=hung):
+        assert delivery.attempts == 2
+        (error,) = delivery.errors
+        assert error["error"].startswith("TimeoutError: handler still running after 0.3s")
+        assert ", in record\n" in error["traceback"]  # the hung thread's stack: where it hung
+    assert [run.attempt for run in runs("hang.one")] == [1, 1, 2, 2]
+    assert loop.stats.acked == 22
+
+
+def test_a_handler_that_always_hangs_is_dead_lettered_after_max_attempts() -> None:
+    publish("t.hang", {"sleep": 0.8})
+    stats = DispatchLoop(
+        subscriptions=["hang.one"],
+        poll_interval=0.01,
+        until_idle=True,
+        idle_wait=5.0,  # the retries' backoff
+        handle_signals=False,
+    ).run()
+    assert states("hang.one") == {"dead": 1}
+    assert stats.timed_out == 3
+    (delivery,) = Delivery.objects.filter(subscription__name="hang.one")
+    assert [e["attempt"] for e in delivery.errors] == [1, 2, 3]
