@@ -98,12 +98,15 @@ def runpubsub(transactional_db: None) -> Iterator[Callable[..., subprocess.Popen
     """Start `manage.py runpubsub` as a real subprocess on the test database."""
     started: list[subprocess.Popen[str]] = []
 
-    def start(*args: str, log: Path | None = None) -> subprocess.Popen[str]:
+    def start(
+        *args: str, log: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "tests.settings",
             "DATABASE_URL": database_url(),
             "PYTHONUNBUFFERED": "1",
+            **(env or {}),
         }
         out = open(log, "w") if log else subprocess.DEVNULL
         proc = subprocess.Popen(
