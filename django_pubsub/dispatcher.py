@@ -39,7 +39,8 @@ from .workers import Job, Outcome, WorkerPool
 logger = logging.getLogger("django_pubsub.dispatcher")
 
 Clock = Callable[[], datetime]
-# Longest wait between retries while the database is unreachable.
+# First and longest waits between retries while the database is unreachable.
+ERROR_BACKOFF_BASE = 0.1
 MAX_ERROR_BACKOFF = 5.0
 # Seconds between attempts to import handlers that did not import.
 IMPORT_RETRY_INTERVAL = 60.0
@@ -102,17 +103,19 @@ class DispatchLoop:
         self._rotation = 0
         self._pool: WorkerPool | None = None
         self._listener: Listener | None = None
+        # Not tied to the poll interval: a server restart should be noticed in well under a
+        # second even where the dispatcher polls rarely.
         self._error_backoff = Backoff(
-            base=self.poll_interval, factor=2, maximum=MAX_ERROR_BACKOFF, jitter=0
+            base=ERROR_BACKOFF_BASE, factor=2, maximum=MAX_ERROR_BACKOFF, jitter=0
         )
         self.row: Dispatcher | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def run(self) -> Stats:
-        self._prepare()
         try:
-            self._loop()
+            if self._prepare():
+                self._loop()
         finally:
             self._shutdown()
         return self.stats
@@ -122,23 +125,49 @@ class DispatchLoop:
         self._stop.set()
         self._wake.set()
 
-    def _prepare(self) -> None:
-        sync_subscriptions()
-        self._load_subscriptions()
-        now = self.clock()
-        self.row = Dispatcher.register(now)
-        self._next_beat = now
-        self._pool = WorkerPool(self.workers, on_done=self._wake.set)
-        self._listener = Listener.start_for(self._wake.set)
+    def _prepare(self) -> bool:
+        """Set up; False if stopped before the database could be reached."""
         if self.handle_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        failures = 0
+        while True:
+            try:
+                self._register()
+                break
+            except Error as exc:
+                # The database may be down at first (a host booting, a failover): wait for
+                # it with bounded backoff, answering SIGTERM meanwhile.
+                failures += 1
+                delay = self._error_backoff.delay(failures + 1)
+                logger.error(
+                    "database unavailable at start, retrying in %.1fs failures=%s: %s",
+                    delay,
+                    failures,
+                    exc,
+                )
+                self._reset_connection()
+                if self._stop.wait(delay):
+                    return False
+        assert self.row is not None
+        self._pool = WorkerPool(self.workers, on_done=self._wake.set)
+        self._listener = Listener.start_for(self._wake.set)
         logger.info(
             "dispatcher started id=%s workers=%s subscriptions=%s",
             self.row.pk,
             self.workers,
             ",".join(sub.name for sub in self._subs.values()),
         )
+        return True
+
+    def _register(self) -> None:
+        sync_subscriptions()
+        self._subs.clear()
+        self._unloaded.clear()
+        self._load_subscriptions()
+        now = self.clock()
+        self.row = Dispatcher.register(now)
+        self._next_beat = now
 
     def _load_subscriptions(self) -> None:
         active = Subscription.objects.filter(active=True).select_related("topic")

@@ -60,7 +60,7 @@ class Listener:
         while not self._stop.is_set():
             wait = 0.0
             try:
-                self._listen()
+                self._listen(reconnect=failures > 0)
                 failures = 0
             except Exception:  # any failure: reconnect after a bounded wait
                 failures += 1
@@ -72,14 +72,15 @@ class Listener:
             self._wake()
             self._stop.wait(wait)
 
-    def _listen(self) -> None:
+    def _listen(self, *, reconnect: bool) -> None:
         wrapper = connections[self._using]
         raw: Any = wrapper.get_new_connection(wrapper.get_connection_params())
         try:
             raw.autocommit = True
             raw.execute(f"LISTEN {CHANNEL}")
             self.listening.set()
-            logger.debug("listening channel=%s", CHANNEL)
+            if reconnect:
+                logger.info("listening again channel=%s", CHANNEL)
             while not self._stop.is_set():
                 # Short timeout: stop() is answered within it; waiting costs no query.
                 for _ in raw.notifies(timeout=0.1):

@@ -93,6 +93,73 @@ def database_url() -> str:
     return f"postgres://{user}{password}@{host}:{port}/{settings['NAME']}"
 
 
+class PostgresServer:
+    """The local PostgreSQL cluster serving the test database, stopped and started for real
+    (Debian's pg_ctlcluster). Tests that use it are skipped where it cannot be controlled,
+    except under CI, where that is a failure."""
+
+    def __init__(self, version: str, name: str) -> None:
+        self.version, self.name = version, name
+
+    @classmethod
+    def find(cls) -> PostgresServer:
+        if connection.vendor != "postgresql":
+            pytest.skip("PostgreSQL only")
+        port = str(connection.settings_dict.get("PORT") or 5432)
+        host = connection.settings_dict.get("HOST") or ""
+        reason = "needs a local PostgreSQL cluster controlled by pg_ctlcluster"
+        if host in ("", "127.0.0.1", "localhost"):
+            try:
+                listing = subprocess.run(
+                    ["pg_lsclusters", "--no-header"], capture_output=True, text=True, timeout=30
+                ).stdout
+            except OSError:
+                listing = ""
+            for line in listing.splitlines():
+                fields = line.split()
+                if len(fields) >= 3 and fields[2] == port:
+                    return cls(fields[0], fields[1])
+            reason += f" on port {port}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+    def _ctl(self, action: str, *extra: str) -> None:
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", self.version, self.name, action, *extra],
+            check=True,
+            timeout=120,
+        )
+
+    def stop(self) -> None:
+        self._ctl("stop", "-m", "fast")
+        connection.close()
+
+    def start(self) -> None:
+        self._ctl("start")
+        connection.close()  # the old one died with the server
+
+    def restart(self) -> None:
+        self._ctl("restart", "-m", "fast")
+        connection.close()
+
+    def ensure_running(self) -> None:
+        status = subprocess.run(
+            ["pg_ctlcluster", self.version, self.name, "status"], capture_output=True, timeout=30
+        )
+        if status.returncode != 0:
+            self.start()
+
+
+@pytest.fixture
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer.find()
+    try:
+        yield server
+    finally:
+        server.ensure_running()
+
+
 @pytest.fixture
 def runpubsub(transactional_db: None) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     """Start `manage.py runpubsub` as a real subprocess on the test database."""
