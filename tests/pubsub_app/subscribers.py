@@ -105,3 +105,29 @@ def multi_ordered(message: Message) -> None:
 @subscriber("t.hang", name="hang.one", timeout=0.3, max_inflight=2, max_attempts=3)
 def hang_one(message: Message) -> None:
     record(message)
+
+
+# t.scale: five subscriptions on one topic for the scale-out test; one of them ordered.
+@subscriber("t.scale", name="scale.a")
+def scale_a(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.scale", name="scale.b")
+def scale_b(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.scale", name="scale.c")
+def scale_c(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.scale", name="scale.d")
+def scale_d(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.scale", name="scale.ordered", ordered=True)
+def scale_ordered(message: Message) -> None:
+    record(message)
