@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -10,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
+from django_pubsub import publish
 from django_pubsub.dispatcher import DispatchLoop, Stats
 from django_pubsub.models import Delivery
 from tests.pubsub_app.models import HandlerRun
@@ -62,6 +64,25 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.01)
+
+
+def write_with_rollbacks(
+    topic: str, plan: list[float], committed: list[int], lock: threading.Lock
+) -> None:
+    """One transaction per entry of ``plan``: publish two messages, stay open ``roll`` x 10 ms
+    (so transactions commit out of id order), roll back when ``roll`` < 0.2. Appends the
+    ids that committed to ``committed``."""
+    for n, roll in enumerate(plan):
+        try:
+            with transaction.atomic():
+                batch = [publish(topic, {"n": n, "k": k}) for k in range(2)]
+                time.sleep(roll * 0.01)
+                if roll < 0.2:
+                    raise RuntimeError("rollback")
+        except RuntimeError:
+            continue
+        with lock:
+            committed.extend(batch)
 
 
 def runs(subscription: str) -> list[HandlerRun]:

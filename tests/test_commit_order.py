@@ -19,7 +19,7 @@ from django.db import connection, transaction
 from django_pubsub import publish
 from django_pubsub.dispatcher import DispatchLoop
 from django_pubsub.models import Delivery, Message
-from tests.conftest import is_postgres, runs, wait_for
+from tests.conftest import is_postgres, runs, wait_for, write_with_rollbacks
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ORDERED = ("ordered.one", "ordered.two")
@@ -126,21 +126,11 @@ def test_many_concurrent_writers_with_rollbacks_while_dispatching(dispatch: Any)
     rng = random.Random(7)
     plans = [[rng.random() for _ in range(25)] for _ in range(4)]
 
-    def writer(plan: list[float]) -> None:
-        for n, roll in enumerate(plan):
-            try:
-                with transaction.atomic():
-                    batch = [publish("t.ordered", {"who": f"{id(plan)}-{n}-{k}"}) for k in range(2)]
-                    time.sleep(roll * 0.01)
-                    if roll < 0.2:
-                        raise RuntimeError("rollback")
-            except RuntimeError:
-                continue
-            with lock:
-                committed.extend(batch)
-
     background = Background(*ORDERED)
-    writers = [in_thread(lambda plan=plan: writer(plan)) for plan in plans]
+    writers = [
+        in_thread(lambda plan=plan: write_with_rollbacks("t.ordered", plan, committed, lock))
+        for plan in plans
+    ]
     for thread in writers:
         thread.join(60)
     background.stop()

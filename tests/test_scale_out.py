@@ -26,7 +26,7 @@ from django.db import connection, transaction
 
 from django_pubsub import publish, publish_many
 from django_pubsub.models import Delivery
-from tests.conftest import ROOT, is_postgres, runs, wait_for
+from tests.conftest import ROOT, is_postgres, runs, wait_for, write_with_rollbacks
 from tests.pubsub_app.models import HandlerRun
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -114,17 +114,7 @@ def test_out_of_order_commits_and_rollbacks_with_several_dispatchers(
 
     def writer(plan: list[float]) -> None:
         try:
-            for n, roll in enumerate(plan):
-                try:
-                    with transaction.atomic():
-                        batch = [publish("t.ordered", {"n": n}) for _ in range(2)]
-                        time.sleep(roll * 0.01)
-                        if roll < 0.2:
-                            raise RuntimeError("rollback")
-                except RuntimeError:
-                    continue
-                with lock:
-                    committed.extend(batch)
+            write_with_rollbacks("t.ordered", plan, committed, lock)
         finally:
             connection.close()
 
