@@ -107,7 +107,7 @@ def hang_one(message: Message) -> None:
     record(message)
 
 
-# t.scale: five subscriptions on one topic for the scale-out test; one of them ordered.
+# t.scale: five subscriptions on one topic for the scale-out test.
 @subscriber("t.scale", name="scale.a")
 def scale_a(message: Message) -> None:
     record(message)
@@ -128,6 +128,6 @@ def scale_d(message: Message) -> None:
     record(message)
 
 
-@subscriber("t.scale", name="scale.ordered", ordered=True)
-def scale_ordered(message: Message) -> None:
+@subscriber("t.scale", name="scale.e")
+def scale_e(message: Message) -> None:
     record(message)
