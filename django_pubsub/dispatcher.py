@@ -44,6 +44,10 @@ ERROR_BACKOFF_BASE = 0.1
 MAX_ERROR_BACKOFF = 5.0
 # Seconds between attempts to import handlers that did not import.
 IMPORT_RETRY_INTERVAL = 60.0
+# Host clock ahead of or behind the database's by more than this: warn (leases, due times
+# and heartbeats are written with the host's clock). Checked at most every CLOCK_CHECK s.
+MAX_CLOCK_SKEW = 1.0
+CLOCK_CHECK_INTERVAL = 600.0
 
 
 @dataclass
@@ -99,6 +103,7 @@ class DispatchLoop:
         self._handlers: dict[int, Callable[[Message], Any]] = {}
         self._unloaded: dict[int, Subscription] = {}
         self._next_import = 0.0
+        self._next_clock_check = 0.0
         self._inflight: dict[int, int] = defaultdict(int)
         self._rotation = 0
         self._pool: WorkerPool | None = None
@@ -348,8 +353,23 @@ class DispatchLoop:
                 len(self._pool.stuck()),
             )
 
+    def _check_clock(self, now: datetime) -> None:
+        if time.monotonic() < self._next_clock_check:
+            return
+        self._next_clock_check = time.monotonic() + CLOCK_CHECK_INTERVAL
+        skew = Dispatcher.clock_skew(now)
+        if skew is not None and abs(skew) > MAX_CLOCK_SKEW:
+            logger.warning(
+                "this host's clock is %.1fs %s the database server's; leases, retry times and "
+                "heartbeats use it, so dispatchers on several hosts need synchronised clocks "
+                "(NTP)",
+                abs(skew),
+                "ahead of" if skew > 0 else "behind",
+            )
+
     def _heartbeat(self, now: datetime) -> None:
         assert self.row is not None and self._pool is not None
+        self._check_clock(now)
         self.row.beat(now, inflight=self._pool.busy, stuck=len(self._pool.stuck()))
         self._next_beat = now + timedelta(seconds=pubsub_settings.heartbeat_interval)
         timeout = pubsub_settings.dispatcher_timeout

@@ -502,6 +502,18 @@ class Dispatcher(models.Model):
         self.last_seen, self.inflight, self.stuck, self.stopped_at = now, inflight, stuck, None
         return alive
 
+    @staticmethod
+    def clock_skew(now: datetime, using: str = "default") -> float | None:
+        """Seconds by which ``now`` (this host's clock) is ahead of the database server's;
+        None where the database runs in this process (SQLite)."""
+        connection = connections[using]
+        if connection.vendor != "postgresql":
+            return None
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT clock_timestamp()")
+            (server_now,) = cursor.fetchone()
+        return float((now - server_now).total_seconds())
+
     def mark_dead(self, now: datetime) -> bool:
         """Mark a presumed-dead dispatcher stopped, unless it beat since we looked."""
         updated = Dispatcher.objects.filter(

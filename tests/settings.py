@@ -23,7 +23,8 @@ if _default["ENGINE"].endswith("sqlite3"):
         )
     }
 else:
-    _default["TEST"] = {"NAME": "test_django_pubsub"}
+    # Another name lets a second run (a soak) share the server with the suite.
+    _default["TEST"] = {"NAME": os.environ.get("PUBSUB_TEST_PG_NAME", "test_django_pubsub")}
 
 PUBSUB = {
     "POLL_INTERVAL": 0.02,

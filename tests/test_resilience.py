@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -128,3 +129,21 @@ def test_a_claim_whose_messages_cannot_be_read_is_rolled_back(clock: FakeClock) 
     loop.stop()
     loop._shutdown()
     assert states("basic.one") == {"acked": 2}
+
+
+def test_a_host_clock_off_from_the_databases_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if not is_postgres():
+        pytest.skip("SQLite runs in the dispatcher's own process: one clock")
+    ahead = DispatchLoop(
+        clock=lambda: timezone.now() + timedelta(seconds=30),
+        until_idle=True,
+        handle_signals=False,
+        subscriptions=["basic.one"],
+    )
+    with caplog.at_level("WARNING", logger="django_pubsub"):
+        ahead.run()
+        DispatchLoop(until_idle=True, handle_signals=False, subscriptions=["basic.one"]).run()
+    warnings = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
+    assert len(warnings) == 1 and "30.0s ahead of the database server's" in warnings[0]
