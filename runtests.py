@@ -6,6 +6,10 @@ PostgreSQL is used when DATABASE_URL points at one, or when a server answers on
 pytest. --require-postgres, or CI=true in the environment, fails the run when no PostgreSQL
 answers, so CI cannot pass on SQLite alone.
 Each run writes a JUnit report to .test-results/<database>.xml.
+
+--soak runs the long fault soaks instead of the suite (docs/reliability.md): 1,000 SIGKILLs
+and 4 dispatchers x 10,000 messages x 5 subscriptions, on each database; PUBSUB_SOAK_KILLS
+and PUBSUB_SCALE_MESSAGES change the sizes. Figures go to .test-results/*.json.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 LOCAL_POSTGRES = "postgres://postgres@127.0.0.1:5432/postgres"
+SOAK_TESTS = [
+    "tests/test_processes.py::test_sigkill_mid_run_loses_nothing_and_keeps_order",
+    "tests/test_scale_out.py::test_dispatchers_share_the_work_exactly_once",
+]
 
 
 def postgres_url() -> str | None:
@@ -31,26 +39,32 @@ def postgres_url() -> str | None:
         return None
 
 
-def run(name: str, database_url: str | None, args: list[str]) -> int:
+def run(name: str, database_url: str | None, args: list[str], soak: bool = False) -> int:
     env = dict(os.environ)
+    if soak:
+        env.setdefault("PUBSUB_SOAK_KILLS", "1000")
+        env.setdefault("PUBSUB_SCALE_MESSAGES", "10000")
+        args = [*SOAK_TESTS, "-s", "--timeout=0", *args]
+        name = f"soak-{name}"
     env.pop("DATABASE_URL", None)
     if database_url:
         env["DATABASE_URL"] = database_url
     report = ROOT / ".test-results" / f"{name}.xml"
     report.parent.mkdir(exist_ok=True)
     report.unlink(missing_ok=True)
-    print(f"\n=== django-pubsub tests on {name} ===", flush=True)
+    print(f"\n=== django-pubsub {name} ===", flush=True)
     command = [sys.executable, "-m", "pytest", f"--junitxml={report}", *args]
     return subprocess.call(command, cwd=ROOT, env=env)
 
 
 def main(argv: list[str]) -> int:
     require_postgres = "--require-postgres" in argv or os.environ.get("CI") == "true"
-    args = [arg for arg in argv if arg != "--require-postgres"]
-    results = {"sqlite": run("sqlite", None, args)}
+    soak = "--soak" in argv
+    args = [arg for arg in argv if arg not in ("--require-postgres", "--soak")]
+    results = {"sqlite": run("sqlite", None, args, soak)}
     url = postgres_url()
     if url:
-        results["postgresql"] = run("postgresql", url, args)
+        results["postgresql"] = run("postgresql", url, args, soak)
     elif require_postgres:
         print("PostgreSQL is required (--require-postgres) but none answered.", file=sys.stderr)
         results["postgresql"] = 1
