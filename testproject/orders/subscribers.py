@@ -20,7 +20,7 @@ def charge(message: Message) -> None:
     Order.objects.filter(pk=message.payload["order_id"]).update(charged=True)
 
 
-@subscriber("orders.created", name="email.confirmation", max_attempts=3)
+@subscriber("orders.created", name="email.confirmation", max_attempts=3, timeout=30)
 def send_confirmation(message: Message) -> None:
     # Flaky on purpose: every third order's first attempt fails, as a busy mail server would.
     if message.payload["order_id"] % 3 == 0 and message.attempt == 1:
