@@ -77,5 +77,14 @@ class DeliveryAdmin(ReadOnlyAdmin):
 
 @admin.register(Dispatcher)
 class DispatcherAdmin(ReadOnlyAdmin):
-    list_display = ["id", "hostname", "pid", "started_at", "last_seen", "stopped_at", "inflight"]
+    list_display = [
+        "id",
+        "hostname",
+        "pid",
+        "started_at",
+        "last_seen",
+        "stopped_at",
+        "inflight",
+        "stuck",
+    ]
     list_filter = ["hostname"]
