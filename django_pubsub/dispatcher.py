@@ -200,10 +200,11 @@ class DispatchLoop:
     def _load(self, sub: Subscription) -> None:
         try:
             handler = import_string(sub.handler)
-        except ImportError as exc:
+        except Exception as exc:  # a module may raise anything at import, not just ImportError
             raise HandlerImportError(
                 f"Subscription {sub.name!r}: its handler {sub.handler!r} does not import "
-                f"({exc}). Its deliveries wait until a dispatcher can import it."
+                f"({type(exc).__name__}: {exc}). Its deliveries wait until a dispatcher can "
+                "import it."
             ) from exc
         self._subs[sub.pk] = sub
         self._handlers[sub.pk] = handler
@@ -214,7 +215,15 @@ class DispatchLoop:
             return
         self._next_import = time.monotonic() + IMPORT_RETRY_INTERVAL
         for pk, sub in list(self._unloaded.items()):
-            sub.refresh_from_db()
+            try:
+                sub.refresh_from_db()
+            except Subscription.DoesNotExist:
+                sub.active = False
+            if not sub.active:
+                # Removed or deactivated meanwhile (a later deploy dropped it): stop trying.
+                del self._unloaded[pk]
+                logger.info("subscription %s is no longer active; not importing it", sub.name)
+                continue
             try:
                 self._load(sub)
             except HandlerImportError as exc:
@@ -294,13 +303,21 @@ class DispatchLoop:
                 self._stop.wait(delay)
                 continue
             failures = 0
-            if self.max_messages is not None and self.stats.handled >= self.max_messages:
+            if self._reached_max_messages():
                 return
             if idle:
                 logger.info("idle, exiting")
                 return
             if not progressed:
                 self._wake.wait(self.poll_interval)
+
+    def _reached_max_messages(self) -> bool:
+        """Claimed --max-messages deliveries and recorded all of them (acked, failed, or
+        fenced out because the lease was lost)."""
+        if self.max_messages is None or self.stats.claimed < self.max_messages:
+            return False
+        assert self._pool is not None
+        return not self._pool.busy and not self._pool.has_outcomes()
 
     @staticmethod
     def _reset_connection() -> None:
@@ -353,11 +370,12 @@ class DispatchLoop:
                 len(self._pool.stuck()),
             )
 
-    def _check_clock(self, now: datetime) -> None:
+    def _check_clock(self) -> None:
         if time.monotonic() < self._next_clock_check:
             return
         self._next_clock_check = time.monotonic() + CLOCK_CHECK_INTERVAL
-        skew = Dispatcher.clock_skew(now)
+        # Read right before the query: the pass's own start time may be a slow pass old.
+        skew = Dispatcher.clock_skew(self.clock())
         if skew is not None and abs(skew) > MAX_CLOCK_SKEW:
             logger.warning(
                 "this host's clock is %.1fs %s the database server's; leases, retry times and "
@@ -369,7 +387,7 @@ class DispatchLoop:
 
     def _heartbeat(self, now: datetime) -> None:
         assert self.row is not None and self._pool is not None
-        self._check_clock(now)
+        self._check_clock()
         self.row.beat(now, inflight=self._pool.busy, stuck=len(self._pool.stuck()))
         self._next_beat = now + timedelta(seconds=pubsub_settings.heartbeat_interval)
         timeout = pubsub_settings.dispatcher_timeout
@@ -486,7 +504,6 @@ class DispatchLoop:
             max_attempts=sub.effective_max_attempts,
             delay=sub.effective_backoff.delay(attempt, self.rand),
         )
-        self.stats.failed += 1
         if state is None:
             self.stats.fenced += 1
             logger.warning(
@@ -496,7 +513,11 @@ class DispatchLoop:
                 sub.name,
                 attempt,
             )
-        elif state == Delivery.State.DEAD:
+        else:
+            # Only recorded failures count (like acks): a timed-out run's late failure was
+            # counted at its timeout, and --max-messages counts each attempt once.
+            self.stats.failed += 1
+        if state == Delivery.State.DEAD:
             self.stats.dead += 1
             logger.error(
                 "delivery id=%s subscription=%s attempt=%s failed, dead-lettered: %s",
@@ -505,7 +526,7 @@ class DispatchLoop:
                 attempt,
                 outcome.error,
             )
-        else:
+        elif state is not None:
             self.stats.retried += 1
             logger.warning(
                 "delivery id=%s subscription=%s attempt=%s failed, will retry: %s",
@@ -531,6 +552,10 @@ class DispatchLoop:
                 free - claimed, sub.effective_max_inflight(self.workers) - self._inflight[sub.pk]
             )
             if room <= 0:
+                continue
+            if sub.effective_ordered and self._inflight[sub.pk]:
+                # Its head is running here, or a timed-out run of it is still stuck in a
+                # thread: nothing behind it (nor its own retry) may start until that ends.
                 continue
             token = uuid.uuid4().hex
             # The lease and the read of what it leased commit together: a claim whose
@@ -612,10 +637,11 @@ class DispatchLoop:
             self._inflight[job.subscription_id] -= 1
 
     def _idle(self) -> bool:
-        """Nothing running, nothing in flight anywhere, nothing due within idle_wait."""
+        """Nothing running (stuck handlers included), nothing in flight anywhere, nothing due
+        within idle_wait."""
         assert self._pool is not None
-        if self._pool.busy or self._pool.has_outcomes():
-            return False
+        if self._pool.busy or self._pool.has_outcomes() or self._pool.stuck():
+            return False  # a timed-out handler still running counts: it may still finish
         pks = list(self._subs)
         topics = {sub.topic_id for sub in self._subs.values()}
         # Rows of still-open transactions are invisible here, so this sees committed work only.

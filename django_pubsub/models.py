@@ -523,4 +523,7 @@ class Dispatcher(models.Model):
 
     def stop(self, now: datetime) -> None:
         self.stopped_at = self.last_seen = now
-        Dispatcher.objects.filter(pk=self.pk).update(stopped_at=now, last_seen=now, inflight=0)
+        self.inflight = self.stuck = 0
+        Dispatcher.objects.filter(pk=self.pk).update(
+            stopped_at=now, last_seen=now, inflight=0, stuck=0
+        )

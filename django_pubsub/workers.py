@@ -3,9 +3,10 @@
 Not concurrent.futures: its threads are joined at interpreter exit, so one hung handler would
 keep a process that was told to exit at once alive. Daemon threads die with the process.
 
-A job is always in exactly one place: queued, running, stuck, or finished (an outcome). It
-moves between them under one lock, so the dispatcher can count, give back and abandon work
-without a window where a job is in none of them.
+A job is always in one place: queued, running, or finished (an outcome); a timed-out job is
+both stuck and, as its timeout failure, finished. It moves between them under one lock, so the
+dispatcher can count, give back and abandon work without a window where a job is in none of
+them.
 
 A job that outruns its timeout is *stuck*: Python cannot stop a thread, so the pool reports
 the attempt as failed at once, starts a replacement thread so the other jobs keep their
@@ -15,6 +16,7 @@ then reported too (``late=True``); the dispatcher's lease fencing rejects it.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -22,11 +24,14 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 from django.db import close_old_connections, connections
 
 from .message import Message
+
+logger = logging.getLogger("django_pubsub.workers")
 
 
 @dataclass
@@ -68,13 +73,20 @@ class WorkerPool:
         self._stopping = False
         self._closed = False
         self._started = 0
+        self._missing = 0
         for _ in range(size):
             self._start_thread()
 
     def _start_thread(self) -> None:
         name = f"pubsub-worker-{self._started}"
         self._started += 1
-        threading.Thread(target=self._work, name=name, daemon=True).start()
+        try:
+            threading.Thread(target=self._work, name=name, daemon=True).start()
+        except RuntimeError:
+            # Out of threads (each stuck handler keeps one): run short-handed, try again at
+            # the next time_out() rather than end the dispatcher.
+            self._missing += 1
+            logger.exception("could not start a worker thread; %s missing", self._missing)
 
     @property
     def busy(self) -> int:
@@ -105,10 +117,14 @@ class WorkerPool:
         thread is replaced, so the pool still has ``size`` threads taking work.
         """
         now = time.monotonic()
-        timed_out = []
+        timed_out: list[tuple[Outcome, FrameType | None]] = []
         with self._lock:
             if self._stopping:
                 return []
+            missing, self._missing = self._missing, 0
+            for _ in range(missing):
+                self._start_thread()
+            frames = sys._current_frames()
             for key, (job, thread) in list(self._running.items()):
                 if job.timeout is None or job.started is None:
                     continue
@@ -116,16 +132,20 @@ class WorkerPool:
                     continue
                 del self._running[key]
                 self._stuck[key] = (job, thread)
-                frame = sys._current_frames().get(thread.ident or -1)
-                stack = "".join(traceback.format_stack(frame)) if frame else ""
                 error = (
                     f"TimeoutError: handler still running after {job.timeout:g}s; "
                     f"thread {thread.name} left running"
                 )
-                self._outcomes.append(Outcome(job, error, stack, frees_slot=False))
+                outcome = Outcome(job, error, frees_slot=False)
+                self._outcomes.append(outcome)
                 self._start_thread()
-                timed_out.append(job)
-        return timed_out
+                timed_out.append((outcome, frames.get(thread.ident or -1)))
+        # Formatting reads source files: not under the lock the workers need. Only the
+        # dispatcher's thread, which is this one, takes outcomes, so filling this in after
+        # the outcome is queued races with nobody.
+        for outcome, frame in timed_out:
+            outcome.traceback = "".join(traceback.format_stack(frame)) if frame else ""
+        return [outcome.job for outcome, _ in timed_out]
 
     def has_outcomes(self) -> bool:
         with self._lock:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -266,22 +268,34 @@ def test_a_named_subscription_whose_handler_does_not_import_stops_the_start() ->
         loop._load_subscriptions()
 
 
+@contextmanager
+def _running_with(spec: SubscriberSpec) -> Iterator[DispatchLoop]:
+    """A dispatcher in a thread while ``spec`` is also declared, after 3 messages to t.basic
+    have been handled by basic.one."""
+    registry.register(spec)
+    loop = DispatchLoop(poll_interval=0.01, handle_signals=False)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    try:
+        thread.start()
+        wait_for(lambda: loop.row is not None)
+        publish_many("t.basic", [{"n": n} for n in range(3)])
+        wait_for(lambda: states("basic.one") == {"acked": 3})
+        yield loop
+    finally:
+        loop.stop()
+        thread.join(20)
+        registry.unregister(spec.name)
+    assert not thread.is_alive()
+
+
 def test_a_handler_that_does_not_import_leaves_its_deliveries_waiting(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A declaration whose path does not import: as a row written by a newer release, or
     # a module that broke. (The E004 check stops a runpubsub whose own code does this.)
     gone = SubscriberSpec(name="basic.gone", topic="t.basic", handler="tests.gone.handler")
-    registry.register(gone)
-    try:
-        loop = DispatchLoop(poll_interval=0.01, handle_signals=False)
-        thread = threading.Thread(target=loop.run, daemon=True)
-        with caplog.at_level("ERROR", logger="django_pubsub"):
-            thread.start()
-            wait_for(lambda: loop.row is not None)
-            publish_many("t.basic", [{"n": n} for n in range(3)])
-            wait_for(lambda: states("basic.one") == {"acked": 3})
-            wait_for(lambda: states("basic.gone") == {"pending": 3})
+    with caplog.at_level("ERROR", logger="django_pubsub"), _running_with(gone) as loop:
+        wait_for(lambda: states("basic.gone") == {"pending": 3})
         assert "'basic.gone': its handler 'tests.gone.handler' does not import" in caplog.text
         time.sleep(0.2)
         assert states("basic.gone") == {"pending": 3}  # waiting, never acked
@@ -291,10 +305,25 @@ def test_a_handler_that_does_not_import_leaves_its_deliveries_waiting(
         )
         loop._next_import = 0.0
         wait_for(lambda: states("basic.gone") == {"acked": 3})
-        loop.stop()
-        thread.join(20)
-    finally:
-        registry.unregister("basic.gone")
+
+
+def test_a_handler_module_that_raises_at_import_is_skipped_until_deactivated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = "tests.pubsub_app.broken_at_import.handler"
+    broken = SubscriberSpec(name="basic.broken", topic="t.basic", handler=path)
+    with caplog.at_level("ERROR", logger="django_pubsub"), _running_with(broken) as loop:
+        # Retried imports raise again; the dispatcher keeps going.
+        loop._next_import = 0.0
+        wait_for(lambda: loop._next_import > 0.0)
+        publish("t.basic", {"n": 3})
+        wait_for(lambda: states("basic.one") == {"acked": 4})
+        assert "RuntimeError: settings for the mail server are missing" in caplog.text
+        assert states("basic.broken") == {"pending": 4}
+        # Deactivated meanwhile (a later deploy removed it): no more import attempts.
+        Subscription.objects.filter(name="basic.broken").update(active=False)
+        loop._next_import = 0.0
+        wait_for(lambda: not loop._unloaded)
 
 
 def test_heartbeat_row_is_written_and_closed(dispatch: Any) -> None:

@@ -66,3 +66,31 @@ def test_a_handler_that_always_hangs_is_dead_lettered_after_max_attempts() -> No
     assert stats.timed_out == 3
     (delivery,) = Delivery.objects.filter(subscription__name="hang.one")
     assert [e["attempt"] for e in delivery.errors] == [1, 2, 3]
+
+
+def test_an_ordered_subscription_waits_for_its_timed_out_head_to_return() -> None:
+    from tests.pubsub_app.subscribers import ORDERED_HANG_EVENTS
+
+    ORDERED_HANG_EVENTS.clear()
+    publish_many("t.hang.ordered", [{"n": 0, "sleep_first": 2.0}, {"n": 1}, {"n": 2}])
+    stats = DispatchLoop(
+        subscriptions=["hang.ordered"],
+        workers=4,
+        poll_interval=0.01,
+        until_idle=True,
+        handle_signals=False,
+    ).run()
+    assert states("hang.ordered") == {"acked": 3}
+    assert stats.timed_out == 1
+    # The first run of offset 0 timed out after 0.3 s but went on for 2 s. Neither its
+    # retry nor anything behind it started until it had returned.
+    assert ORDERED_HANG_EVENTS == [
+        ("start", 0, 1),
+        ("end", 0, 1),
+        ("start", 0, 2),
+        ("end", 0, 2),
+        ("start", 1, 1),
+        ("end", 1, 1),
+        ("start", 2, 1),
+        ("end", 2, 1),
+    ]

@@ -107,6 +107,25 @@ def hang_one(message: Message) -> None:
     record(message)
 
 
+# Starts and ends of hang.ordered's runs in this process: (event, offset, attempt).
+ORDERED_HANG_EVENTS: list[tuple[str, int, int]] = []
+
+
+@subscriber(
+    "t.hang.ordered",
+    name="hang.ordered",
+    ordered=True,
+    timeout=0.3,
+    backoff={"base": 0.05, "factor": 1.0, "maximum": 0.05, "jitter": 0.0},
+)
+def hang_ordered(message: Message) -> None:
+    ORDERED_HANG_EVENTS.append(("start", message.offset, message.attempt))
+    try:
+        record(message)
+    finally:
+        ORDERED_HANG_EVENTS.append(("end", message.offset, message.attempt))
+
+
 # t.scale: five subscriptions on one topic for the scale-out test.
 @subscriber("t.scale", name="scale.a")
 def scale_a(message: Message) -> None:
