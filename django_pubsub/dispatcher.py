@@ -34,7 +34,7 @@ from .models import Message as MessageRow
 from .retry import Backoff, Random
 from .sync import sync_subscriptions
 from .wakeups import Listener
-from .workers import Job, Outcome, WorkerPool
+from .workers import Chunk, Job, Outcome, WorkerPool
 
 logger = logging.getLogger("django_pubsub.dispatcher")
 
@@ -48,6 +48,11 @@ IMPORT_RETRY_INTERVAL = 60.0
 # and heartbeats are written with the host's clock). Checked at most every CLOCK_CHECK s.
 MAX_CLOCK_SKEW = 1.0
 CLOCK_CHECK_INTERVAL = 600.0
+# Seconds between looks for expired leases (leases last seconds; a look per pass is waste).
+RECOVERY_INTERVAL = 1.0
+# A chunk (the deliveries one worker runs in a row) grows, doubling from one, until it is
+# about this many seconds of handler time, and at most BATCH_SIZE deliveries.
+CHUNK_SECONDS = 0.05
 
 
 @dataclass
@@ -104,7 +109,10 @@ class DispatchLoop:
         self._unloaded: dict[int, Subscription] = {}
         self._next_import = 0.0
         self._next_clock_check = 0.0
+        # Deliveries of each subscription in flight here, stuck ones included.
         self._inflight: dict[int, int] = defaultdict(int)
+        self._chunk_size: dict[int, int] = defaultdict(lambda: 1)
+        self._next_recovery: datetime | None = None
         self._rotation = 0
         self._pool: WorkerPool | None = None
         self._listener: Listener | None = None
@@ -332,7 +340,9 @@ class DispatchLoop:
         now = self.clock()
         progressed = self._upkeep(now) > 0
         self._retry_imports()
-        progressed |= self._recover_expired(now) > 0
+        if self._next_recovery is None or now >= self._next_recovery:
+            self._next_recovery = now + timedelta(seconds=RECOVERY_INTERVAL)
+            progressed |= self._recover_expired(now) > 0
         batch = pubsub_settings.batch_size
         progressed |= Topic.sequence_all(batch=batch) > 0
         behind = Subscription.objects.filter(active=True, position__lt=F("topic__next_offset"))
@@ -388,7 +398,8 @@ class DispatchLoop:
     def _heartbeat(self, now: datetime) -> None:
         assert self.row is not None and self._pool is not None
         self._check_clock()
-        self.row.beat(now, inflight=self._pool.busy, stuck=len(self._pool.stuck()))
+        inflight = len(self._pool.held_jobs())
+        self.row.beat(now, inflight=inflight, stuck=len(self._pool.stuck()))
         self._next_beat = now + timedelta(seconds=pubsub_settings.heartbeat_interval)
         timeout = pubsub_settings.dispatcher_timeout
         for dead in Dispatcher.objects.presumed_dead(now, timeout=timeout, me=self.row):
@@ -443,7 +454,7 @@ class DispatchLoop:
         assert self._pool is not None
         soon = time.monotonic()
         by_token: dict[str, list[Job]] = defaultdict(list)
-        for job in self._pool.running():
+        for job in self._pool.held_jobs():
             lease = self._subs[job.subscription_id].effective_lease
             if job.lease_expires - soon < lease / 2:
                 by_token[job.token].append(job)
@@ -469,13 +480,19 @@ class DispatchLoop:
         return len(outcomes)
 
     def _record(self, outcomes: list[Outcome], now: datetime) -> None:
-        """Acks in one statement per claim token; failures one by one."""
+        """Acks and give-backs in one statement per claim token; failures one by one."""
         acks: dict[str, list[int]] = defaultdict(list)
+        unstarted: list[Job] = []
         for outcome in outcomes:
-            if outcome.error is None:
+            if outcome.unstarted:
+                unstarted.append(outcome.job)
+            elif outcome.acked:
+                self.stats.acked += 1
+            elif outcome.error is None:
                 acks[outcome.job.token].append(outcome.job.delivery_id)
             else:
                 self._record_failure(outcome, now)
+        self._give_back_rows(unstarted, now)
         for token, ids in acks.items():
             done = Delivery.objects.ack(ids, token=token, now=now)
             self.stats.acked += done
@@ -487,9 +504,25 @@ class DispatchLoop:
                 )
         # Only once everything is recorded: a retried _record must not count twice. A
         # timed-out handler keeps its subscription's slot until its thread is free again.
+        ran: dict[int, list[float]] = defaultdict(list)
         for outcome in outcomes:
             if outcome.frees_slot:
                 self._inflight[outcome.job.subscription_id] -= 1
+            if not outcome.unstarted and not outcome.late:
+                ran[outcome.job.subscription_id].append(outcome.duration)
+        for sub_id, durations in ran.items():
+            self._resize_chunks(sub_id, durations)
+
+    def _resize_chunks(self, sub_id: int, durations: list[float]) -> None:
+        """Double the chunk while it stays under CHUNK_SECONDS of handler time.
+
+        Chunks start at one delivery: a fresh process (after a crash, say) claims little at
+        a time, so a delivery that kills the process is soon alone in its claim.
+        """
+        per_message = max(sum(durations) / len(durations), 1e-6)
+        fits = max(1, int(CHUNK_SECONDS / per_message))
+        size = min(2 * self._chunk_size[sub_id], fits, pubsub_settings.batch_size)
+        self._chunk_size[sub_id] = max(1, size)
 
     def _record_failure(self, outcome: Outcome, now: datetime) -> None:
         job = outcome.job
@@ -538,24 +571,34 @@ class DispatchLoop:
         logger.debug("delivery id=%s traceback:\n%s", job.delivery_id, outcome.traceback)
 
     def _claim(self, now: datetime) -> int:
+        """Claim for the idle workers, round robin over the subscriptions."""
         assert self._pool is not None and self.row is not None
         free = self.workers - self._pool.busy
-        if self.max_messages is not None:
-            free = min(free, self.max_messages - self.stats.claimed)
+        left = None if self.max_messages is None else self.max_messages - self.stats.claimed
         subs = list(self._subs.values())
-        if free <= 0 or not subs:
+        if free <= 0 or not subs or left == 0:
             return 0
+        stuck: dict[int, int] = defaultdict(int)
+        for job, _ in self._pool.stuck():
+            stuck[job.subscription_id] += 1
         self._rotation = (self._rotation + 1) % len(subs)
         claimed = 0
         for sub in subs[self._rotation :] + subs[: self._rotation]:
-            room = min(
-                free - claimed, sub.effective_max_inflight(self.workers) - self._inflight[sub.pk]
-            )
-            if room <= 0:
-                continue
-            if sub.effective_ordered and self._inflight[sub.pk]:
+            ordered = sub.effective_ordered
+            if ordered and self._inflight[sub.pk]:
                 # Its head is running here, or a timed-out run of it is still stuck in a
                 # thread: nothing behind it (nor its own retry) may start until that ends.
+                continue
+            chunks = 1 if ordered else free  # an ordered run goes to one thread, in order
+            limit = chunks * self._chunk_size[sub.pk]
+            bound = sub.effective_max_inflight
+            if bound is not None:
+                limit = min(limit, bound - self._inflight[sub.pk])
+            elif stuck[sub.pk] >= self.workers:
+                continue  # hung runs already hold a pool's worth of threads: no more
+            if left is not None:
+                limit = min(limit, left - claimed)
+            if limit <= 0:
                 continue
             token = uuid.uuid4().hex
             # The lease and the read of what it leased commit together: a claim whose
@@ -563,13 +606,17 @@ class DispatchLoop:
             # deliveries leased to a live dispatcher that never runs them.
             with transaction.atomic():
                 rows = Delivery.objects.claim(
-                    sub, limit=room, now=now, token=token, dispatcher_id=self.row.pk
+                    sub, limit=limit, now=now, token=token, dispatcher_id=self.row.pk
                 )
                 jobs = self._jobs(sub, token, rows)
             # Handed to workers only after the commit: none runs on a lease that rolled back.
-            self._submit(jobs)
+            # Spread over as many idle workers as there are deliveries, up to one each.
+            parts = min(chunks, len(jobs))
+            for part in range(parts):
+                self._submit(jobs[part::parts] if not ordered else jobs)
+            free -= parts
             claimed += len(jobs)
-            if claimed >= free:
+            if free <= 0 or (left is not None and claimed >= left):
                 break
         return claimed
 
@@ -583,13 +630,14 @@ class DispatchLoop:
             for row in MessageRow.objects.filter(id__in=[r[1] for r in rows]).values_list(*fields)
         }
         expires = time.monotonic() + sub.effective_lease
+        handler, topic, timeout = self._handlers[sub.pk], sub.topic.name, sub.effective_timeout
         jobs = []
         for delivery_id, message_id, attempt in rows:
             mid, offset, payload, payload_bytes, key, headers, published_at = messages[message_id]
             message = Message(
                 id=mid,
                 offset=offset,
-                topic=sub.topic.name,
+                topic=topic,
                 payload=bytes(payload_bytes) if payload_bytes is not None else payload,
                 key=key,
                 headers=dict(headers or {}),
@@ -598,33 +646,40 @@ class DispatchLoop:
                 subscription=sub.name,
                 delivery_id=delivery_id,
             )
-            handler = self._handlers[sub.pk]
             jobs.append(
-                Job(
-                    delivery_id,
-                    token,
-                    sub.pk,
-                    message,
-                    handler,
-                    expires,
-                    timeout=sub.effective_timeout,
-                )
+                Job(delivery_id, token, sub.pk, message, handler, expires, timeout=timeout)
             )
         return jobs
 
     def _submit(self, jobs: list[Job]) -> None:
+        """Hand one chunk to the pool: one thread runs these jobs one after the other, and
+        for an ordered subscription stops at the first failure."""
         assert self._pool is not None
-        for job in jobs:
-            self._inflight[job.subscription_id] += 1
-            self.stats.claimed += 1
-            self._pool.submit(job)
+        if not jobs:
+            return
+        sub_id = jobs[0].subscription_id
+        self._inflight[sub_id] += len(jobs)
+        self.stats.claimed += len(jobs)
+        if self._subs[sub_id].effective_ordered:
+            # Message n is acked before n + 1 starts, even across a crash (guarantees 3).
+            self._pool.submit(Chunk(jobs, stop_on_failure=True, ack=self._ack_one))
+        else:
+            self._pool.submit(Chunk(jobs))
+
+    def _ack_one(self, job: Job) -> bool:
+        """Ack one delivery from its worker thread, on that thread's connection."""
+        return Delivery.objects.ack([job.delivery_id], token=job.token, now=self.clock()) == 1
 
     def _give_back(self, jobs: list[Job]) -> None:
+        self._give_back_rows(jobs, self.clock())
+        for job in jobs:
+            self._inflight[job.subscription_id] -= 1
+
+    def _give_back_rows(self, jobs: list[Job], now: datetime) -> None:
+        """Return claimed deliveries whose handler never started, attempt and all."""
         by_token: dict[str, list[int]] = defaultdict(list)
         for job in jobs:
             by_token[job.token].append(job.delivery_id)
-            self._inflight[job.subscription_id] -= 1
-        now = self.clock()
         for token, ids in by_token.items():
             self.stats.given_back += Delivery.objects.give_back(ids, token=token, now=now)
 

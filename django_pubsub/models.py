@@ -195,8 +195,10 @@ class Subscription(models.Model):
     def effective_backoff(self) -> Backoff:
         return Backoff.coerce(self.backoff) or pubsub_settings.backoff
 
-    def effective_max_inflight(self, workers: int) -> int:
-        return self.max_inflight or pubsub_settings.max_inflight or workers
+    @property
+    def effective_max_inflight(self) -> int | None:
+        """Most deliveries in flight at once in one process; None: only the pool bounds it."""
+        return self.max_inflight or pubsub_settings.max_inflight
 
     def fan_out(self, *, now: datetime, batch: int, using: str = "default") -> int:
         """Create deliveries for sequenced messages past the cursor; return how many."""
@@ -245,49 +247,57 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
     ) -> list[tuple[int, int, int]]:
         """Lease up to ``limit`` due deliveries; return (id, message_id, attempt) in offset order.
 
-        The attempt counts here because the dispatcher claims no more than it has idle
-        workers for: a claimed delivery starts at once, and one given back unstarted at
-        shutdown has its attempt returned (``give_back``).
+        The attempt counts here because the dispatcher claims no more than its idle workers
+        start within moments (a chunk each, of about CHUNK_SECONDS of handler time), and one
+        given back unstarted has its attempt returned (``give_back``).
         """
         using = self.db
         table = _quoted(Delivery)
         offset = _quoted(Delivery, "offset")
         expires = now + timedelta(seconds=subscription.effective_lease)
         pending, retry = Delivery.State.PENDING, Delivery.State.RETRY
+        inflight = Delivery.State.INFLIGHT
         if subscription.effective_ordered:
-            # Only the head of the log: the lowest offset not yet acked or dead, and only if
-            # it is due. While it is inflight or waiting for a retry, nothing behind it starts.
-            # Two claimers can pick the same head; the UPDATE re-checks its state under the
-            # row lock, so only one of them gets it.
-            picked = (
-                f"SELECT id AS picked_id FROM {table} WHERE subscription_id = %s "
-                f"AND state IN (%s, %s, %s) ORDER BY {offset} LIMIT 1"
+            # A run from the head of the log: the lowest unfinished offsets, up to the first
+            # one that is inflight or not yet due. While the head is inflight or waiting for
+            # a retry, nothing behind it starts; the dispatcher runs the run in order.
+            ctes = (
+                f"head AS MATERIALIZED (SELECT id, {offset} AS o, state, available_at "
+                f"FROM {table} WHERE subscription_id = %s AND state IN (%s, %s, %s) "
+                f"ORDER BY {offset} LIMIT %s), "
+                f"picked AS MATERIALIZED (SELECT id AS picked_id FROM head WHERE o < COALESCE("
+                f"(SELECT MIN(o) FROM head WHERE state = %s OR available_at > %s), o + 1))"
             )
-            picked_params: list[Any] = [subscription.pk, pending, retry, Delivery.State.INFLIGHT]
+            cte_params: list[Any] = [subscription.pk, pending, retry, inflight, limit]
+            cte_params += [inflight, now]
         else:
             skip = (
                 " FOR UPDATE SKIP LOCKED"
                 if connections[using].features.has_select_for_update_skip_locked
                 else ""
             )
-            picked = (
-                f"SELECT id AS picked_id FROM {table} WHERE subscription_id = %s "
-                f"AND state IN (%s, %s) AND available_at <= %s ORDER BY {offset} LIMIT %s{skip}"
+            # MATERIALIZED: PostgreSQL may otherwise rescan a LIMIT ... SKIP LOCKED subquery
+            # as part of a join and lease more rows than asked for.
+            ctes = (
+                f"picked AS MATERIALIZED (SELECT id AS picked_id FROM {table} "
+                f"WHERE subscription_id = %s AND state IN (%s, %s) AND available_at <= %s "
+                f"ORDER BY {offset} LIMIT %s{skip})"
             )
-            picked_params = [subscription.pk, pending, retry, now, limit]
-        # MATERIALIZED: PostgreSQL may otherwise rescan a LIMIT ... SKIP LOCKED subquery as
-        # part of a join and lease more rows than asked for.
+            cte_params = [subscription.pk, pending, retry, now, limit]
         sql = (
-            f"WITH picked AS MATERIALIZED ({picked}) "
+            f"WITH {ctes} "
             f"UPDATE {table} SET state = %s, attempts = attempts + 1, lease_token = %s, "
             f"lease_expires_at = %s, dispatcher_id = %s, updated_at = %s "
             f"FROM picked WHERE {table}.id = picked.picked_id "
             f"AND {table}.state IN (%s, %s) AND {table}.available_at <= %s "
             f"RETURNING id, message_id, attempts, {offset}"
         )
-        params = [*picked_params, Delivery.State.INFLIGHT, token, expires, dispatcher_id, now]
-        params += [pending, retry, now]
+        params = [*cte_params, inflight, token, expires, dispatcher_id, now, pending, retry, now]
         with connections[using].cursor() as cursor:
+            if subscription.effective_ordered:
+                # Claimers of one subscription take turns on its row lock, and each sees
+                # what the one before committed, so two never lease parts of one run.
+                _lock_row(cursor, Subscription, subscription.pk, using)
             cursor.execute(sql, params)
             rows = cursor.fetchall()
         rows.sort(key=lambda row: row[3])

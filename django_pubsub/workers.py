@@ -1,17 +1,23 @@
-"""A fixed pool of daemon threads that run handlers.
+"""A fixed pool of daemon threads that run handlers, a chunk of deliveries at a time.
 
 Not concurrent.futures: its threads are joined at interpreter exit, so one hung handler would
 keep a process that was told to exit at once alive. Daemon threads die with the process.
 
-A job is always in one place: queued, running, or finished (an outcome); a timed-out job is
-both stuck and, as its timeout failure, finished. It moves between them under one lock, so the
-dispatcher can count, give back and abandon work without a window where a job is in none of
-them.
+The dispatcher hands over *chunks*: the deliveries of one claim, for one subscription, which
+one thread runs one after the other. Handing over one delivery at a time would cost a thread
+wake-up per message. A chunk of an ordered subscription stops at its first failure; the rest
+of it comes back unstarted, so nothing behind a failed message runs first.
+
+A job is always in one place: queued (in a chunk not yet finished), running, or finished (an
+outcome); a timed-out job is both stuck and, as its timeout failure, finished. Jobs move
+between them under one lock, so the dispatcher can count, give back and abandon work without
+a window where a job is in none of them.
 
 A job that outruns its timeout is *stuck*: Python cannot stop a thread, so the pool reports
-the attempt as failed at once, starts a replacement thread so the other jobs keep their
-workers, and lets the stuck thread end when its handler finally returns. Its late result is
-then reported too (``late=True``); the dispatcher's lease fencing rejects it.
+the attempt as failed at once, hands back the rest of its chunk unstarted, starts a
+replacement thread so the other work keeps its workers, and lets the stuck thread end when
+its handler finally returns. Its late result is then reported too (``late=True``); the
+dispatcher's lease fencing rejects it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from .message import Message
 logger = logging.getLogger("django_pubsub.workers")
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     delivery_id: int
     token: str
@@ -46,9 +52,35 @@ class Job:
     # Seconds the handler may run (None: no limit), and time.monotonic() when it started.
     timeout: float | None = None
     started: float | None = None
+    chunk: Chunk | None = None
 
 
-@dataclass
+@dataclass(eq=False)
+class Chunk:
+    """Jobs of one claim that one thread runs in order: jobs[next:end] are still to start."""
+
+    jobs: list[Job]
+    # An ordered subscription's chunk: stop at the first failure.
+    stop_on_failure: bool = False
+    # Called after each successful handler, before the next starts; True if it recorded the
+    # ack. An ordered chunk acks each message before the next one starts, and stops if
+    # that fails.
+    ack: Callable[[Job], bool] | None = None
+    next: int = 0
+    end: int = 0
+
+    def __post_init__(self) -> None:
+        self.end = len(self.jobs)
+        for job in self.jobs:
+            job.chunk = self
+
+    def take_rest(self) -> list[Job]:
+        rest = self.jobs[self.next : self.end]
+        self.end = self.next
+        return rest
+
+
+@dataclass(eq=False)
 class Outcome:
     job: Job
     error: str | None = None
@@ -57,6 +89,12 @@ class Outcome:
     frees_slot: bool = True
     # The result of a handler that had already been reported as timed out.
     late: bool = False
+    # Never started (the rest of a chunk that stopped): to be given back, attempt returned.
+    unstarted: bool = False
+    # Seconds the handler ran.
+    duration: float = 0.0
+    # Already acked by the worker (Chunk.ack).
+    acked: bool = False
 
 
 class WorkerPool:
@@ -64,7 +102,8 @@ class WorkerPool:
         self.size = size
         self._on_done = on_done
         self._lock = threading.Condition()
-        self._queued: deque[Job] = deque()
+        self._queued: deque[Chunk] = deque()
+        self._active: set[Chunk] = set()
         # Keyed by id(job): a retried delivery can be claimed again while its stuck run
         # still holds a thread.
         self._running: dict[int, tuple[Job, threading.Thread]] = {}
@@ -90,9 +129,9 @@ class WorkerPool:
 
     @property
     def busy(self) -> int:
-        """Jobs handed over and not yet finished: running or about to run."""
+        """Chunks handed over and not yet finished: running or about to run."""
         with self._lock:
-            return len(self._running) + len(self._queued)
+            return len(self._active) + len(self._queued)
 
     def running(self) -> list[Job]:
         with self._lock:
@@ -102,19 +141,26 @@ class WorkerPool:
         with self._lock:
             return list(self._stuck.values())
 
-    def held(self) -> list[int]:
-        """Delivery ids this process still answers for: queued, running, or finished but
-        not yet recorded. Their leases are ours even if the database says they expired."""
+    def held_jobs(self) -> list[Job]:
+        """Jobs this process still answers for: queued, running, or finished but not yet
+        recorded. Their leases are ours even if the database says they expired."""
         with self._lock:
-            running = (job for job, _ in self._running.values())
-            finished = (o.job for o in self._outcomes if not o.late)
-            return [job.delivery_id for job in (*self._queued, *running, *finished)]
+            held = [job for chunk in self._queued for job in chunk.jobs[chunk.next : chunk.end]]
+            for chunk in self._active:
+                held += chunk.jobs[chunk.next : chunk.end]
+            held += (job for job, _ in self._running.values())
+            held += (o.job for o in self._outcomes if not o.late)
+            return held
+
+    def held(self) -> list[int]:
+        return [job.delivery_id for job in self.held_jobs()]
 
     def time_out(self) -> list[Job]:
         """Fail the running jobs that outran their timeout; keep the pool at full strength.
 
-        Each one's outcome is a failure carrying the hung thread's current stack, and its
-        thread is replaced, so the pool still has ``size`` threads taking work.
+        Each one's outcome is a failure carrying the hung thread's current stack, the rest
+        of its chunk comes back unstarted, and its thread is replaced, so the pool still has
+        ``size`` threads taking work.
         """
         now = time.monotonic()
         timed_out: list[tuple[Outcome, FrameType | None]] = []
@@ -136,8 +182,11 @@ class WorkerPool:
                     f"TimeoutError: handler still running after {job.timeout:g}s; "
                     f"thread {thread.name} left running"
                 )
-                outcome = Outcome(job, error, frees_slot=False)
+                outcome = Outcome(job, error, frees_slot=False, duration=now - job.started)
                 self._outcomes.append(outcome)
+                if job.chunk is not None:
+                    self._active.discard(job.chunk)
+                    self._outcomes += (Outcome(j, unstarted=True) for j in job.chunk.take_rest())
                 self._start_thread()
                 timed_out.append((outcome, frames.get(thread.ident or -1)))
         # Formatting reads source files: not under the lock the workers need. Only the
@@ -151,9 +200,9 @@ class WorkerPool:
         with self._lock:
             return bool(self._outcomes)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, chunk: Chunk) -> None:
         with self._lock:
-            self._queued.append(job)
+            self._queued.append(chunk)
             self._lock.notify()
 
     def take_outcomes(self) -> list[Outcome]:
@@ -167,17 +216,20 @@ class WorkerPool:
             self._outcomes[:0] = outcomes
 
     def take_unstarted(self) -> list[Job]:
-        """Remove and return the jobs no worker has started."""
+        """Remove and return the jobs no worker has started; running chunks stop after the
+        job they are running."""
         with self._lock:
-            taken = list(self._queued)
+            taken = [job for chunk in self._queued for job in chunk.take_rest()]
             self._queued.clear()
+            for chunk in self._active:
+                taken += chunk.take_rest()
             return taken
 
     def close(self) -> tuple[list[Outcome], list[Job]]:
         """Stop the pool: return what finished and what is still running, at one instant.
 
         Outcomes of jobs that finish later are dropped: the dispatcher has already recorded
-        those jobs as abandoned.
+        those jobs as abandoned. Call take_unstarted() first: jobs not started are dropped.
         """
         with self._lock:
             self._closed = self._stopping = True
@@ -195,31 +247,68 @@ class WorkerPool:
                         self._lock.wait()
                     if self._stopping:
                         return
-                    job = self._queued.popleft()
-                    job.started = time.monotonic()
-                    self._running[id(job)] = (job, threading.current_thread())
-                outcome = self._run(job)
-                with self._lock:
-                    timed_out = self._stuck.pop(id(job), None) is not None
-                    self._running.pop(id(job), None)
-                    outcome.late = timed_out
-                    if not self._closed:
-                        self._outcomes.append(outcome)
+                    chunk = self._queued.popleft()
+                    self._active.add(chunk)
+                stuck = self._run_chunk(chunk)
                 self._on_done()
-                if timed_out:
+                if stuck:
                     return  # a replacement thread took this one's place
         finally:
             connections.close_all()
 
-    @staticmethod
-    def _run(job: Job) -> Outcome:
+    def _run_chunk(self, chunk: Chunk) -> bool:
+        """Run the chunk's jobs in order; True if this thread is left stuck in one."""
         # Like a request: a handler gets usable connections and leaves none broken behind.
         close_old_connections()
+        try:
+            while True:
+                with self._lock:
+                    if chunk.next >= chunk.end:
+                        self._active.discard(chunk)
+                        return False
+                    job = chunk.jobs[chunk.next]
+                    chunk.next += 1
+                    job.started = time.monotonic()
+                    self._running[id(job)] = (job, threading.current_thread())
+                outcome = self._run(job)
+                if outcome.error is not None:
+                    close_old_connections()  # the failure may have broken a connection
+                elif chunk.ack is not None:
+                    outcome.acked = self._ack(chunk.ack, job)
+                with self._lock:
+                    timed_out = self._stuck.pop(id(job), None) is not None
+                    self._running.pop(id(job), None)
+                    outcome.late = timed_out
+                    if self._closed:
+                        return timed_out
+                    self._outcomes.append(outcome)
+                    if timed_out:
+                        return True  # time_out() handed the rest of the chunk back
+                    stop = outcome.error is not None or (chunk.ack and not outcome.acked)
+                    if stop and chunk.stop_on_failure:
+                        self._outcomes += (Outcome(j, unstarted=True) for j in chunk.take_rest())
+        finally:
+            close_old_connections()
+
+    @staticmethod
+    def _ack(ack: Callable[[Job], bool], job: Job) -> bool:
+        try:
+            return ack(job)
+        except Exception:
+            # The dispatcher records it instead (and retries while the database is away).
+            logger.exception("delivery id=%s: ack from the worker failed", job.delivery_id)
+            close_old_connections()
+            return False
+
+    @staticmethod
+    def _run(job: Job) -> Outcome:
+        started = time.monotonic()
         try:
             job.handler(job.message)
         except BaseException as exc:  # a handler's failure is data here
             error = f"{type(exc).__name__}: {exc}"
-            return Outcome(job, error=error, traceback=traceback.format_exc())
-        finally:
-            close_old_connections()
-        return Outcome(job)
+            outcome = Outcome(job, error=error, traceback=traceback.format_exc())
+        else:
+            outcome = Outcome(job)
+        outcome.duration = time.monotonic() - started
+        return outcome
