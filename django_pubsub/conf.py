@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     # Module imported from every installed app to find @subscriber declarations.
     "AUTODISCOVER_MODULE": "subscribers",
     # Messages sequenced and deliveries fanned out per topic and subscription in one pass.
-    "BATCH_SIZE": 500,
+    "BATCH_SIZE": 1000,
     # Seconds between a dispatcher's heartbeats, and silence after which it counts as dead.
     "HEARTBEAT_INTERVAL": 5.0,
     "DISPATCHER_TIMEOUT": 60.0,

@@ -29,7 +29,7 @@ from django.utils.module_loading import import_string
 from .conf import pubsub_settings
 from .exceptions import HandlerImportError
 from .message import Message
-from .models import Delivery, Dispatcher, Subscription, Topic
+from .models import Claimed, Delivery, Dispatcher, Subscription, Topic
 from .models import Message as MessageRow
 from .retry import Backoff, Random
 from .sync import sync_subscriptions
@@ -620,36 +620,33 @@ class DispatchLoop:
                 break
         return claimed
 
-    def _jobs(self, sub: Subscription, token: str, rows: list[tuple[int, int, int]]) -> list[Job]:
-        """Read the claimed deliveries' messages and build the handlers' jobs."""
-        if not rows:
-            return []
-        fields = ("id", "offset", "payload", "payload_bytes", "key", "headers", "published_at")
-        messages = {
-            row[0]: row
-            for row in MessageRow.objects.filter(id__in=[r[1] for r in rows]).values_list(*fields)
-        }
+    def _jobs(self, sub: Subscription, token: str, rows: list[Claimed]) -> list[Job]:
+        """Build the handlers' jobs for the claimed deliveries."""
         expires = time.monotonic() + sub.effective_lease
         handler, topic, timeout = self._handlers[sub.pk], sub.topic.name, sub.effective_timeout
-        jobs = []
-        for delivery_id, message_id, attempt in rows:
-            mid, offset, payload, payload_bytes, key, headers, published_at = messages[message_id]
-            message = Message(
-                id=mid,
-                offset=offset,
-                topic=topic,
-                payload=bytes(payload_bytes) if payload_bytes is not None else payload,
-                key=key,
-                headers=dict(headers or {}),
-                published_at=published_at,
-                attempt=attempt,
-                subscription=sub.name,
-                delivery_id=delivery_id,
+        return [
+            Job(
+                row.delivery_id,
+                token,
+                sub.pk,
+                Message(
+                    id=row.message_id,
+                    offset=row.offset,
+                    topic=topic,
+                    payload=row.payload,
+                    key=row.key,
+                    headers=row.headers,
+                    published_at=row.published_at,
+                    attempt=row.attempt,
+                    subscription=sub.name,
+                    delivery_id=row.delivery_id,
+                ),
+                handler,
+                expires,
+                timeout=timeout,
             )
-            jobs.append(
-                Job(delivery_id, token, sub.pk, message, handler, expires, timeout=timeout)
-            )
-        return jobs
+            for row in rows
+        ]
 
     def _submit(self, jobs: list[Job]) -> None:
         """Hand one chunk to the pool: one thread runs these jobs one after the other, and

@@ -17,12 +17,13 @@ How a message travels:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import connections, models, transaction
 from django.db.models import Case, F, Q, Value, When
@@ -232,6 +233,45 @@ class Subscription(models.Model):
         return int(created)
 
 
+class Claimed(NamedTuple):
+    """A delivery just leased, with what its handler needs of its message."""
+
+    delivery_id: int
+    attempt: int
+    message_id: int
+    offset: int
+    payload: Any
+    key: str | None
+    headers: dict[str, str]
+    published_at: datetime
+
+
+def _body(payload: str | None, payload_bytes: bytes | memoryview | None) -> Any:
+    if payload_bytes is not None:
+        return bytes(payload_bytes)
+    return None if payload is None else json.loads(payload)
+
+
+def _with_messages(rows: list[tuple[int, int, int]], using: str) -> list[Claimed]:
+    fields = ("id", "offset", "payload", "payload_bytes", "key", "headers", "published_at")
+    messages = {
+        row[0]: row
+        for row in Message.objects.using(using)
+        .filter(id__in=[r[2] for r in rows])
+        .values_list(*fields)
+    }
+    claimed = []
+    for delivery_id, attempt, message_id in rows:
+        _, offset, payload, payload_bytes, key, headers, published_at = messages[message_id]
+        body = bytes(payload_bytes) if payload_bytes is not None else payload
+        claimed.append(
+            Claimed(
+                delivery_id, attempt, message_id, offset, body, key, headers or {}, published_at
+            )
+        )
+    return claimed
+
+
 class DeliveryQuerySet(models.QuerySet["Delivery"]):
     def inflight(self) -> DeliveryQuerySet:
         return self.filter(state=Delivery.State.INFLIGHT)
@@ -244,8 +284,9 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         now: datetime,
         token: str,
         dispatcher_id: int | None,
-    ) -> list[tuple[int, int, int]]:
-        """Lease up to ``limit`` due deliveries; return (id, message_id, attempt) in offset order.
+    ) -> list[Claimed]:
+        """Lease up to ``limit`` due deliveries; return them with their messages, in offset
+        order.
 
         The attempt counts here because the dispatcher claims no more than its idle workers
         start within moments (a chunk each, of about CHUNK_SECONDS of handler time), and one
@@ -284,24 +325,44 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
                 f"ORDER BY {offset} LIMIT %s{skip})"
             )
             cte_params = [subscription.pk, pending, retry, now, limit]
-        sql = (
-            f"WITH {ctes} "
+        update = (
             f"UPDATE {table} SET state = %s, attempts = attempts + 1, lease_token = %s, "
             f"lease_expires_at = %s, dispatcher_id = %s, updated_at = %s "
             f"FROM picked WHERE {table}.id = picked.picked_id "
             f"AND {table}.state IN (%s, %s) AND {table}.available_at <= %s "
-            f"RETURNING id, message_id, attempts, {offset}"
+            f"RETURNING id, attempts, message_id"
         )
         params = [*cte_params, inflight, token, expires, dispatcher_id, now, pending, retry, now]
-        with connections[using].cursor() as cursor:
+        connection = connections[using]
+        postgres = connection.vendor == "postgresql"
+        if postgres:
+            # The messages come back with the claim: one round trip, no ORM per row.
+            m = _quoted(Message)
+            sql = (
+                f"WITH {ctes}, claimed AS ({update}) SELECT c.id, c.attempts, m.id, m.{offset}, "
+                f"m.payload::text, m.payload_bytes, m.key, m.headers::text, m.published_at "
+                f"FROM claimed c JOIN {m} m ON m.id = c.message_id"
+            )
+        else:
+            sql = f"WITH {ctes} {update}"
+        with connection.cursor() as cursor:
             if subscription.effective_ordered:
                 # Claimers of one subscription take turns on its row lock, and each sees
                 # what the one before committed, so two never lease parts of one run.
                 _lock_row(cursor, Subscription, subscription.pk, using)
             cursor.execute(sql, params)
             rows = cursor.fetchall()
-        rows.sort(key=lambda row: row[3])
-        return [(row[0], row[1], row[2]) for row in rows]
+        if postgres:
+            claimed = [
+                Claimed(
+                    r[0], r[1], r[2], r[3], _body(r[4], r[5]), r[6], json.loads(r[7]) or {}, r[8]
+                )
+                for r in rows
+            ]
+        else:
+            claimed = _with_messages(rows, using)
+        claimed.sort(key=lambda row: row.offset)
+        return claimed
 
     def ack(self, ids: Sequence[int], *, token: str, now: datetime) -> int:
         """Mark handled deliveries acked; the lease token fences out late workers."""
@@ -380,8 +441,10 @@ class Delivery(models.Model):
     UNFINISHED = (State.PENDING, State.RETRY, State.INFLIGHT)
 
     id = models.BigAutoField(primary_key=True)
+    # No index of its own: the unique (subscription, message) constraint's serves. Every
+    # index on this table is written at each claim and ack, so there are few.
     subscription = models.ForeignKey(
-        Subscription, on_delete=models.PROTECT, related_name="deliveries"
+        Subscription, on_delete=models.PROTECT, related_name="deliveries", db_index=False
     )
     message = models.ForeignKey(Message, on_delete=models.PROTECT, related_name="deliveries")
     # The message's offset, copied so the claim reads one table in log order.
@@ -393,8 +456,14 @@ class Delivery(models.Model):
     available_at = models.DateTimeField()
     lease_token = models.CharField(max_length=32, null=True, blank=True)  # noqa: DJ001  (NULL: not leased)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # Not indexed: a dead dispatcher's deliveries are found among the inflight ones.
     dispatcher = models.ForeignKey(
-        "Dispatcher", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+        "Dispatcher",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        db_index=False,
     )
     last_error = models.TextField(blank=True)
     # One entry per failed attempt: attempt, at, error, traceback.
@@ -425,7 +494,6 @@ class Delivery(models.Model):
                 condition=Q(state="inflight"),
                 name="pubsub_delivery_leases",
             ),
-            models.Index(fields=["subscription", "state"], name="pubsub_delivery_sub_state"),
         ]
 
     def __str__(self) -> str:
