@@ -25,7 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "TIMEOUT": None,
     # Handler starts before a delivery is dead-lettered.
     "MAX_ATTEMPTS": 5,
-    # Deliveries of one subscription in flight at once in one process (None: WORKERS).
+    # Deliveries of one subscription in flight at once in one process (None: no bound
+    # of its own; the WORKERS threads bound how many run at once).
     "MAX_INFLIGHT": None,
     # Whether subscriptions run strictly in offset order unless they say otherwise.
     "ORDERED": False,

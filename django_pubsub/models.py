@@ -112,6 +112,74 @@ class Topic(models.Model):
         return int(count)
 
 
+# Rows per INSERT statement: well under both databases' limits on parameters.
+INSERT_BATCH = 1000
+
+
+class MessageQuerySet(models.QuerySet["Message"]):
+    def insert(
+        self,
+        topic: str,
+        bodies: Sequence[Any],
+        *,
+        key: str | None,
+        headers: dict[str, str],
+        now: datetime,
+        wake: str | None,
+    ) -> list[int] | None:
+        """Insert messages into the topic named ``topic``, in order; return their ids, or
+        None (nothing written) when the topic does not exist yet.
+
+        One statement per INSERT_BATCH messages, the topic looked up inside it: a publish
+        is one round trip. On PostgreSQL ``wake`` names a channel notified in that same
+        statement, delivered when the caller's transaction commits.
+        """
+        connection = connections[self.db]
+        postgres = connection.vendor == "postgresql"
+        table, topics = _quoted(Message), _quoted(Topic)
+        at = connection.ops.adapt_datetimefield_value(now)
+        header_json = json.dumps(headers)
+        # Typed on PostgreSQL, where a column of NULLs in VALUES would have no type.
+        row_sql = (
+            "(%s, %s::jsonb, %s::bytea, %s::varchar, %s::jsonb, %s::timestamptz)"
+            if postgres
+            else "(%s, %s, %s, %s, %s, %s)"
+        )
+        ids: list[int] = []
+        for start in range(0, len(bodies), INSERT_BATCH):
+            batch = bodies[start : start + INSERT_BATCH]
+            params: list[Any] = []
+            for n, body in enumerate(batch):
+                binary = isinstance(body, bytes)
+                payload = None if binary or body is None else json.dumps(body)
+                params += [n, payload, body if binary else None, key, header_json, at]
+            # VALUES columns are column1, column2... on both databases; column1 keeps
+            # the call's order, which the ids follow.
+            insert = (
+                f"INSERT INTO {table} (topic_id, payload, payload_bytes, key, headers, "
+                f"published_at) SELECT t.id, v.column2, v.column3, v.column4, v.column5, "
+                f"v.column6 FROM {topics} t CROSS JOIN (VALUES "
+                f"{', '.join([row_sql] * len(batch))}) AS v WHERE t.name = %s "
+                f"ORDER BY v.column1 RETURNING id"
+            )
+            params.append(topic)
+            if postgres and wake and start == 0:
+                sql = (
+                    f"WITH m AS ({insert}) SELECT m.id FROM m "
+                    f"CROSS JOIN (SELECT pg_notify(%s, '')) AS woken"
+                )
+                params.append(wake)
+            else:
+                sql = insert
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                found = sorted(row[0] for row in cursor.fetchall())
+            if not found:
+                return None
+            ids += found
+        return ids
+
+
 class Message(models.Model):
     id = models.BigAutoField(primary_key=True)
     topic = models.ForeignKey(Topic, on_delete=models.PROTECT, related_name="messages")
@@ -123,6 +191,8 @@ class Message(models.Model):
     key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
     headers = models.JSONField(default=dict, blank=True)
     published_at = models.DateTimeField()
+
+    objects = MessageQuerySet.as_manager()
 
     class Meta:
         constraints = [

@@ -23,15 +23,6 @@ CHANNEL = "django_pubsub"
 MAX_RECONNECT_WAIT = 5.0
 
 
-def notify(using: str = "default") -> None:
-    """Queue a wake-up for dispatchers; sent when the current transaction commits."""
-    connection = connections[using]
-    if connection.vendor != "postgresql":
-        return
-    with connection.cursor() as cursor:
-        cursor.execute(f"NOTIFY {CHANNEL}")
-
-
 class Listener:
     """A thread holding its own connection in LISTEN; calls ``wake`` on every notification."""
 
