@@ -1,0 +1,374 @@
+"""django-pubsub's own figures, one per run, for bench/run.py.
+
+    python bench/ours.py --db postgres|sqlite --figure FIGURE [--n N]
+
+prints one JSON object on its last line of output. Every run starts from an empty database
+(PostgreSQL ``bench_ours``, or a SQLite file in the temporary directory), migrated with the
+benchmark project (bench/benchproject), whose handlers do nothing.
+
+Figures:
+- ``publish_single``: N ``publish()`` calls, each in its own ``transaction.atomic()``.
+- ``publish_many``: N messages through ``publish_many()`` in batches of 1,000.
+- ``dispatch``, ``dispatch_fan``, ``dispatch_ordered``: N messages published first, then
+  one real ``manage.py runpubsub --until-idle`` process handles them: one subscription,
+  ten subscriptions of one topic (N x 10 deliveries), or one ordered subscription. The
+  time is the process's wall time less that of the same command with nothing to do
+  (start-up and the idle check), measured alongside.
+- ``dispatch_history``: ``dispatch`` after 1,000,000 acked messages and deliveries were
+  written to the same tables.
+- ``latency``: a runpubsub process runs; 200 messages are published one per transaction
+  at 20/s; the time from each commit to its handler's start, p50 and p99 in ms.
+- ``memory``: runpubsub handles N (default 200,000) messages while its resident memory is
+  sampled; growth is the largest sample after warm-up (the first fifth of the run) over
+  the sample at the end of warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_URL = "postgres://postgres@127.0.0.1:5432/bench_ours"
+SQLITE_PATH = Path(tempfile.gettempdir()) / "bench_ours.sqlite3"
+HISTORY = 1_000_000
+LATENCY_MESSAGES, LATENCY_RATE = 200, 20.0
+DEFAULT_N = {
+    "publish_single": 2_000,
+    "publish_many": 50_000,
+    "dispatch": 20_000,
+    "dispatch_fan": 20_000,
+    "dispatch_ordered": 20_000,
+    "dispatch_history": 20_000,
+    "latency": LATENCY_MESSAGES,
+    "memory": 200_000,
+}
+SUBSCRIPTIONS = {
+    "dispatch": ("bench.one", ["bench.one"]),
+    "dispatch_history": ("bench.one", ["bench.one"]),
+    "dispatch_fan": ("bench.fan", [f"bench.fan.{n}" for n in range(10)]),
+    "dispatch_ordered": ("bench.ordered", ["bench.ordered"]),
+    "memory": ("bench.one", ["bench.one"]),
+}
+# Deadline for any one runpubsub process.
+RUN_TIMEOUT = 1800
+
+
+def database_url(db: str) -> str:
+    return PG_URL if db == "postgres" else f"sqlite:///{SQLITE_PATH}"
+
+
+def environment(db: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="bench.benchproject.settings",
+        DATABASE_URL=database_url(db),
+        PYTHONPATH=str(ROOT),
+        **extra,
+    )
+    return env
+
+
+def fresh_database(db: str) -> None:
+    """Drop and recreate the benchmark database, then migrate it (before Django starts)."""
+    if db == "postgres":
+        import psycopg
+
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres") as conn:
+            conn.autocommit = True
+            conn.execute("DROP DATABASE IF EXISTS bench_ours WITH (FORCE)")
+            conn.execute("CREATE DATABASE bench_ours")
+    else:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{SQLITE_PATH}{suffix}").unlink(missing_ok=True)
+    manage("migrate", "--verbosity", "0", db=db)
+
+
+def manage(*args: str, db: str, timeout: float = RUN_TIMEOUT, **env: str) -> float:
+    """Run a manage.py command to completion; return its wall time in seconds."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), *args],
+        env=environment(db, **env),
+        cwd=ROOT,
+        capture_output=True,
+        timeout=timeout,
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        sys.stderr.buffer.write(done.stdout + done.stderr)
+        raise SystemExit(f"manage.py {' '.join(args)} exited {done.returncode}")
+    return seconds
+
+
+def setup_django(db: str) -> None:
+    os.environ.update(environment(db))
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+
+
+def publish_batches(topic: str, n: int) -> None:
+    from django_pubsub import publish_many
+
+    for start in range(0, n, 1000):
+        publish_many(topic, [{"n": i} for i in range(start, min(n, start + 1000))])
+
+
+def runpubsub(subs: list[str], db: str) -> float:
+    return manage(
+        "runpubsub", "--until-idle", "--subscriptions", ",".join(subs), db=db, timeout=RUN_TIMEOUT
+    )
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def publish_single(db: str, n: int) -> dict[str, Any]:
+    setup_django(db)
+    from django.db import transaction
+
+    from django_pubsub import publish
+
+    publish("bench.one", {"n": -1})  # connect, and the topic exists
+    started = time.perf_counter()
+    for i in range(n):
+        with transaction.atomic():
+            publish("bench.one", {"n": i})
+    seconds = time.perf_counter() - started
+    return {"value": n / seconds, "unit": "messages/s", "seconds": seconds}
+
+
+def publish_many_figure(db: str, n: int) -> dict[str, Any]:
+    setup_django(db)
+    publish_batches("bench.one", 1)  # connect
+    started = time.perf_counter()
+    publish_batches("bench.one", n)
+    seconds = time.perf_counter() - started
+    return {"value": n / seconds, "unit": "messages/s", "seconds": seconds, "batch": 1000}
+
+
+def dispatch(db: str, n: int, figure: str) -> dict[str, Any]:
+    topic, subs = SUBSCRIPTIONS[figure]
+    if figure == "dispatch_history":
+        write_history(db)
+    baseline = runpubsub(subs, db)  # nothing to do: start-up and the idle check
+    setup_django(db)
+    publish_batches(topic, n)
+    wall = runpubsub(subs, db)
+    check_all_acked(subs, n * len(subs) + (HISTORY if figure == "dispatch_history" else 0))
+    seconds = wall - baseline
+    deliveries = n * len(subs)
+    return {
+        "value": deliveries / seconds,
+        "unit": "deliveries/s",
+        "seconds": seconds,
+        "wall": wall,
+        "startup": baseline,
+        "deliveries": deliveries,
+    }
+
+
+def check_all_acked(subs: list[str], expected: int) -> None:
+    from django_pubsub.models import Delivery
+
+    acked = Delivery.objects.filter(subscription__name__in=subs, state="acked").count()
+    if acked != expected:
+        raise SystemExit(f"expected {expected} acked deliveries, found {acked}")
+
+
+def write_history(db: str) -> None:
+    """1,000,000 messages of bench.one, each with its acked delivery, in plain SQL."""
+    manage("shell", "-c", HISTORY_SQL, db=db, BENCH_HISTORY=str(HISTORY))
+
+
+HISTORY_SQL = """
+import os
+from django.db import connection, transaction
+from django.utils import timezone
+from django_pubsub.models import Subscription, Topic
+n = int(os.environ["BENCH_HISTORY"])
+now = timezone.now()
+at = connection.ops.adapt_datetimefield_value(now)
+topic = Topic.objects.get(name="bench.one")
+sub = Subscription.objects.get(name="bench.one")
+if connection.vendor == "postgresql":
+    series = "SELECT g - 1 AS i FROM generate_series(1, %s) AS g"
+else:
+    series = (
+        "WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i + 1 < %s) "
+        "SELECT i FROM s"
+    )
+with transaction.atomic(), connection.cursor() as cursor:
+    cursor.execute(
+        "INSERT INTO django_pubsub_message (topic_id, \\"offset\\", payload, headers, "
+        f"published_at) SELECT %s, i, '{{}}', '{{}}', %s FROM ({series}) AS s",
+        [topic.pk, at, n],
+    )
+    cursor.execute(
+        "INSERT INTO django_pubsub_delivery (subscription_id, message_id, \\"offset\\", state, "
+        "attempts, available_at, errors, last_error, created_at, updated_at, finished_at) "
+        "SELECT %s, id, \\"offset\\", 'acked', 1, %s, '[]', '', %s, %s, %s "
+        "FROM django_pubsub_message WHERE topic_id = %s",
+        [sub.pk, at, at, at, at, topic.pk],
+    )
+    Topic.objects.filter(pk=topic.pk).update(next_offset=n)
+    Subscription.objects.filter(pk=sub.pk).update(position=n)
+if connection.vendor == "postgresql":
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE django_pubsub_message")
+        cursor.execute("VACUUM ANALYZE django_pubsub_delivery")
+"""
+
+
+def start_runpubsub(subs: list[str], db: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "runpubsub", "--subscriptions", ",".join(subs)],
+        env=environment(db, **env),
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def latency(db: str, n: int) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    starts = work / "starts.log"
+    starts.touch()
+    proc = start_runpubsub(
+        ["bench.latency"], db, work / "runpubsub.log", BENCH_LATENCY_LOG=str(starts)
+    )
+    try:
+        setup_django(db)
+        from django.db import transaction
+
+        from django_pubsub import publish
+        from django_pubsub.models import Dispatcher
+
+        wait_until(lambda: Dispatcher.objects.filter(stopped_at__isnull=True).exists(), 60)
+        time.sleep(1.0)  # its first passes are done
+        committed: dict[int, float] = {}
+        interval = 1.0 / LATENCY_RATE
+        next_at = time.perf_counter()
+        for i in range(n):
+            next_at += interval
+            with transaction.atomic():
+                message_id = publish("bench.latency", {"n": i})
+            committed[message_id] = time.time()
+            time.sleep(max(0.0, next_at - time.perf_counter()))
+        wait_until(lambda: len(starts.read_text().splitlines()) >= n, 60)
+    finally:
+        stop(proc)
+    delays = []
+    for line in starts.read_text().splitlines():
+        message_id, started = line.split()
+        delays.append((float(started) - committed[int(message_id)]) * 1000)
+    shutil.rmtree(work, ignore_errors=True)
+    cuts = statistics.quantiles(delays, n=100, method="inclusive")
+    return {"value": cuts[49], "unit": "ms", "p50": cuts[49], "p99": cuts[98], "max": max(delays)}
+
+
+def wait_until(condition: Any, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out waiting")
+        time.sleep(0.05)
+
+
+def memory(db: str, n: int) -> dict[str, Any]:
+    setup_django(db)
+    publish_batches("bench.one", n)
+    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "manage.py"),
+            "runpubsub",
+            "--until-idle",
+            "--subscriptions",
+            "bench.one",
+        ],
+        env=environment(db),
+        cwd=ROOT,
+        stdout=(work / "runpubsub.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    samples: list[tuple[float, int]] = []
+    started = time.monotonic()
+    try:
+        while proc.poll() is None and time.monotonic() - started < RUN_TIMEOUT:
+            rss = resident_kib(proc.pid)
+            if rss:
+                samples.append((time.monotonic() - started, rss))
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    shutil.rmtree(work, ignore_errors=True)
+    total = samples[-1][0]
+    warm = [rss for at, rss in samples if at <= total / 5]
+    after = [rss for at, rss in samples if at > total / 5]
+    growth = (max(after) - warm[-1]) / warm[-1] * 100
+    return {
+        "value": growth,
+        "unit": "% growth after warm-up",
+        "rss_warm_kib": warm[-1],
+        "rss_max_kib": max(rss for _, rss in samples),
+        "seconds": total,
+        "samples": len(samples),
+    }
+
+
+def resident_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", choices=["postgres", "sqlite"], required=True)
+    parser.add_argument("--figure", choices=sorted(DEFAULT_N), required=True)
+    parser.add_argument("--n", type=int)
+    args = parser.parse_args()
+    n = args.n or DEFAULT_N[args.figure]
+    fresh_database(args.db)
+    if args.figure == "publish_single":
+        result = publish_single(args.db, n)
+    elif args.figure == "publish_many":
+        result = publish_many_figure(args.db, n)
+    elif args.figure == "latency":
+        result = latency(args.db, n)
+    elif args.figure == "memory":
+        result = memory(args.db, n)
+    else:
+        result = dispatch(args.db, n, args.figure)
+    print(json.dumps({"figure": args.figure, "db": args.db, "n": n, **result}))
+
+
+if __name__ == "__main__":
+    main()
