@@ -477,7 +477,9 @@ class DispatchLoop:
         except BaseException:
             self._pool.put_back(outcomes)
             raise
-        return len(outcomes)
+        # Acks a worker recorded itself (an ordered run) are no reason to pass again at once:
+        # the dispatcher would spin beside the run, costing it the CPU and the database.
+        return sum(1 for outcome in outcomes if not outcome.acked)
 
     def _record(self, outcomes: list[Outcome], now: datetime) -> None:
         """Acks and give-backs in one statement per claim token; failures one by one."""

@@ -435,15 +435,26 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         return claimed
 
     def ack(self, ids: Sequence[int], *, token: str, now: datetime) -> int:
-        """Mark handled deliveries acked; the lease token fences out late workers."""
-        return self.filter(id__in=ids, state=Delivery.State.INFLIGHT, lease_token=token).update(
-            state=Delivery.State.ACKED,
-            lease_token=None,
-            lease_expires_at=None,
-            dispatcher=None,
-            finished_at=now,
-            updated_at=now,
-        )
+        """Mark handled deliveries acked; the lease token fences out late workers.
+
+        Plain SQL: it runs once per message of an ordered run, where the ORM's cost of
+        building the statement would be most of the ack's.
+        """
+        connection = connections[self.db]
+        at = connection.ops.adapt_datetimefield_value(now)
+        params: list[Any]
+        if connection.vendor == "postgresql":
+            match, params = "id = ANY(%s)", [list(ids)]
+        else:
+            match, params = f"id IN ({', '.join(['%s'] * len(ids))})", list(ids)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {_quoted(Delivery)} SET state = %s, lease_token = NULL, "
+                f"lease_expires_at = NULL, dispatcher_id = NULL, finished_at = %s, "
+                f"updated_at = %s WHERE {match} AND state = %s AND lease_token = %s",
+                [Delivery.State.ACKED, at, at, *params, Delivery.State.INFLIGHT, token],
+            )
+            return int(cursor.rowcount)
 
     def give_back(self, ids: Sequence[int], *, token: str, now: datetime) -> int:
         """Return claimed deliveries whose handler never started, with their attempt."""
