@@ -345,8 +345,7 @@ class DispatchLoop:
             progressed |= self._recover_expired(now) > 0
         batch = pubsub_settings.batch_size
         progressed |= Topic.sequence_all(batch=batch) > 0
-        behind = Subscription.objects.filter(active=True, position__lt=F("topic__next_offset"))
-        for sub in behind:
+        for sub in Subscription.behind():
             progressed |= sub.fan_out(now=now, batch=batch) > 0
         if not self._stop.is_set():
             progressed |= self._claim(self.clock()) > 0
@@ -604,8 +603,10 @@ class DispatchLoop:
                 continue
             token = uuid.uuid4().hex
             # The lease and the read of what it leased commit together: a claim whose
-            # messages could not be read (a lost connection) rolls back instead of leaving
-            # deliveries leased to a live dispatcher that never runs them.
+            # messages could not be read (a lost connection, even after the statement ran)
+            # rolls back instead of leaving deliveries leased to a live dispatcher that
+            # never runs them. So even the one-statement claim of PostgreSQL gets a
+            # transaction: COMMIT goes only once the rows are here.
             with transaction.atomic():
                 rows = Delivery.objects.claim(
                     sub, limit=limit, now=now, token=token, dispatcher_id=self.row.pk

@@ -63,6 +63,30 @@ def _lock_row(cursor: Any, model: type[models.Model], pk: int, using: str) -> No
         cursor.execute(f"UPDATE {table} SET id = id WHERE id = %s", [pk])
 
 
+def _lock_lazily(cursor: Any, model: type[models.Model], pk: int, column: str, using: str) -> int:
+    """Take the row's write lock for the rest of the transaction; return ``column`` as of
+    then (the latest committed value, not the transaction's snapshot's).
+
+    On PostgreSQL the same statement lets the transaction commit without waiting for its
+    WAL to reach the disk. That is only for what the dispatcher can work out again,
+    sequencing and fan-out: a server crash may lose such a commit, and the work is then
+    done again. It never loses one that anything durable built on, because a later
+    synchronous commit (a claim, an ack) flushes the WAL up to itself, and with it every
+    earlier commit.
+    """
+    table, name = _quoted(model), _quoted(model, column)
+    if connections[using].vendor == "postgresql":
+        cursor.execute(
+            f"SELECT {name}, set_config('synchronous_commit', 'off', true) FROM {table} "
+            f"WHERE id = %s FOR NO KEY UPDATE",
+            [pk],
+        )
+    else:
+        _lock_row(cursor, model, pk, using)
+        cursor.execute(f"SELECT {name} FROM {table} WHERE id = %s", [pk])
+    return int(cursor.fetchone()[0])
+
+
 class Topic(models.Model):
     name = models.CharField(max_length=200, unique=True)
     # The offset the next sequenced message of this topic gets.
@@ -78,37 +102,47 @@ class Topic(models.Model):
     @classmethod
     def sequence_all(cls, *, batch: int, using: str = "default") -> int:
         """Sequence the committed messages of every topic that has some; return how many."""
-        topic_ids = (
-            Message.objects.using(using)
-            .filter(offset__isnull=True)
-            .order_by()
-            .values_list("topic_id", flat=True)
-            .distinct()
-        )
+        # Plain SQL: this runs every pass, and on the way from a commit to its handler.
+        with connections[using].cursor() as cursor:
+            cursor.execute(
+                f"SELECT DISTINCT {_quoted(Message, 'topic')} FROM {_quoted(Message)} "
+                f"WHERE {_quoted(Message, 'offset')} IS NULL"
+            )
+            topic_ids = sorted(row[0] for row in cursor.fetchall())
         return sum(cls.sequence(topic_id, batch=batch, using=using) for topic_id in topic_ids)
 
     @classmethod
     def sequence(cls, topic_id: int, *, batch: int, using: str = "default") -> int:
         message, topic = _quoted(Message), _quoted(Topic)
         offset, topic_col = _quoted(Message, "offset"), _quoted(Message, "topic")
+        assign = (
+            f"UPDATE {message} SET {offset} = %s + s.rn - 1 FROM ("
+            f"SELECT id, row_number() OVER (ORDER BY id) AS rn FROM {message} "
+            f"WHERE {topic_col} = %s AND {offset} IS NULL ORDER BY id LIMIT %s"
+            f") AS s WHERE {message}.id = s.id"
+        )
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
-            _lock_row(cursor, Topic, topic_id, using)
+            base = _lock_lazily(cursor, Topic, topic_id, "next_offset", using)
             # A new statement after the lock: it sees every message committed so far,
             # including the offsets a sequencer that held the lock before us assigned.
-            cursor.execute(f"SELECT next_offset FROM {topic} WHERE id = %s", [topic_id])
-            (base,) = cursor.fetchone()
-            cursor.execute(
-                f"UPDATE {message} SET {offset} = %s + s.rn - 1 FROM ("
-                f"SELECT id, row_number() OVER (ORDER BY id) AS rn FROM {message} "
-                f"WHERE {topic_col} = %s AND {offset} IS NULL ORDER BY id LIMIT %s"
-                f") AS s WHERE {message}.id = s.id",
-                [base, topic_id, batch],
-            )
-            count = cursor.rowcount
-            if count:
+            if connections[using].vendor == "postgresql":
+                # The offsets and the topic's next offset in one statement.
                 cursor.execute(
-                    f"UPDATE {topic} SET next_offset = %s WHERE id = %s", [base + count, topic_id]
+                    f"WITH assigned AS ({assign} RETURNING 1) UPDATE {topic} SET next_offset "
+                    f"= %s + (SELECT count(*) FROM assigned) WHERE id = %s "
+                    f"AND EXISTS (SELECT 1 FROM assigned) RETURNING next_offset",
+                    [base, topic_id, batch, base, topic_id],
                 )
+                row = cursor.fetchone()
+                count = row[0] - base if row else 0
+            else:
+                cursor.execute(assign, [base, topic_id, batch])
+                count = cursor.rowcount
+                if count:
+                    cursor.execute(
+                        f"UPDATE {topic} SET next_offset = %s WHERE id = %s",
+                        [base + count, topic_id],
+                    )
         return int(count)
 
 
@@ -271,18 +305,26 @@ class Subscription(models.Model):
         """Most deliveries in flight at once in one process; None: only the pool bounds it."""
         return self.max_inflight or pubsub_settings.max_inflight
 
+    @classmethod
+    def behind(cls, using: str = "default") -> list[Subscription]:
+        """Active subscriptions with sequenced messages not yet fanned out, as far as
+        ``fan_out()`` needs them (pk and topic)."""
+        with connections[using].cursor() as cursor:
+            cursor.execute(
+                f"SELECT s.id, s.topic_id FROM {_quoted(Subscription)} s "
+                f"JOIN {_quoted(Topic)} t ON t.id = s.topic_id "
+                f"WHERE s.active AND s.position < t.next_offset ORDER BY s.id"
+            )
+            return [cls(pk=pk, topic_id=topic_id) for pk, topic_id in cursor.fetchall()]
+
     def fan_out(self, *, now: datetime, batch: int, using: str = "default") -> int:
         """Create deliveries for sequenced messages past the cursor; return how many."""
         delivery, message, topic = _quoted(Delivery), _quoted(Message), _quoted(Topic)
         offset = _quoted(Message, "offset")
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
-            _lock_row(cursor, Subscription, self.pk, using)
-            cursor.execute(
-                f"SELECT s.position, t.next_offset FROM {_quoted(Subscription)} s "
-                f"JOIN {topic} t ON t.id = s.topic_id WHERE s.id = %s",
-                [self.pk],
-            )
-            low, head = cursor.fetchone()
+            low = _lock_lazily(cursor, Subscription, self.pk, "position", using)
+            cursor.execute(f"SELECT next_offset FROM {topic} WHERE id = %s", [self.topic_id])
+            (head,) = cursor.fetchone()
             high = min(head, low + batch)
             if high <= low:
                 self.position = low
