@@ -450,9 +450,13 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         if postgres:
             # The messages come back with the claim: one round trip, no ORM per row.
             m = _quoted(Message)
+            # Committed lazily, like sequencing (see _lock_lazily): a claim that a server
+            # crash loses returns its deliveries to where they were, which at-least-once
+            # delivery allows, and the ack that follows commits synchronously.
             sql = (
                 f"WITH {ctes}, claimed AS ({update}) SELECT c.id, c.attempts, m.id, m.{offset}, "
-                f"m.payload::text, m.payload_bytes, m.key, m.headers::text, m.published_at "
+                f"m.payload::text, m.payload_bytes, m.key, m.headers::text, m.published_at, "
+                f"set_config('synchronous_commit', 'off', true) "
                 f"FROM claimed c JOIN {m} m ON m.id = c.message_id"
             )
         else:
