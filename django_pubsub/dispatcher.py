@@ -707,7 +707,8 @@ class DispatchLoop:
         horizon = self.clock() + timedelta(seconds=self.idle_wait)
         unordered = [pk for pk, sub in self._subs.items() if not sub.effective_ordered]
         if (
-            Delivery.objects.filter(subscription_id__in=unordered)
+            Delivery.objects.unfinished()
+            .filter(subscription_id__in=unordered)
             .filter(
                 Q(state=Delivery.State.INFLIGHT)
                 | Q(state__in=Delivery.WAITING, available_at__lte=horizon)
@@ -719,7 +720,8 @@ class DispatchLoop:
             if not sub.effective_ordered:
                 continue
             head = (
-                Delivery.objects.filter(subscription_id=pk, state__in=Delivery.UNFINISHED)
+                Delivery.objects.unfinished()
+                .filter(subscription_id=pk)
                 .order_by("offset")
                 .values_list("state", "available_at")
                 .first()
