@@ -180,11 +180,9 @@ class MessageQuerySet(models.QuerySet["Message"]):
         at = connection.ops.adapt_datetimefield_value(now)
         header_json = json.dumps(headers)
         # Typed on PostgreSQL, where a column of NULLs in VALUES would have no type.
-        row_sql = (
-            "(%s, %s::jsonb, %s::bytea, %s::varchar, %s::jsonb, %s::timestamptz)"
-            if postgres
-            else "(%s, %s, %s, %s, %s, %s)"
-        )
+        types = ("", "::jsonb", "::bytea", "::varchar", "::jsonb", "::timestamptz")
+        values = [f"%s{cast}" if postgres else "%s" for cast in types]
+        row_sql = f"({', '.join(values)})"
         ids: list[int] = []
         for start in range(0, len(bodies), INSERT_BATCH):
             batch = bodies[start : start + INSERT_BATCH]
@@ -193,15 +191,23 @@ class MessageQuerySet(models.QuerySet["Message"]):
                 binary = isinstance(body, bytes)
                 payload = None if binary or body is None else json.dumps(body)
                 params += [n, payload, body if binary else None, key, header_json, at]
-            # VALUES columns are column1, column2... on both databases; column1 keeps
-            # the call's order, which the ids follow.
-            insert = (
-                f"INSERT INTO {table} (topic_id, payload, payload_bytes, key, headers, "
-                f"published_at) SELECT t.id, v.column2, v.column3, v.column4, v.column5, "
-                f"v.column6 FROM {topics} t CROSS JOIN (VALUES "
-                f"{', '.join([row_sql] * len(batch))}) AS v WHERE t.name = %s "
-                f"ORDER BY v.column1 RETURNING id"
-            )
+            columns = "topic_id, payload, payload_bytes, key, headers, published_at"
+            if len(batch) == 1:
+                # The common case, in the plainest statement the server can plan.
+                params = params[1:]
+                insert = (
+                    f"INSERT INTO {table} ({columns}) SELECT id, {', '.join(values[1:])} FROM "
+                    f"{topics} WHERE name = %s RETURNING id"
+                )
+            else:
+                # VALUES columns are column1, column2... on both databases; column1
+                # keeps the call's order, which the ids follow.
+                insert = (
+                    f"INSERT INTO {table} ({columns}) SELECT t.id, v.column2, v.column3, "
+                    f"v.column4, v.column5, v.column6 FROM {topics} t CROSS JOIN (VALUES "
+                    f"{', '.join([row_sql] * len(batch))}) AS v WHERE t.name = %s "
+                    f"ORDER BY v.column1 RETURNING id"
+                )
             params.append(topic)
             if postgres and wake and start == 0:
                 sql = (

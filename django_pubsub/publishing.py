@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from .exceptions import InvalidPayload
@@ -36,7 +37,7 @@ def publish_many(
     headers: Mapping[str, str] | None = None,
 ) -> list[int]:
     """Publish several messages to ``topic`` atomically, in order; return their ids."""
-    from .models import Message
+    from .models import INSERT_BATCH, Message
 
     check_topic(topic)
     key = check_key(key)
@@ -58,8 +59,10 @@ def publish_many(
         return []
     now = timezone.now()
     # No savepoint: a failed insert spoils the caller's transaction either way, and two
-    # round trips per publish are worth saving. Outside a transaction this one commits.
-    with transaction.atomic(savepoint=False):
+    # round trips per publish are worth saving. Outside a transaction, one statement
+    # commits on its own; more need a transaction of their own.
+    single = len(checked) <= INSERT_BATCH and not connection.in_atomic_block
+    with nullcontext() if single else transaction.atomic(savepoint=False):
         ids = Message.objects.insert(
             topic, checked, key=key, headers=header_dict, now=now, wake=CHANNEL
         )
