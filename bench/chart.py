@@ -14,7 +14,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 BARS = [
     ("raw SQL: claim 100 + mark", "raw/claim_batch"),
@@ -40,9 +40,7 @@ LATENCY = [
 def main(source: Path, output: Path) -> None:
     data = json.loads(source.read_text())
     table = data["table"]
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [3, 2]}
-    )
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [3, 2]})
     labels = [label for label, _ in BARS]
     for offset, (db, color) in enumerate((("postgres", "#336791"), ("sqlite", "#7aa95c"))):
         values = [table.get(f"{key}/{db}", {}).get("median", 0) for _, key in BARS]

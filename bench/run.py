@@ -56,6 +56,7 @@ PEERS = ["procrastinate", "django_tasks", "django_q2"]
 # Peers handle a few hundred jobs a second: 5,000 keeps each run near a minute.
 PEER_DISPATCH_N, PEER_QUICK_N = 5_000, 300
 PEER_CONCURRENCY = (1, 10)
+MATPLOTLIB = "matplotlib==3.10.9"
 
 
 def ensure_environments() -> None:
@@ -64,6 +65,10 @@ def ensure_environments() -> None:
         pip = [str(VENV_PY), "-m", "pip", "install", "-q"]
         subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
     subprocess.run(["bash", str(BENCH / "peers" / "setup.sh")], check=True)
+    # The chart is drawn in the benchmark's virtualenv too: no project dependency.
+    has_plot = subprocess.run([str(PEERS_PY), "-c", "import matplotlib"], capture_output=True)
+    if has_plot.returncode:
+        subprocess.run([str(PEERS_PY), "-m", "pip", "install", "-q", MATPLOTLIB], check=True)
 
 
 def measure(python: Path, script: str, args: list[str], timeout: float = 3600) -> dict[str, Any]:
@@ -71,9 +76,7 @@ def measure(python: Path, script: str, args: list[str], timeout: float = 3600) -
     command = [str(python), str(BENCH / script), *args]
     print("  $", " ".join(command[1:]), flush=True)
     try:
-        done = subprocess.run(
-            command, cwd=ROOT, capture_output=True, text=True, timeout=timeout
-        )
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
     lines = done.stdout.strip().splitlines()
@@ -105,7 +108,7 @@ def run_all(repeat: int, quick: bool, dbs: list[str], peers: bool) -> dict[str, 
                 size = quick_n if quick else n
                 record(f"ours/{figure}/{db}", measure(VENV_PY, "ours.py", args + n_arg(size)))
             for figure, n, quick_n in RAW:
-                args = ["--db", db, "--figure", figure] + n_arg(quick_n if quick else n)
+                args = ["--db", db, "--figure", figure, *n_arg(quick_n if quick else n)]
                 record(f"raw/{figure}/{db}", measure(VENV_PY, "raw.py", args))
             if not peers:
                 continue
@@ -187,7 +190,7 @@ def targets(table: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | Non
         0.25,
         "{:.0%}",
     )
-    check("PostgreSQL dispatch ≥ 20× the best peer", ratio(pg_dispatch, best_peer), 20, "{:.1f}×")
+    check("PostgreSQL dispatch ≥ 20x the best peer", ratio(pg_dispatch, best_peer), 20, "{:.1f}x")
     check("SQLite dispatch ≥ 10,000/s", value(table, "ours/dispatch/sqlite"), 10_000, "{:,.0f}/s")
     for db in DBS:
         check(
@@ -204,13 +207,17 @@ def targets(table: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | Non
         )
     check(
         "PostgreSQL publish ≥ 80% of raw insert + commit",
-        ratio(value(table, "ours/publish_single/postgres"), value(table, "raw/insert_single/postgres")),
+        ratio(
+            value(table, "ours/publish_single/postgres"), value(table, "raw/insert_single/postgres")
+        ),
         0.8,
         "{:.0%}",
     )
     check(
         "PostgreSQL publish_many ≥ 50% of raw batched insert",
-        ratio(value(table, "ours/publish_many/postgres"), value(table, "raw/insert_batch/postgres")),
+        ratio(
+            value(table, "ours/publish_many/postgres"), value(table, "raw/insert_batch/postgres")
+        ),
         0.5,
         "{:.0%}",
     )
@@ -234,14 +241,14 @@ def targets(table: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | Non
         "PostgreSQL latency p50 below the best peer's",
         ratio(p50, peer_p50),
         1,
-        "{:.2f}× the best peer",
+        "{:.2f}x the best peer",
         above=False,
     )
     check(
         "PostgreSQL latency p99 below the best peer's",
         ratio(p99, peer_p99),
         1,
-        "{:.2f}× the best peer",
+        "{:.2f}x the best peer",
         above=False,
     )
     check(
@@ -271,7 +278,7 @@ def targets(table: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | Non
 def markdown(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Run of {meta['date']} on {meta['machine']}, {meta['runs']} run(s) per figure; "
-        f"median (lowest – highest).",
+        f"median (lowest - highest).",
         "",
         "| figure | PostgreSQL | SQLite |",
         "|---|---|---|",
@@ -290,15 +297,15 @@ def markdown(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def cell(row: dict[str, Any] | None) -> str:
     if row is None:
-        return "–"
+        return "-"
     if "error" in row:
         return f"not measured ({row['error'][:60]})"
     unit = row["unit"]
     if unit == "ms":
         return f"p50 {row['median']:.1f} ms, p99 {row.get('p99', float('nan')):.1f} ms"
     if unit.startswith("%"):
-        return f"{row['median']:.1f}% ({row['low']:.1f} – {row['high']:.1f})"
-    return f"{row['median']:,.0f} {unit} ({row['low']:,.0f} – {row['high']:,.0f})"
+        return f"{row['median']:.1f}% ({row['low']:.1f} - {row['high']:.1f})"
+    return f"{row['median']:,.0f} {unit} ({row['low']:,.0f} - {row['high']:,.0f})"
 
 
 def write_doc(text: str) -> None:

@@ -332,7 +332,8 @@ class Subscription(models.Model):
     def fan_out(self, *, now: datetime, batch: int, using: str = "default") -> int:
         """Create deliveries for sequenced messages past the cursor; return how many."""
         delivery, message, topic = _quoted(Delivery), _quoted(Message), _quoted(Topic)
-        offset = _quoted(Message, "offset")
+        subscription, offset = _quoted(Subscription), _quoted(Message, "offset")
+        postgres = connections[using].vendor == "postgresql"
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
             low = _lock_lazily(cursor, Subscription, self.pk, "position", using)
             cursor.execute(f"SELECT next_offset FROM {topic} WHERE id = %s", [self.topic_id])
@@ -341,18 +342,37 @@ class Subscription(models.Model):
             if high <= low:
                 self.position = low
                 return 0
-            cursor.execute(
+            insert = (
                 f"INSERT INTO {delivery} (subscription_id, message_id, {offset}, state, attempts, "
                 f"available_at, errors, last_error, created_at, updated_at) "
                 f"SELECT %s, id, {offset}, %s, 0, %s, %s, '', %s, %s FROM {message} "
                 f"WHERE topic_id = %s AND {offset} >= %s AND {offset} < %s "
-                f"ON CONFLICT DO NOTHING",
-                [self.pk, Delivery.State.PENDING, now, "[]", now, now, self.topic_id, low, high],
+                f"ON CONFLICT DO NOTHING"
             )
-            created = cursor.rowcount
-            cursor.execute(
-                f"UPDATE {_quoted(Subscription)} SET position = %s WHERE id = %s", [high, self.pk]
-            )
+            params = [
+                self.pk,
+                Delivery.State.PENDING,
+                now,
+                "[]",
+                now,
+                now,
+                self.topic_id,
+                low,
+                high,
+            ]
+            move = f"UPDATE {subscription} SET position = %s WHERE id = %s"
+            if postgres:
+                # The deliveries and the cursor in one statement.
+                cursor.execute(
+                    f"WITH created AS ({insert} RETURNING 1) {move} "
+                    f"RETURNING (SELECT count(*) FROM created)",
+                    [*params, high, self.pk],
+                )
+                (created,) = cursor.fetchone()
+            else:
+                cursor.execute(insert, params)
+                created = cursor.rowcount
+                cursor.execute(move, [high, self.pk])
         self.position = high
         return int(created)
 
