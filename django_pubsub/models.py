@@ -152,6 +152,24 @@ class Topic(models.Model):
         return int(count)
 
 
+def _bound_cursor(connection: Any) -> Any:
+    """A cursor that sends parameters apart from the SQL where the driver can.
+
+    Django's psycopg cursors bind parameters into the SQL text on the client, which for a
+    thousand messages means quoting six thousand values in Python. A plain psycopg cursor
+    on the same connection and transaction sends them separately (unnamed statements, so
+    poolers such as PgBouncer in transaction mode are fine with it).
+    """
+    if connection.vendor != "postgresql":
+        return connection.cursor()
+    import psycopg
+
+    # As Django's own cursor() does: refuse a transaction that must roll back; connect.
+    connection.validate_no_broken_transaction()
+    connection.ensure_connection()
+    return psycopg.Cursor(connection.connection)
+
+
 # Rows per INSERT statement: well under both databases' limits on parameters.
 INSERT_BATCH = 1000
 
@@ -217,7 +235,7 @@ class MessageQuerySet(models.QuerySet["Message"]):
                 params.append(wake)
             else:
                 sql = insert
-            with connection.cursor() as cursor:
+            with connection.wrap_database_errors, _bound_cursor(connection) as cursor:
                 cursor.execute(sql, params)
                 found = sorted(row[0] for row in cursor.fetchall())
             if not found:

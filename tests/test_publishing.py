@@ -6,7 +6,8 @@ import math
 from typing import Any
 
 import pytest
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.transaction import TransactionManagementError
 
 from django_pubsub import publish, publish_many
 from django_pubsub.exceptions import InvalidHeaders, InvalidKey, InvalidPayload, InvalidTopic
@@ -45,6 +46,22 @@ def test_a_rolled_back_transaction_publishes_nothing(dispatch: Any) -> None:
     assert Message.objects.count() == 1
     for name in ("basic.one", "basic.two"):
         assert [run.message_id for run in runs(name)] == [kept]
+
+
+def test_publish_in_a_transaction_that_must_roll_back_is_refused_like_any_query() -> None:
+    with transaction.atomic():
+        with pytest.raises(IntegrityError), transaction.atomic():
+            Topic.objects.create(name="t.basic-dup")
+            Topic.objects.create(name="t.basic-dup")  # the inner block must roll back
+        publish("t.basic", {"n": "after the savepoint rolled back"})
+    with pytest.raises(TransactionManagementError), transaction.atomic():
+        with pytest.raises(IntegrityError), transaction.atomic(savepoint=False):
+            Topic.objects.create(name="t.basic-dup2")
+            Topic.objects.create(name="t.basic-dup2")  # the whole transaction must roll back
+        publish("t.basic", {"n": "refused"})  # Django's error, not the driver's
+    assert list(Message.objects.values_list("payload", flat=True)) == [
+        {"n": "after the savepoint rolled back"}
+    ]
 
 
 def test_a_committed_message_reaches_every_subscription(dispatch: Any) -> None:
