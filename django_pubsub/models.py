@@ -537,7 +537,7 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
             )
         else:
             sql = f"WITH {ctes} {update}"
-        with connection.cursor() as cursor:
+        with connection.wrap_database_errors, _bound_cursor(connection) as cursor:
             if subscription.effective_ordered:
                 # Claimers of one subscription take turns on its row lock, and each sees
                 # what the one before committed, so two never lease parts of one run.
@@ -569,7 +569,7 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
             match, params = "id = ANY(%s)", [list(ids)]
         else:
             match, params = f"id IN ({', '.join(['%s'] * len(ids))})", list(ids)
-        with connection.cursor() as cursor:
+        with connection.wrap_database_errors, _bound_cursor(connection) as cursor:
             cursor.execute(
                 f"UPDATE {_quoted(Delivery)} SET state = %s, lease_token = NULL, "
                 f"lease_expires_at = NULL, dispatcher_id = NULL, finished_at = %s, "
