@@ -24,7 +24,7 @@ BARS = [
     ("django-pubsub, 1M history", "ours/dispatch_history"),
     ("procrastinate, concurrency 10", "procrastinate/dispatch-c10"),
     ("procrastinate, 1 worker", "procrastinate/dispatch-c1"),
-    ("django-tasks, 10 threads", "django_tasks/dispatch-c10"),
+    ("django-tasks, 10 worker processes", "django_tasks/dispatch-c10"),
     ("django-tasks, 1", "django_tasks/dispatch-c1"),
     ("django-q2, 10 workers", "django_q2/dispatch-c10"),
     ("django-q2, 1", "django_q2/dispatch-c1"),

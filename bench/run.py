@@ -283,7 +283,10 @@ def markdown(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         "| figure | PostgreSQL | SQLite |",
         "|---|---|---|",
     ]
-    keys = sorted({key.rsplit("/", 1)[0] for key in table})
+    order = ["ours", "raw", *PEERS]
+    keys = sorted(
+        {key.rsplit("/", 1)[0] for key in table}, key=lambda k: (order.index(k.split("/")[0]), k)
+    )
     for key in keys:
         cells = [cell(table.get(f"{key}/{db}")) for db in DBS]
         lines.append(f"| {key} | {cells[0]} | {cells[1]} |")
@@ -291,7 +294,11 @@ def markdown(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     for name, measured, met in targets(table):
         mark = "n/a" if met is None else ("yes" if met else "**no**")
         lines.append(f"| {name} | {measured} | {mark} |")
-    lines += ["", "Versions and settings: `bench/results/results.json`.", ""]
+    versions = ", ".join(f"{name} {v}" for name, v in meta["versions"].items())
+    lines += ["", f"Versions: {versions}.", ""]
+    lines += [f"Settings: {meta['settings']['ours']}; peers: "]
+    lines[-1] += f"{meta['settings']['peer_dispatch_n']:,} jobs per dispatch run."
+    lines += ["Every run's figures and each one's settings: `bench/results/results.json`.", ""]
     return "\n".join(lines)
 
 
@@ -343,7 +350,16 @@ def main() -> None:
     parser.add_argument(
         "--no-write", action="store_true", help="print the table; leave docs/ as it is"
     )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: rewrite the tables and chart from bench/results/results.json",
+    )
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((RESULTS / "results.json").read_text())
+        publish_results(saved["meta"], saved["table"], saved["runs"])
+        return
     repeat = args.repeat or (1 if args.quick else 3)
     ensure_environments()
     started = time.monotonic()
@@ -362,10 +378,17 @@ def main() -> None:
             "peer_dispatch_n": PEER_QUICK_N if args.quick else PEER_DISPATCH_N,
         },
     }
+    if args.no_write:
+        print("\n" + markdown(table, meta))
+        return
+    publish_results(meta, table, runs)
+
+
+def publish_results(
+    meta: dict[str, Any], table: dict[str, dict[str, Any]], runs: dict[str, Any]
+) -> None:
     text = markdown(table, meta)
     print("\n" + text)
-    if args.no_write:
-        return
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "results.json").write_text(
         json.dumps({"meta": meta, "table": table, "runs": runs}, indent=1) + "\n"
