@@ -53,6 +53,9 @@ RECOVERY_INTERVAL = 1.0
 # A chunk (the deliveries one worker runs in a row) grows, doubling from one, until it is
 # about this many seconds of handler time, and at most BATCH_SIZE deliveries.
 CHUNK_SECONDS = 0.05
+# Deliveries one process holds at most (all chunks of all workers): keeps every list of ids
+# in one statement under SQLite's default limit of 32,766 parameters.
+MAX_HELD = 20_000
 
 
 @dataclass
@@ -522,7 +525,8 @@ class DispatchLoop:
         """
         per_message = max(sum(durations) / len(durations), 1e-6)
         fits = max(1, int(CHUNK_SECONDS / per_message))
-        size = min(2 * self._chunk_size[sub_id], fits, pubsub_settings.batch_size)
+        cap = max(1, MAX_HELD // self.workers)
+        size = min(2 * self._chunk_size[sub_id], fits, pubsub_settings.batch_size, cap)
         self._chunk_size[sub_id] = max(1, size)
 
     def _record_failure(self, outcome: Outcome, now: datetime) -> None:

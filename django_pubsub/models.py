@@ -66,22 +66,26 @@ def _lock_row(cursor: Any, model: type[models.Model], pk: int, using: str, colum
         cursor.execute(f"UPDATE {table} SET {name} = {name} WHERE id = %s", [pk])
 
 
-def _lock_lazily(cursor: Any, model: type[models.Model], pk: int, column: str, using: str) -> int:
+def _lock_lazily(
+    cursor: Any, model: type[models.Model], pk: int, column: str, using: str, lazy: bool
+) -> int:
     """Take the row's write lock for the rest of the transaction; return ``column`` as of
     then (the latest committed value, not the transaction's snapshot's).
 
-    On PostgreSQL the same statement lets the transaction commit without waiting for its
-    WAL to reach the disk. That is only for what the dispatcher can work out again,
-    sequencing and fan-out: a server crash may lose such a commit, and the work is then
-    done again. It never loses one that anything durable built on, because a later
-    synchronous commit (a claim, an ack) flushes the WAL up to itself, and with it every
-    earlier commit.
+    On PostgreSQL, with ``lazy``, the same statement lets the transaction commit without
+    waiting for its WAL to reach the disk. That is only for what the dispatcher can work
+    out again, sequencing and fan-out (and claims, see claim()): a server crash may lose
+    such a commit, and the work is then done again. It never loses one that anything
+    durable built on, because a later synchronous commit (a publish, an ack, a retry)
+    flushes the WAL up to itself, and with it every earlier commit. Callers pass ``lazy``
+    only for a transaction of their own: inside someone else's it would make all of it
+    lazy.
     """
     table, name = _quoted(model), _quoted(model, column)
     if connections[using].vendor == "postgresql":
+        lazily = ", set_config('synchronous_commit', 'off', true)" if lazy else ""
         cursor.execute(
-            f"SELECT {name}, set_config('synchronous_commit', 'off', true) FROM {table} "
-            f"WHERE id = %s FOR NO KEY UPDATE",
+            f"SELECT {name}{lazily} FROM {table} WHERE id = %s FOR NO KEY UPDATE",
             [pk],
         )
     else:
@@ -127,8 +131,9 @@ class Topic(models.Model):
             f"WHERE {topic_col} = %s AND {offset} IS NULL ORDER BY id LIMIT %s"
             f") AS s WHERE {message}.id = s.id"
         )
+        own = not connections[using].in_atomic_block
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
-            base = _lock_lazily(cursor, Topic, topic_id, "next_offset", using)
+            base = _lock_lazily(cursor, Topic, topic_id, "next_offset", using, lazy=own)
             # A new statement after the lock: it sees every message committed so far,
             # including the offsets a sequencer that held the lock before us assigned.
             if connections[using].vendor == "postgresql":
@@ -162,8 +167,13 @@ def _bound_cursor(connection: Any) -> Any:
     """
     if connection.vendor != "postgresql":
         return connection.cursor()
-    import psycopg
-
+    try:
+        import psycopg
+    except ImportError:  # psycopg2: Django's cursor
+        return connection.cursor()
+    connection.ensure_connection()
+    if not isinstance(connection.connection, psycopg.Connection):
+        return connection.cursor()
     # As Django's own cursor() does: refuse a transaction that must roll back; connect.
     connection.validate_no_broken_transaction()
     connection.ensure_connection()
@@ -352,8 +362,9 @@ class Subscription(models.Model):
         delivery, message, topic = _quoted(Delivery), _quoted(Message), _quoted(Topic)
         subscription, offset = _quoted(Subscription), _quoted(Message, "offset")
         postgres = connections[using].vendor == "postgresql"
+        own = not connections[using].in_atomic_block
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
-            low = _lock_lazily(cursor, Subscription, self.pk, "position", using)
+            low = _lock_lazily(cursor, Subscription, self.pk, "position", using, lazy=own)
             cursor.execute(f"SELECT next_offset FROM {topic} WHERE id = %s", [self.topic_id])
             (head,) = cursor.fetchone()
             high = min(head, low + batch)
