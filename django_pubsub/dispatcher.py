@@ -666,7 +666,7 @@ class DispatchLoop:
         self.stats.claimed += len(jobs)
         if self._subs[sub_id].effective_ordered:
             # Message n is acked before n + 1 starts, even across a crash (guarantees 3).
-            self._pool.submit(Chunk(jobs, stop_on_failure=True, ack=self._ack_one))
+            self._pool.submit(Chunk(jobs, ack=self._ack_one))
         else:
             self._pool.submit(Chunk(jobs))
 

@@ -60,11 +60,9 @@ class Chunk:
     """Jobs of one claim that one thread runs in order: jobs[next:end] are still to start."""
 
     jobs: list[Job]
-    # An ordered subscription's chunk: stop at the first failure.
-    stop_on_failure: bool = False
-    # Called after each successful handler, before the next starts; True if it recorded the
-    # ack. An ordered chunk acks each message before the next one starts, and stops if
-    # that fails.
+    # An ordered subscription's chunk: called after each successful handler, before the
+    # next starts; True if it recorded the ack. The chunk stops at the first failure or
+    # failed ack, and the rest of it comes back unstarted.
     ack: Callable[[Job], bool] | None = None
     next: int = 0
     end: int = 0
@@ -132,10 +130,6 @@ class WorkerPool:
         """Chunks handed over and not yet finished: running or about to run."""
         with self._lock:
             return len(self._active) + len(self._queued)
-
-    def running(self) -> list[Job]:
-        with self._lock:
-            return [job for job, _ in self._running.values()]
 
     def stuck(self) -> list[tuple[Job, threading.Thread]]:
         with self._lock:
@@ -284,8 +278,7 @@ class WorkerPool:
                     self._outcomes.append(outcome)
                     if timed_out:
                         return True  # time_out() handed the rest of the chunk back
-                    stop = outcome.error is not None or (chunk.ack and not outcome.acked)
-                    if stop and chunk.stop_on_failure:
+                    if chunk.ack is not None and not outcome.acked:
                         self._outcomes += (Outcome(j, unstarted=True) for j in chunk.take_rest())
         finally:
             close_old_connections()
