@@ -672,7 +672,8 @@ class DispatchLoop:
 
     def _ack_one(self, job: Job) -> bool:
         """Ack one delivery from its worker thread, on that thread's connection."""
-        return Delivery.objects.ack([job.delivery_id], token=job.token, now=self.clock()) == 1
+        ids, token, now = [job.delivery_id], job.token, self.clock()
+        return Delivery.objects.ack(ids, token=token, now=now, lazy=True) == 1
 
     def _give_back(self, jobs: list[Job]) -> None:
         self._give_back_rows(jobs, self.clock())

@@ -567,19 +567,30 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         claimed.sort(key=lambda row: row.offset)
         return claimed
 
-    def ack(self, ids: Sequence[int], *, token: str, now: datetime) -> int:
+    def ack(self, ids: Sequence[int], *, token: str, now: datetime, lazy: bool = False) -> int:
         """Mark handled deliveries acked; the lease token fences out late workers.
 
         Plain SQL: it runs once per message of an ordered run, where the ORM's cost of
         building the statement would be most of the ack's.
+
+        ``lazy`` (PostgreSQL, outside a transaction): commit without waiting for the WAL
+        flush, as in _lock_lazily. The ack is visible to every other session at once and
+        survives the dispatcher's crash; only a crash of the database server itself may
+        lose it, and the message then runs again (guarantees 3).
         """
         connection = connections[self.db]
         at = connection.ops.adapt_datetimefield_value(now)
         params: list[Any]
-        if connection.vendor == "postgresql":
+        if len(ids) == 1:
+            # An ordered run's ack: the plainest statement (no array to build and parse).
+            match, params = "id = %s", list(ids)
+        elif connection.vendor == "postgresql":
             match, params = "id = ANY(%s)", [list(ids)]
         else:
             match, params = f"id IN ({', '.join(['%s'] * len(ids))})", list(ids)
+        if lazy and connection.vendor == "postgresql" and not connection.in_atomic_block:
+            # Evaluated for the row the primary key finds, before the transaction commits.
+            match += " AND set_config('synchronous_commit', 'off', true) IS NOT NULL"
         with connection.wrap_database_errors, _bound_cursor(connection) as cursor:
             cursor.execute(
                 f"UPDATE {_quoted(Delivery)} SET state = %s, lease_token = NULL, "
