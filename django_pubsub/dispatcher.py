@@ -117,6 +117,7 @@ class DispatchLoop:
         self._chunk_size: dict[int, int] = defaultdict(lambda: 1)
         self._next_recovery: datetime | None = None
         self._rotation = 0
+        self._skipped_behind = False
         self._pool: WorkerPool | None = None
         self._listener: Listener | None = None
         # Not tied to the poll interval: a server restart should be noticed in well under a
@@ -347,12 +348,26 @@ class DispatchLoop:
             self._next_recovery = now + timedelta(seconds=RECOVERY_INTERVAL)
             progressed |= self._recover_expired(now) > 0
         batch = pubsub_settings.batch_size
-        progressed |= Topic.sequence_all(batch=batch) > 0
-        for sub in Subscription.behind():
-            progressed |= sub.fan_out(now=now, batch=batch) > 0
+        sequenced = Topic.sequence_all(batch=batch)
+        progressed |= bool(sequenced)
+        topics = list(sequenced) if self._skip_behind(sequenced) else Topic.behind()
+        for topic_id in topics:
+            progressed |= Topic.fan_out(topic_id, now=now, batch=batch) > 0
         if not self._stop.is_set():
             progressed |= self._claim(self.clock()) > 0
         return progressed
+
+    def _skip_behind(self, sequenced: dict[int, int]) -> bool:
+        """Whether this pass fans out only the topics it just sequenced.
+
+        Looking for every subscription that is behind costs a round trip on the way from
+        a commit to its handler, and a pass that sequenced is followed at once by another.
+        So such a pass fans out just its topics, and the next one looks; never two passes
+        running, or a steady stream of messages would starve a subscription further
+        behind (or one whose topic another dispatcher sequenced).
+        """
+        self._skipped_behind = bool(sequenced) and not self._skipped_behind
+        return self._skipped_behind
 
     def _upkeep(self, now: datetime) -> int:
         """Keep our leases and heartbeat fresh, record finished work; return how much.

@@ -22,10 +22,11 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
+from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, cast
 
-from django.db import connections, models, transaction
+from django.db import NotSupportedError, connections, models, transaction
 from django.db.models import Case, F, Q, Value, When
 
 from .conf import START_CHOICES, pubsub_settings
@@ -66,32 +67,28 @@ def _lock_row(cursor: Any, model: type[models.Model], pk: int, using: str, colum
         cursor.execute(f"UPDATE {table} SET {name} = {name} WHERE id = %s", [pk])
 
 
-def _lock_lazily(
-    cursor: Any, model: type[models.Model], pk: int, column: str, using: str, lazy: bool
-) -> int:
+def _locked_value(cursor: Any, model: type[models.Model], pk: int, column: str, using: str) -> int:
     """Take the row's write lock for the rest of the transaction; return ``column`` as of
-    then (the latest committed value, not the transaction's snapshot's).
-
-    On PostgreSQL, with ``lazy``, the same statement lets the transaction commit without
-    waiting for its WAL to reach the disk. That is only for what the dispatcher can work
-    out again, sequencing and fan-out (and claims, see claim()): a server crash may lose
-    such a commit, and the work is then done again. It never loses one that anything
-    durable built on, because a later synchronous commit (a publish, an ack, a retry)
-    flushes the WAL up to itself, and with it every earlier commit. Callers pass ``lazy``
-    only for a transaction of their own: inside someone else's it would make all of it
-    lazy.
-    """
-    table, name = _quoted(model), _quoted(model, column)
-    if connections[using].vendor == "postgresql":
-        lazily = ", set_config('synchronous_commit', 'off', true)" if lazy else ""
-        cursor.execute(
-            f"SELECT {name}{lazily} FROM {table} WHERE id = %s FOR NO KEY UPDATE",
-            [pk],
-        )
-    else:
-        _lock_row(cursor, model, pk, using, column)
-        cursor.execute(f"SELECT {name} FROM {table} WHERE id = %s", [pk])
+    then (the latest committed value, not the transaction's snapshot's)."""
+    _lock_row(cursor, model, pk, using, column)
+    cursor.execute(f"SELECT {_quoted(model, column)} FROM {_quoted(model)} WHERE id = %s", [pk])
     return int(cursor.fetchone()[0])
+
+
+def _lazily(connection: Any) -> str:
+    """On PostgreSQL, an item for a SELECT list that lets the transaction commit without
+    waiting for its WAL to reach the disk; empty inside someone else's transaction.
+
+    That is only for what the dispatcher can work out again: sequencing and fan-out (and
+    claims, see claim()). A server crash may lose such a commit, and the work is then done
+    again. It never loses one that anything durable built on, because a later synchronous
+    commit (a publish, an ack, a retry) flushes the WAL up to itself, and with it every
+    earlier commit. Inside a caller's transaction it would make all of that lazy: so not
+    there.
+    """
+    if connection.in_atomic_block:
+        return ""
+    return ", set_config('synchronous_commit', 'off', true)"
 
 
 class Topic(models.Model):
@@ -107,8 +104,9 @@ class Topic(models.Model):
         return self.name
 
     @classmethod
-    def sequence_all(cls, *, batch: int, using: str = "default") -> int:
-        """Sequence the committed messages of every topic that has some; return how many."""
+    def sequence_all(cls, *, batch: int, using: str = "default") -> dict[int, int]:
+        """Sequence the committed messages of every topic that has some; return how many
+        each topic got, for those that got any."""
         # Plain SQL: this runs every pass, and on the way from a commit to its handler.
         # SQLite, without statistics, would rather scan the whole (topic, offset) index.
         connection = connections[using]
@@ -119,42 +117,98 @@ class Topic(models.Model):
                 f"WHERE {_quoted(Message, 'offset')} IS NULL"
             )
             topic_ids = sorted(row[0] for row in cursor.fetchall())
-        return sum(cls.sequence(topic_id, batch=batch, using=using) for topic_id in topic_ids)
+        counts = {
+            topic_id: cls.sequence(topic_id, batch=batch, using=using) for topic_id in topic_ids
+        }
+        return {topic_id: count for topic_id, count in counts.items() if count}
 
     @classmethod
     def sequence(cls, topic_id: int, *, batch: int, using: str = "default") -> int:
+        """Give the topic's committed unsequenced messages the next offsets, up to
+        ``batch`` of them, in id order; return how many."""
+        if connections[using].vendor == "postgresql":
+            return cls._sequence_postgresql(topic_id, batch, using)
         message, topic = _quoted(Message), _quoted(Topic)
         offset, topic_col = _quoted(Message, "offset"), _quoted(Message, "topic")
-        assign = (
-            f"UPDATE {message} SET {offset} = %s + s.rn - 1 FROM ("
-            f"SELECT id, row_number() OVER (ORDER BY id) AS rn FROM {message} "
-            f"WHERE {topic_col} = %s AND {offset} IS NULL ORDER BY id LIMIT %s"
-            f") AS s WHERE {message}.id = s.id"
-        )
-        own = not connections[using].in_atomic_block
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
-            base = _lock_lazily(cursor, Topic, topic_id, "next_offset", using, lazy=own)
+            base = _locked_value(cursor, Topic, topic_id, "next_offset", using)
             # A new statement after the lock: it sees every message committed so far,
             # including the offsets a sequencer that held the lock before us assigned.
-            if connections[using].vendor == "postgresql":
-                # The offsets and the topic's next offset in one statement.
+            cursor.execute(
+                f"UPDATE {message} SET {offset} = %s + s.rn - 1 FROM ("
+                f"SELECT id, row_number() OVER (ORDER BY id) AS rn FROM {message} "
+                f"WHERE {topic_col} = %s AND {offset} IS NULL ORDER BY id LIMIT %s"
+                f") AS s WHERE {message}.id = s.id",
+                [base, topic_id, batch],
+            )
+            count = cursor.rowcount
+            if count:
                 cursor.execute(
-                    f"WITH assigned AS ({assign} RETURNING 1) UPDATE {topic} SET next_offset "
-                    f"= %s + (SELECT count(*) FROM assigned) WHERE id = %s "
-                    f"AND EXISTS (SELECT 1 FROM assigned) RETURNING next_offset",
-                    [base, topic_id, batch, base, topic_id],
+                    f"UPDATE {topic} SET next_offset = %s WHERE id = %s", [base + count, topic_id]
                 )
-                row = cursor.fetchone()
-                count = row[0] - base if row else 0
-            else:
-                cursor.execute(assign, [base, topic_id, batch])
-                count = cursor.rowcount
-                if count:
-                    cursor.execute(
-                        f"UPDATE {topic} SET next_offset = %s WHERE id = %s",
-                        [base + count, topic_id],
-                    )
         return int(count)
+
+    @classmethod
+    def _sequence_postgresql(cls, topic_id: int, batch: int, using: str) -> int:
+        """Sequencing in two statements sent together: one round trip.
+
+        Sent as one query string, they run one after the other in one transaction (the
+        caller's, or their own), each with a fresh snapshot. So the first takes the topic's
+        row lock, and the second, which starts once the lock is held, sees every message
+        committed so far and the offsets any sequencer before it assigned. A query string
+        of several statements cannot take bound parameters: its values are integers,
+        written into it here.
+        """
+        connection = connections[using]
+        message, topic, offset = _quoted(Message), _quoted(Topic), _quoted(Message, "offset")
+        topic_id, batch = int(topic_id), int(batch)
+        lazily = _lazily(connection)
+        sql = (
+            f"SELECT next_offset{lazily} FROM {topic} WHERE id = {topic_id} FOR NO KEY UPDATE; "
+            f"WITH base AS (SELECT next_offset AS b FROM {topic} WHERE id = {topic_id}), "
+            f"s AS (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM {message} "
+            f"WHERE topic_id = {topic_id} AND {offset} IS NULL ORDER BY id LIMIT {batch}), "
+            f"assigned AS (UPDATE {message} m SET {offset} = (SELECT b FROM base) + s.rn - 1 "
+            f"FROM s WHERE m.id = s.id RETURNING 1), "
+            f"moved AS (UPDATE {topic} SET next_offset = (SELECT b FROM base) + "
+            f"(SELECT count(*) FROM assigned) WHERE id = {topic_id} "
+            f"AND EXISTS (SELECT 1 FROM assigned) RETURNING 1) "
+            f"SELECT count(*) FROM assigned"
+        )
+        with connection.wrap_database_errors, connection.cursor() as cursor:
+            cursor.execute(sql)
+            try:
+                cursor.nextset()  # psycopg 3 starts at the first statement's result
+            except NotSupportedError:
+                pass  # psycopg2 has only the last one's
+            (count,) = cursor.fetchone()
+        return int(count)
+
+    @classmethod
+    def behind(cls, using: str = "default") -> list[int]:
+        """Topics with an active subscription that has sequenced messages not yet fanned
+        out."""
+        with connections[using].cursor() as cursor:
+            cursor.execute(
+                f"SELECT DISTINCT s.topic_id FROM {_quoted(Subscription)} s "
+                f"JOIN {_quoted(Topic)} t ON t.id = s.topic_id "
+                f"WHERE s.active AND s.position < t.next_offset ORDER BY s.topic_id"
+            )
+            return [row[0] for row in cursor.fetchall()]
+
+    @classmethod
+    def fan_out(cls, topic_id: int, *, now: datetime, batch: int, using: str = "default") -> int:
+        """Fan the topic out to each of its active subscriptions (up to ``batch`` messages
+        each); return how many deliveries were created."""
+        if connections[using].vendor == "postgresql":
+            return _fan_out_postgresql(topic_id, None, now=now, batch=batch, using=using)[0]
+        subs = Subscription.objects.using(using).filter(
+            topic_id=topic_id, active=True, position__lt=F("topic__next_offset")
+        )
+        return sum(
+            sub.fan_out(now=now, batch=batch, using=using)
+            for sub in subs.only("pk", "topic_id").order_by("pk")
+        )
 
 
 def _bound_cursor(connection: Any) -> Any:
@@ -178,6 +232,18 @@ def _bound_cursor(connection: Any) -> Any:
     connection.validate_no_broken_transaction()
     connection.ensure_connection()
     return psycopg.Cursor(connection.connection)
+
+
+def _pipelined(connection: Any) -> Any:
+    """psycopg 3's pipeline mode where it has it: the BEGIN that opens a transaction goes
+    out with its first statement instead of a round trip ahead of it."""
+    raw = connection.connection
+    pipeline = getattr(raw, "pipeline", None)
+    if pipeline is None or not type(raw).__module__.startswith("psycopg"):
+        return nullcontext()
+    import psycopg
+
+    return pipeline() if psycopg.Pipeline.is_supported() else nullcontext()
 
 
 # Rows per INSERT statement: well under both databases' limits on parameters.
@@ -345,65 +411,81 @@ class Subscription(models.Model):
         """Most deliveries in flight at once in one process; None: only the pool bounds it."""
         return self.max_inflight or pubsub_settings.max_inflight
 
-    @classmethod
-    def behind(cls, using: str = "default") -> list[Subscription]:
-        """Active subscriptions with sequenced messages not yet fanned out, as far as
-        ``fan_out()`` needs them (pk and topic)."""
-        with connections[using].cursor() as cursor:
-            cursor.execute(
-                f"SELECT s.id, s.topic_id FROM {_quoted(Subscription)} s "
-                f"JOIN {_quoted(Topic)} t ON t.id = s.topic_id "
-                f"WHERE s.active AND s.position < t.next_offset ORDER BY s.id"
-            )
-            return [cls(pk=pk, topic_id=topic_id) for pk, topic_id in cursor.fetchall()]
-
     def fan_out(self, *, now: datetime, batch: int, using: str = "default") -> int:
         """Create deliveries for sequenced messages past the cursor; return how many."""
+        if connections[using].vendor == "postgresql":
+            created, position = _fan_out_postgresql(
+                self.topic_id, self.pk, now=now, batch=batch, using=using
+            )
+            if position is not None:
+                self.position = position
+            return created
         delivery, message, topic = _quoted(Delivery), _quoted(Message), _quoted(Topic)
         subscription, offset = _quoted(Subscription), _quoted(Message, "offset")
-        postgres = connections[using].vendor == "postgresql"
-        own = not connections[using].in_atomic_block
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
-            low = _lock_lazily(cursor, Subscription, self.pk, "position", using, lazy=own)
+            low = _locked_value(cursor, Subscription, self.pk, "position", using)
             cursor.execute(f"SELECT next_offset FROM {topic} WHERE id = %s", [self.topic_id])
             (head,) = cursor.fetchone()
             high = min(head, low + batch)
             if high <= low:
                 self.position = low
                 return 0
-            insert = (
+            cursor.execute(
                 f"INSERT INTO {delivery} (subscription_id, message_id, {offset}, state, attempts, "
                 f"available_at, errors, last_error, created_at, updated_at) "
                 f"SELECT %s, id, {offset}, %s, 0, %s, %s, '', %s, %s FROM {message} "
                 f"WHERE topic_id = %s AND {offset} >= %s AND {offset} < %s "
-                f"ON CONFLICT DO NOTHING"
+                f"ON CONFLICT DO NOTHING",
+                [self.pk, Delivery.State.PENDING, now, "[]", now, now, self.topic_id, low, high],
             )
-            params = [
-                self.pk,
-                Delivery.State.PENDING,
-                now,
-                "[]",
-                now,
-                now,
-                self.topic_id,
-                low,
-                high,
-            ]
-            move = f"UPDATE {subscription} SET position = %s WHERE id = %s"
-            if postgres:
-                # The deliveries and the cursor in one statement.
-                cursor.execute(
-                    f"WITH created AS ({insert} RETURNING 1) {move} "
-                    f"RETURNING (SELECT count(*) FROM created)",
-                    [*params, high, self.pk],
-                )
-                (created,) = cursor.fetchone()
-            else:
-                cursor.execute(insert, params)
-                created = cursor.rowcount
-                cursor.execute(move, [high, self.pk])
+            created = cursor.rowcount
+            cursor.execute(
+                f"UPDATE {subscription} SET position = %s WHERE id = %s", [high, self.pk]
+            )
         self.position = high
         return int(created)
+
+
+def _fan_out_postgresql(
+    topic_id: int, subscription_id: int | None, *, now: datetime, batch: int, using: str
+) -> tuple[int, int | None]:
+    """Fan-out on PostgreSQL, one statement for all of a topic's active subscriptions (or
+    the one given): (deliveries created, the position of the last one moved).
+
+    Each subscription row is locked first (in id order, as every fan-out locks them), and
+    the lock returns its latest committed position, not the statement's snapshot's: a
+    fan-out of the same subscription elsewhere waits for this one, or this one for it, and
+    neither creates what the other did. The topic's head comes from the snapshot, taken
+    with the messages it covers, which sequencing commits together.
+    """
+    connection = connections[using]
+    delivery, message, topic = _quoted(Delivery), _quoted(Message), _quoted(Topic)
+    subscription, offset = _quoted(Subscription), _quoted(Message, "offset")
+    lazily = _lazily(connection)
+    only = "" if subscription_id is None else " AND id = %s"
+    sql = (
+        f"WITH head AS (SELECT next_offset AS h{lazily} FROM {topic} WHERE id = %s), "
+        f"subs AS MATERIALIZED (SELECT id, position AS lo FROM {subscription} "
+        f"WHERE topic_id = %s AND active{only} AND position < (SELECT h FROM head) "
+        f"ORDER BY id FOR NO KEY UPDATE), "
+        f"moved AS (UPDATE {subscription} s SET position = LEAST((SELECT h FROM head), "
+        f"subs.lo + %s) FROM subs WHERE s.id = subs.id RETURNING s.id, subs.lo, "
+        f"s.position AS hi), "
+        f"created AS (INSERT INTO {delivery} (subscription_id, message_id, {offset}, state, "
+        f"attempts, available_at, errors, last_error, created_at, updated_at) "
+        f"SELECT moved.id, m.id, m.{offset}, %s, 0, %s, '[]', '', %s, %s "
+        f"FROM moved JOIN {message} m ON m.topic_id = %s AND m.{offset} >= moved.lo "
+        f"AND m.{offset} < moved.hi ON CONFLICT DO NOTHING RETURNING 1) "
+        f"SELECT (SELECT count(*) FROM created), (SELECT max(hi) FROM moved)"
+    )
+    at = connection.ops.adapt_datetimefield_value(now)
+    params: list[Any] = [topic_id, topic_id]
+    params += [] if subscription_id is None else [subscription_id]
+    params += [batch, Delivery.State.PENDING.value, at, at, at, topic_id]
+    with connection.wrap_database_errors, _bound_cursor(connection) as cursor:
+        cursor.execute(sql, params)
+        created, position = cursor.fetchone()
+    return int(created), position
 
 
 # The conditions of the partial indexes on deliveries, as literal SQL. SQLite uses a partial
@@ -537,7 +619,7 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         if postgres:
             # The messages come back with the claim: one round trip, no ORM per row.
             m = _quoted(Message)
-            # Committed lazily, like sequencing (see _lock_lazily): a claim that a server
+            # Committed lazily, like sequencing (see _lazily): a claim that a server
             # crash loses returns its deliveries to where they were, which at-least-once
             # delivery allows, and the ack that follows commits synchronously.
             sql = (
@@ -553,8 +635,9 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
                 # Claimers of one subscription take turns on its row lock, and each sees
                 # what the one before committed, so two never lease parts of one run.
                 _lock_row(cursor, Subscription, subscription.pk, using, "position")
-            cursor.execute(sql, params)
-            rows = cursor.fetchall()
+            with _pipelined(connection):
+                cursor.execute(sql, params)
+                rows = cursor.fetchall()
         if postgres:
             claimed = [
                 Claimed(
@@ -574,7 +657,7 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         building the statement would be most of the ack's.
 
         ``lazy`` (PostgreSQL, outside a transaction): commit without waiting for the WAL
-        flush, as in _lock_lazily. The ack is visible to every other session at once and
+        flush, as _lazily explains. The ack is visible to every other session at once and
         survives the dispatcher's crash; only a crash of the database server itself may
         lose it, and the message then runs again (guarantees 3).
         """

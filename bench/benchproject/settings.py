@@ -6,6 +6,8 @@ the dispatcher must not measure its log lines.
 
 from __future__ import annotations
 
+import os
+
 from testproject.settings import *  # noqa: F403
 from testproject.settings import INSTALLED_APPS
 
@@ -21,3 +23,11 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {"django_pubsub": {"handlers": ["console"], "level": "WARNING"}},
 }
+
+# As psycopg defaults to, and as raw.py and procrastinate run: a statement executed five
+# times on a connection is prepared. Django leaves this off unless asked, for poolers that
+# cannot carry prepared statements (PgBouncer before 1.21): docs/performance.md has the
+# figures both ways. BENCH_PREPARE=0 measures Django's default.
+PREPARE = os.environ.get("BENCH_PREPARE", "1") == "1"
+if DATABASES["default"]["ENGINE"].endswith("postgresql") and PREPARE:  # noqa: F405
+    DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = 5  # noqa: F405

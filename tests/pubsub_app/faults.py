@@ -58,14 +58,14 @@ def _kill_before(func: Callable[..., Any], when: Callable[..., bool]) -> Callabl
 
 def install(step: str) -> None:
     from django_pubsub.dispatcher import DispatchLoop
-    from django_pubsub.models import DeliveryQuerySet, Subscription, Topic
+    from django_pubsub.models import DeliveryQuerySet, Topic
 
     if step not in STEPS:
         raise ValueError(f"PUBSUB_TEST_FAULT must be one of {', '.join(STEPS)}, not {step!r}")
     if step == "sequence":
         Topic.sequence = classmethod(_kill_before_commit(Topic.sequence.__func__))  # type: ignore[assignment, attr-defined]
     elif step == "fan_out":
-        Subscription.fan_out = _kill_before_commit(Subscription.fan_out)  # type: ignore[method-assign]
+        Topic.fan_out = classmethod(_kill_before_commit(Topic.fan_out.__func__))  # type: ignore[assignment, attr-defined]
     elif step == "after_claim":
         DispatchLoop._submit = _kill_before(  # type: ignore[method-assign]
             DispatchLoop._submit, lambda self, jobs: bool(jobs)

@@ -41,6 +41,8 @@ if BENCH_DB == "postgres":
             "USER": "postgres",
             "HOST": "127.0.0.1",
             "PORT": "5432",
+            # As for django-pubsub's own figures (bench/benchproject/settings.py).
+            "OPTIONS": {"prepare_threshold": 5},
             **_conn,
         }
     }
