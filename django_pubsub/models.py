@@ -271,35 +271,46 @@ class MessageQuerySet(models.QuerySet["Message"]):
         connection = connections[self.db]
         postgres = connection.vendor == "postgresql"
         table, topics = _quoted(Message), _quoted(Topic)
-        at = connection.ops.adapt_datetimefield_value(now)
-        header_json = json.dumps(headers)
-        # Typed on PostgreSQL, where a column of NULLs in VALUES would have no type.
-        types = ("", "::jsonb", "::bytea", "::varchar", "::jsonb", "::timestamptz")
-        values = [f"%s{cast}" if postgres else "%s" for cast in types]
-        row_sql = f"({', '.join(values)})"
+        columns = "topic_id, payload, payload_bytes, key, headers, published_at"
+        # The same for every message of the call, so sent once. Typed on PostgreSQL, where a
+        # NULL parameter would otherwise have no type.
+        shared = [key, json.dumps(headers), connection.ops.adapt_datetimefield_value(now)]
+        shared_sql = "%s::varchar, %s::jsonb, %s::timestamptz" if postgres else "%s, %s, %s"
         ids: list[int] = []
         for start in range(0, len(bodies), INSERT_BATCH):
             batch = bodies[start : start + INSERT_BATCH]
-            params: list[Any] = []
-            for n, body in enumerate(batch):
-                binary = isinstance(body, bytes)
-                payload = None if binary or body is None else json.dumps(body)
-                params += [n, payload, body if binary else None, key, header_json, at]
-            columns = "topic_id, payload, payload_bytes, key, headers, published_at"
+            payloads = [None if b is None or isinstance(b, bytes) else json.dumps(b) for b in batch]
+            blobs = [b if isinstance(b, bytes) else None for b in batch]
+            params: list[Any]
             if len(batch) == 1:
                 # The common case, in the plainest statement the server can plan.
-                params = params[1:]
+                own = "%s::jsonb, %s::bytea" if postgres else "%s, %s"
+                params = [payloads[0], blobs[0], *shared]
                 insert = (
-                    f"INSERT INTO {table} ({columns}) SELECT id, {', '.join(values[1:])} FROM "
-                    f"{topics} WHERE name = %s RETURNING id"
+                    f"INSERT INTO {table} ({columns}) SELECT id, {own}, {shared_sql} "
+                    f"FROM {topics} WHERE name = %s RETURNING id"
+                )
+            elif postgres:
+                # Two arrays whatever the batch's size: no parameter per message to send
+                # and parse, and the same statement every time, which psycopg can prepare.
+                # The ordinality keeps the call's order, which the ids follow.
+                params = [*shared, payloads, blobs]
+                insert = (
+                    f"INSERT INTO {table} ({columns}) SELECT t.id, p.payload, p.bytes, "
+                    f"{shared_sql} FROM {topics} t CROSS JOIN unnest(%s::jsonb[], %s::bytea[]) "
+                    f"WITH ORDINALITY AS p(payload, bytes, n) WHERE t.name = %s "
+                    f"ORDER BY p.n RETURNING id"
                 )
             else:
-                # VALUES columns are column1, column2... on both databases; column1
-                # keeps the call's order, which the ids follow.
+                # VALUES columns are column1, column2...; column1 keeps the call's order,
+                # which the ids follow.
+                params = [*shared]
+                for n, row in enumerate(zip(payloads, blobs, strict=True)):
+                    params += [n, *row]
                 insert = (
                     f"INSERT INTO {table} ({columns}) SELECT t.id, v.column2, v.column3, "
-                    f"v.column4, v.column5, v.column6 FROM {topics} t CROSS JOIN (VALUES "
-                    f"{', '.join([row_sql] * len(batch))}) AS v WHERE t.name = %s "
+                    f"{shared_sql} FROM {topics} t CROSS JOIN (VALUES "
+                    f"{', '.join(['(%s, %s, %s)'] * len(batch))}) AS v WHERE t.name = %s "
                     f"ORDER BY v.column1 RETURNING id"
                 )
             params.append(topic)
