@@ -439,11 +439,24 @@ class DispatchLoop:
 
         ``still`` re-checks, in the fenced UPDATE itself, why we may take the lease: a holder
         that extended its lease a moment ago keeps it.
+
+        An ordered run is an exception: its worker ran it in offset order and acked each
+        message before starting the next, so of a lease's deliveries only the lowest offset
+        can have started. That one is failed; the rest are given back with their attempt
+        returned, so crashes do not use up the attempts of messages that never ran.
         """
         count = 0
-        rows = deliveries.values_list("id", "lease_token", "subscription_id", "attempts")
+        rows = deliveries.order_by("lease_token", "offset").values_list(
+            "id", "lease_token", "subscription_id", "attempts"
+        )
+        started: set[str] = set()
+        unstarted: dict[str, list[int]] = defaultdict(list)
         for delivery_id, token, sub_id, attempt in rows[: pubsub_settings.batch_size]:
             sub = self._subs.get(sub_id) or Subscription.objects.get(pk=sub_id)
+            if sub.effective_ordered and token in started:
+                unstarted[token].append(delivery_id)
+                continue
+            started.add(token)
             state = Delivery.objects.filter(still).fail(
                 delivery_id,
                 token=token,
@@ -464,6 +477,10 @@ class DispatchLoop:
                     reason,
                     state,
                 )
+        for token, ids in unstarted.items():
+            given = Delivery.objects.filter(still).give_back(ids, token=token, now=now)
+            count += given
+            self.stats.given_back += given
         return count
 
     def _extend_leases(self, now: datetime) -> None:
@@ -486,43 +503,66 @@ class DispatchLoop:
                 job.lease_expires = soon + lease
 
     def _collect(self, now: datetime) -> int:
-        """Record what the workers finished; keep it for the next pass if that fails."""
+        """Record what the workers finished; keep what could not be, for the next pass."""
         assert self._pool is not None
         outcomes = self._pool.take_outcomes()
-        try:
-            self._record(outcomes, now)
-        except BaseException:
-            self._pool.put_back(outcomes)
-            raise
+        self._record(outcomes, now, keep=self._pool.put_back)
         # Acks a worker recorded itself (an ordered run) are no reason to pass again at once:
         # the dispatcher would spin beside the run, costing it the CPU and the database.
         return sum(1 for outcome in outcomes if not outcome.acked)
 
-    def _record(self, outcomes: list[Outcome], now: datetime) -> None:
-        """Acks and give-backs in one statement per claim token; failures one by one."""
-        acks: dict[str, list[int]] = defaultdict(list)
-        unstarted: list[Job] = []
+    def _record(
+        self,
+        outcomes: list[Outcome],
+        now: datetime,
+        keep: Callable[[list[Outcome]], None] | None = None,
+    ) -> None:
+        """Record outcomes: acks and give-backs in one statement per claim token, failures
+        one by one. If the database fails part way, what was recorded counts once, and
+        ``keep`` gets the rest to record later."""
+        done: list[Outcome] = []
+        try:
+            self._write_outcomes(outcomes, now, done)
+        except BaseException:
+            if keep is not None:
+                recorded = {id(outcome) for outcome in done}
+                keep([outcome for outcome in outcomes if id(outcome) not in recorded])
+            raise
+        finally:
+            self._settle(done)
+
+    def _write_outcomes(self, outcomes: list[Outcome], now: datetime, done: list[Outcome]) -> None:
+        """Write outcomes to the database, adding each to ``done`` once it is written."""
+        acks: dict[str, list[Outcome]] = defaultdict(list)
+        unstarted: list[Outcome] = []
         for outcome in outcomes:
             if outcome.unstarted:
-                unstarted.append(outcome.job)
+                unstarted.append(outcome)
             elif outcome.acked:
                 self.stats.acked += 1
+                done.append(outcome)
             elif outcome.error is None:
-                acks[outcome.job.token].append(outcome.job.delivery_id)
+                acks[outcome.job.token].append(outcome)
             else:
                 self._record_failure(outcome, now)
-        self._give_back_rows(unstarted, now)
-        for token, ids in acks.items():
-            done = Delivery.objects.ack(ids, token=token, now=now)
-            self.stats.acked += done
-            if done < len(ids):
-                self.stats.fenced += len(ids) - done
+                done.append(outcome)
+        self._give_back_rows([outcome.job for outcome in unstarted], now)
+        done += unstarted
+        for token, group in acks.items():
+            ids = [outcome.job.delivery_id for outcome in group]
+            acked = Delivery.objects.ack(ids, token=token, now=now)
+            done += group
+            self.stats.acked += acked
+            if acked < len(ids):
+                self.stats.fenced += len(ids) - acked
                 logger.warning(
                     "ack rejected, lease no longer held deliveries=%s",
                     ",".join(map(str, ids)),
                 )
-        # Only once everything is recorded: a retried _record must not count twice. A
-        # timed-out handler keeps its subscription's slot until its thread is free again.
+
+    def _settle(self, outcomes: list[Outcome]) -> None:
+        """Free the slots of recorded outcomes and size the next chunks from them. A
+        timed-out handler keeps its subscription's slot until its thread is free again."""
         ran: dict[int, list[float]] = defaultdict(list)
         for outcome in outcomes:
             if outcome.frees_slot:

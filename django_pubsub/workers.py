@@ -106,6 +106,9 @@ class WorkerPool:
         # still holds a thread.
         self._running: dict[int, tuple[Job, threading.Thread]] = {}
         self._stuck: dict[int, tuple[Job, threading.Thread]] = {}
+        # Jobs whose handler returned and whose ack (Chunk.ack) is being written: no longer
+        # running, so no timeout fires for them, but still ours.
+        self._acking: dict[int, Job] = {}
         self._outcomes: list[Outcome] = []
         self._stopping = False
         self._closed = False
@@ -143,6 +146,7 @@ class WorkerPool:
             for chunk in self._active:
                 held += chunk.jobs[chunk.next : chunk.end]
             held += (job for job, _ in self._running.values())
+            held += self._acking.values()
             held += (o.job for o in self._outcomes if not o.late)
             return held
 
@@ -229,6 +233,7 @@ class WorkerPool:
             self._closed = self._stopping = True
             outcomes, self._outcomes = self._outcomes, []
             running = [job for job, _ in self._running.values()]
+            running += self._acking.values()
             self._queued.clear()
             self._lock.notify_all()
         return outcomes, running
@@ -268,10 +273,17 @@ class WorkerPool:
                 if outcome.error is not None:
                     close_old_connections()  # the failure may have broken a connection
                 elif chunk.ack is not None:
-                    outcome.acked = self._ack(chunk.ack, job)
+                    with self._lock:
+                        # Not if it timed out meanwhile: that was reported as a failure.
+                        acking = self._running.pop(id(job), None) is not None
+                        if acking:
+                            self._acking[id(job)] = job
+                    if acking:
+                        outcome.acked = self._ack(chunk.ack, job)
                 with self._lock:
                     timed_out = self._stuck.pop(id(job), None) is not None
                     self._running.pop(id(job), None)
+                    self._acking.pop(id(job), None)
                     outcome.late = timed_out
                     if self._closed:
                         return timed_out

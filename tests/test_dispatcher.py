@@ -330,3 +330,66 @@ def test_heartbeat_row_is_written_and_closed(dispatch: Any) -> None:
     dispatch("basic.one")
     row = Dispatcher.objects.get()
     assert row.stopped_at is not None and row.last_seen >= row.started_at
+
+
+def test_a_dead_dispatchers_ordered_run_charges_an_attempt_only_to_its_head(
+    dispatch: Any,
+) -> None:
+    publish_many("t.ordered", [{"n": n} for n in range(3)])
+    dispatch("ordered.one", max_messages=1, until_idle=False)  # registers; runs offset 0
+    ghost = Dispatcher.objects.create(
+        hostname="gone-host",
+        pid=1,
+        started_at=Dispatcher.objects.get().started_at,
+        last_seen=Dispatcher.objects.get().started_at - timedelta(hours=1),
+    )
+    from django.utils import timezone
+
+    sub = Subscription.objects.get(name="ordered.one")
+    claimed = Delivery.objects.claim(
+        sub, limit=10, now=timezone.now(), token="ghost", dispatcher_id=ghost.pk
+    )
+    assert [row.offset for row in claimed] == [1, 2]  # one run, leased to the dead one
+    stats = dispatch("ordered.one")
+    assert [run.offset for run in runs("ordered.one")] == [0, 1, 2]
+    attempts = dict(Delivery.objects.filter(subscription=sub).values_list("offset", "attempts"))
+    # Offset 1 may have been running when its dispatcher died; offset 2 cannot have started.
+    assert attempts == {0: 1, 1: 2, 2: 1}
+    assert stats.recovered == 1 and stats.given_back == 1
+
+
+def test_a_database_error_part_way_through_recording_counts_nothing_twice(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.db import OperationalError
+
+    from django_pubsub.models import DeliveryQuerySet
+
+    publish_many("t.basic", [{"n": 0, "fail_times": 1}, {"n": 1}])
+    loop = DispatchLoop(subscriptions=["basic.one"], workers=2, handle_signals=False, clock=clock)
+    loop._prepare()
+    try:
+        ack = DeliveryQuerySet.ack
+        calls = []
+
+        def ack_once_failing(self: Any, *args: Any, **kwargs: Any) -> int:
+            calls.append(args)
+            if len(calls) == 1:
+                raise OperationalError("connection lost")
+            return ack(self, *args, **kwargs)
+
+        loop._pass()  # claims both; the workers run them
+        assert loop._pool is not None
+        wait_for(lambda: not loop._pool.busy)  # type: ignore[union-attr]
+        monkeypatch.setattr(DeliveryQuerySet, "ack", ack_once_failing)
+        with pytest.raises(OperationalError):
+            loop._collect(clock.now)  # the failure is written, then the ack fails
+        loop._collect(clock.now)  # the ack again, and nothing else
+        assert len(calls) == 2
+        assert (loop.stats.failed, loop.stats.retried, loop.stats.acked) == (1, 1, 1)
+        assert loop.stats.fenced == 0
+        assert sum(loop._inflight.values()) == 0
+        assert states("basic.one") == {"acked": 1, "retry": 1}
+    finally:
+        loop.stop()
+        loop._shutdown()

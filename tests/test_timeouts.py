@@ -4,6 +4,7 @@ replaced so other subscriptions keep their workers, and its late ack is fenced o
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -94,3 +95,35 @@ def test_an_ordered_subscription_waits_for_its_timed_out_head_to_return() -> Non
         ("start", 2, 1),
         ("end", 2, 1),
     ]
+
+
+def test_a_slow_ack_of_an_ordered_run_is_no_timeout() -> None:
+    from django_pubsub.message import Message as Snapshot
+    from django_pubsub.workers import Chunk, Job, WorkerPool
+
+    acking, release = threading.Event(), threading.Event()
+
+    def slow_ack(job: Job) -> bool:
+        acking.set()
+        release.wait(5)
+        return True
+
+    pool = WorkerPool(1, on_done=lambda: None)
+    snapshot = Snapshot(
+        id=1, offset=0, topic="t", payload=None, key=None, headers={}, published_at=None,
+        attempt=1, subscription="s", delivery_id=1,
+    )  # fmt: skip
+    job = Job(1, "token", 1, snapshot, handler=lambda message: None, timeout=0.05)
+    try:
+        pool.submit(Chunk([job], ack=slow_ack))
+        assert acking.wait(5)
+        time.sleep(0.1)  # past the handler's timeout, while its ack is being written
+        assert pool.time_out() == [] and pool.stuck() == []
+        assert [j.delivery_id for j in pool.held_jobs()] == [1]  # still ours meanwhile
+        release.set()
+        wait_for(pool.has_outcomes)
+        (outcome,) = pool.take_outcomes()
+        assert outcome.acked and outcome.error is None and not outcome.late
+    finally:
+        release.set()
+        pool.close()
