@@ -17,6 +17,7 @@ How a message travels:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,8 +36,10 @@ from .retry import Backoff
 logger = logging.getLogger("django_pubsub.models")
 
 
+@functools.cache
 def _quoted(model: type[models.Model], field: str | None = None) -> str:
-    """Quoted table name, or quoted column name of ``field`` on it."""
+    """Quoted table name, or quoted column name of ``field`` on it (hot paths build SQL
+    on every call: worked out once)."""
     qn = connections["default"].ops.quote_name
     if field is None:
         return qn(model._meta.db_table)
@@ -217,7 +220,8 @@ def _bound_cursor(connection: Any) -> Any:
     Django's psycopg cursors bind parameters into the SQL text on the client, which for a
     thousand messages means quoting six thousand values in Python. A plain psycopg cursor
     on the same connection and transaction sends them separately (unnamed statements, so
-    poolers such as PgBouncer in transaction mode are fine with it).
+    poolers such as PgBouncer in transaction mode are fine with it, unless the project
+    sets psycopg's ``prepare_threshold``: docs/reference/settings.md).
     """
     if connection.vendor != "postgresql":
         return connection.cursor()
@@ -225,12 +229,11 @@ def _bound_cursor(connection: Any) -> Any:
         import psycopg
     except ImportError:  # psycopg2: Django's cursor
         return connection.cursor()
-    connection.ensure_connection()
-    if not isinstance(connection.connection, psycopg.Connection):
-        return connection.cursor()
     # As Django's own cursor() does: refuse a transaction that must roll back; connect.
     connection.validate_no_broken_transaction()
     connection.ensure_connection()
+    if not isinstance(connection.connection, psycopg.Connection):
+        return connection.cursor()
     return psycopg.Cursor(connection.connection)
 
 

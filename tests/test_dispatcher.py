@@ -160,17 +160,20 @@ def test_an_expired_lease_is_delivered_again(dispatch: Any, clock: FakeClock) ->
     assert delivery.errors[0]["error"] == "lease expired before an ack"
 
 
+def _ghost_dispatcher() -> Dispatcher:
+    """A dispatcher on another host that stopped beating an hour ago."""
+    started = Dispatcher.objects.get().started_at
+    return Dispatcher.objects.create(
+        hostname="gone-host", pid=1, started_at=started, last_seen=started - timedelta(hours=1)
+    )
+
+
 def test_a_dead_dispatchers_leases_are_taken_back_without_waiting(dispatch: Any) -> None:
     publish("t.basic", {"n": 1})
     dispatch("basic.one", max_messages=1, until_idle=False)
     Delivery.objects.all().delete()
     Subscription.objects.filter(name="basic.one").update(position=0)
-    ghost = Dispatcher.objects.create(
-        hostname="gone-host",
-        pid=1,
-        started_at=Dispatcher.objects.get().started_at,
-        last_seen=Dispatcher.objects.get().started_at - timedelta(hours=1),
-    )
+    ghost = _ghost_dispatcher()
     from django.utils import timezone
 
     sub = Subscription.objects.get(name="basic.one")
@@ -337,12 +340,7 @@ def test_a_dead_dispatchers_ordered_run_charges_an_attempt_only_to_its_head(
 ) -> None:
     publish_many("t.ordered", [{"n": n} for n in range(3)])
     dispatch("ordered.one", max_messages=1, until_idle=False)  # registers; runs offset 0
-    ghost = Dispatcher.objects.create(
-        hostname="gone-host",
-        pid=1,
-        started_at=Dispatcher.objects.get().started_at,
-        last_seen=Dispatcher.objects.get().started_at - timedelta(hours=1),
-    )
+    ghost = _ghost_dispatcher()
     from django.utils import timezone
 
     sub = Subscription.objects.get(name="ordered.one")
