@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 from django.db import DatabaseError, Error, connections, transaction
-from django.db.models import F, Q
+from django.db.models import F, Min, Q
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -441,22 +441,24 @@ class DispatchLoop:
         that extended its lease a moment ago keeps it.
 
         An ordered run is an exception: its worker ran it in offset order and acked each
-        message before starting the next, so of a lease's deliveries only the lowest offset
-        can have started. That one is failed; the rest are given back with their attempt
-        returned, so crashes do not use up the attempts of messages that never ran.
+        message before starting the next, so only the subscription's lowest unfinished
+        offset can have started. That one is failed; the rest are given back with their
+        attempt returned, so crashes do not use up the attempts of messages that never ran.
         """
         count = 0
-        rows = deliveries.order_by("lease_token", "offset").values_list(
-            "id", "lease_token", "subscription_id", "attempts"
-        )
-        started: set[str] = set()
+        rows = deliveries.values_list("id", "lease_token", "subscription_id", "attempts", "offset")
+        heads: dict[int, int | None] = {}
         unstarted: dict[str, list[int]] = defaultdict(list)
-        for delivery_id, token, sub_id, attempt in rows[: pubsub_settings.batch_size]:
+        for delivery_id, token, sub_id, attempt, offset in rows[: pubsub_settings.batch_size]:
             sub = self._subs.get(sub_id) or Subscription.objects.get(pk=sub_id)
-            if sub.effective_ordered and token in started:
-                unstarted[token].append(delivery_id)
-                continue
-            started.add(token)
+            if sub.effective_ordered:
+                if sub_id not in heads:
+                    # From the database, not from these rows: they may be part of a run.
+                    lowest = Delivery.objects.unfinished().filter(subscription_id=sub_id)
+                    heads[sub_id] = lowest.aggregate(head=Min("offset"))["head"]
+                if offset != heads[sub_id]:
+                    unstarted[token].append(delivery_id)
+                    continue
             state = Delivery.objects.filter(still).fail(
                 delivery_id,
                 token=token,

@@ -39,6 +39,11 @@ def sync_subscriptions(using: str = "default") -> SyncResult:
     # subscription, and the second would fail on the unique name.
     with transaction.atomic(using=using):
         _lock(using)
+        # Fan-out locks a topic's subscription rows in id order (models._fan_out_postgresql);
+        # taking them all first, in that order, keeps this transaction from deadlocking
+        # with one while it updates rows in declaration order.
+        subscriptions = Subscription.objects.using(using).select_for_update(no_key=True)
+        list(subscriptions.order_by("pk").values_list("pk", flat=True))
         for spec in specs.values():
             _sync_one(spec, using, result)
         gone = Subscription.objects.using(using).filter(active=True).exclude(name__in=list(specs))

@@ -391,3 +391,33 @@ def test_a_database_error_part_way_through_recording_counts_nothing_twice(
     finally:
         loop.stop()
         loop._shutdown()
+
+
+def test_an_ordered_run_recovered_in_parts_charges_only_its_head(
+    dispatch: Any, clock: FakeClock
+) -> None:
+    from django.db.models import Q
+    from django.test import override_settings
+
+    publish_many("t.ordered", [{"n": n} for n in range(4)])
+    dispatch("ordered.one", max_messages=1, until_idle=False, clock=clock)  # runs offset 0
+    sub = Subscription.objects.get(name="ordered.one")
+    claimed = Delivery.objects.claim(sub, limit=10, now=clock.now, token="lost", dispatcher_id=None)
+    assert [row.offset for row in claimed] == [1, 2, 3]
+    loop = DispatchLoop(subscriptions=["ordered.one"], handle_signals=False, clock=clock)
+    loop._prepare()
+    try:
+        with override_settings(PUBSUB={"BATCH_SIZE": 2}):  # the run is taken back in two parts
+            for _ in range(2):
+                lost = Delivery.objects.inflight().filter(lease_token="lost").order_by("-offset")
+                loop._release(lost, clock.now, "lease expired before an ack", Q())
+    finally:
+        loop.stop()
+        loop._shutdown()
+    rows = Delivery.objects.filter(subscription=sub).order_by("offset")
+    assert [(row.offset, row.state, row.attempts) for row in rows] == [
+        (0, "acked", 1),
+        (1, "retry", 1),  # the only one that can have been running: its attempt stays
+        (2, "pending", 0),
+        (3, "pending", 0),
+    ]
