@@ -27,7 +27,8 @@ from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, cast
 
-from django.db import NotSupportedError, connections, models, transaction
+from django.db import connections, models, transaction
+from django.db.backends.utils import CursorWrapper
 from django.db.models import Case, F, Q, Value, When
 
 from .conf import START_CHOICES, pubsub_settings
@@ -178,12 +179,11 @@ class Topic(models.Model):
             f"AND EXISTS (SELECT 1 FROM assigned) RETURNING 1) "
             f"SELECT count(*) FROM assigned"
         )
-        with connection.wrap_database_errors, connection.cursor() as cursor:
+        with connection.wrap_database_errors, _bound_cursor(connection, client=True) as cursor:
             cursor.execute(sql)
-            try:
+            if not isinstance(cursor, CursorWrapper):
                 cursor.nextset()  # psycopg 3 starts at the first statement's result
-            except NotSupportedError:
-                pass  # psycopg2 has only the last one's
+            # (psycopg2, through Django's cursor, has only the last one's.)
             (count,) = cursor.fetchone()
         return int(count)
 
@@ -214,7 +214,7 @@ class Topic(models.Model):
         )
 
 
-def _bound_cursor(connection: Any) -> Any:
+def _bound_cursor(connection: Any, *, client: bool = False) -> Any:
     """A cursor that sends parameters apart from the SQL where the driver can.
 
     Django's psycopg cursors bind parameters into the SQL text on the client, which for a
@@ -234,6 +234,10 @@ def _bound_cursor(connection: Any) -> Any:
     connection.ensure_connection()
     if not isinstance(connection.connection, psycopg.Connection):
         return connection.cursor()
+    if client:
+        # For a string of several statements (no parameters): a client-side cursor never
+        # prepares it, whatever the connection's prepare_threshold.
+        return psycopg.ClientCursor(connection.connection)
     return psycopg.Cursor(connection.connection)
 
 

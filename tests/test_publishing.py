@@ -135,3 +135,28 @@ def test_bad_keys_are_refused(key: Any) -> None:
     with pytest.raises(InvalidKey):
         publish("t.basic", {}, key=key)
     assert Message.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sequencing_works_where_psycopg_prepares_every_statement() -> None:
+    """prepare_threshold=0 (with server_side_binding) makes psycopg prepare each statement,
+    and a string of two statements cannot be prepared."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL only")
+    ids = publish_many("t.basic", [{"n": 0}, {"n": 1}])
+    connection.ensure_connection()
+    import psycopg
+
+    raw = connection.connection
+    # As Django sets the connection up with OPTIONS server_side_binding and prepare_threshold.
+    before = raw.prepare_threshold, raw.cursor_factory
+    raw.prepare_threshold, raw.cursor_factory = 0, psycopg.Cursor
+    try:
+        topic = Topic.objects.get(name="t.basic")
+        assert Topic.sequence(topic.pk, batch=10) == 2
+    finally:
+        raw.prepare_threshold, raw.cursor_factory = before
+    offsets = Message.objects.filter(id__in=ids).order_by("id").values_list("offset", flat=True)
+    assert list(offsets) == [0, 1]
