@@ -79,20 +79,23 @@ def _locked_value(cursor: Any, model: type[models.Model], pk: int, column: str, 
     return int(cursor.fetchone()[0])
 
 
-def _lazily(connection: Any) -> str:
-    """On PostgreSQL, an item for a SELECT list that lets the transaction commit without
-    waiting for its WAL to reach the disk; empty inside someone else's transaction.
+# In a PostgreSQL statement: lets its transaction commit without waiting for its WAL to
+# reach the disk (see _lazily).
+LAZY_COMMIT = "set_config('synchronous_commit', 'off', true)"
+
+
+def _lazily(connection: Any) -> bool:
+    """Whether a statement here may commit lazily (LAZY_COMMIT): only in a transaction of
+    its own, which outside an atomic block a statement is.
 
     That is only for what the dispatcher can work out again: sequencing and fan-out (and
-    claims, see claim()). A server crash may lose such a commit, and the work is then done
-    again. It never loses one that anything durable built on, because a later synchronous
-    commit (a publish, an ack, a retry) flushes the WAL up to itself, and with it every
-    earlier commit. Inside a caller's transaction it would make all of that lazy: so not
-    there.
+    claims, see claim(), and an ordered run's acks, see ack()). A server crash may lose
+    such a commit, and the work is then done again. It never loses one that anything
+    durable built on, because a later synchronous commit (a publish, another ack, a retry,
+    a handler's own write) flushes the WAL up to itself, and with it every earlier commit.
+    Inside a caller's transaction it would make all of that lazy: so not there.
     """
-    if connection.in_atomic_block:
-        return ""
-    return ", set_config('synchronous_commit', 'off', true)"
+    return not connection.in_atomic_block
 
 
 class Topic(models.Model):
@@ -166,7 +169,7 @@ class Topic(models.Model):
         connection = connections[using]
         message, topic, offset = _quoted(Message), _quoted(Topic), _quoted(Message, "offset")
         topic_id, batch = int(topic_id), int(batch)
-        lazily = _lazily(connection)
+        lazily = f", {LAZY_COMMIT}" if _lazily(connection) else ""
         sql = (
             f"SELECT next_offset{lazily} FROM {topic} WHERE id = {topic_id} FOR NO KEY UPDATE; "
             f"WITH base AS (SELECT next_offset AS b FROM {topic} WHERE id = {topic_id}), "
@@ -214,6 +217,18 @@ class Topic(models.Model):
         )
 
 
+def _psycopg3(connection: Any) -> Any:
+    """The psycopg module if ``connection`` (Django's) is connected through psycopg 3; None
+    for psycopg2, other databases, or no connection yet."""
+    if connection.vendor != "postgresql":
+        return None
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    return psycopg if isinstance(connection.connection, psycopg.Connection) else None
+
+
 def _bound_cursor(connection: Any, *, client: bool = False) -> Any:
     """A cursor that sends parameters apart from the SQL where the driver can.
 
@@ -223,16 +238,12 @@ def _bound_cursor(connection: Any, *, client: bool = False) -> Any:
     poolers such as PgBouncer in transaction mode are fine with it, unless the project
     sets psycopg's ``prepare_threshold``: docs/reference/settings.md).
     """
-    if connection.vendor != "postgresql":
-        return connection.cursor()
-    try:
-        import psycopg
-    except ImportError:  # psycopg2: Django's cursor
-        return connection.cursor()
-    # As Django's own cursor() does: refuse a transaction that must roll back; connect.
-    connection.validate_no_broken_transaction()
-    connection.ensure_connection()
-    if not isinstance(connection.connection, psycopg.Connection):
+    if connection.vendor == "postgresql":
+        # As Django's own cursor() does: refuse a transaction that must roll back; connect.
+        connection.validate_no_broken_transaction()
+        connection.ensure_connection()
+    psycopg = _psycopg3(connection)
+    if psycopg is None:  # SQLite, or psycopg2: Django's cursor
         return connection.cursor()
     if client:
         # For a string of several statements (no parameters): a client-side cursor never
@@ -244,13 +255,10 @@ def _bound_cursor(connection: Any, *, client: bool = False) -> Any:
 def _pipelined(connection: Any) -> Any:
     """psycopg 3's pipeline mode where it has it: the BEGIN that opens a transaction goes
     out with its first statement instead of a round trip ahead of it."""
-    raw = connection.connection
-    pipeline = getattr(raw, "pipeline", None)
-    if pipeline is None or not type(raw).__module__.startswith("psycopg"):
+    psycopg = _psycopg3(connection)
+    if psycopg is None or not psycopg.Pipeline.is_supported():
         return nullcontext()
-    import psycopg
-
-    return pipeline() if psycopg.Pipeline.is_supported() else nullcontext()
+    return connection.connection.pipeline()
 
 
 # Rows per INSERT statement: well under both databases' limits on parameters.
@@ -479,7 +487,7 @@ def _fan_out_postgresql(
     connection = connections[using]
     delivery, message, topic = _quoted(Delivery), _quoted(Message), _quoted(Topic)
     subscription, offset = _quoted(Subscription), _quoted(Message, "offset")
-    lazily = _lazily(connection)
+    lazily = f", {LAZY_COMMIT}" if _lazily(connection) else ""
     only = "" if subscription_id is None else " AND id = %s"
     sql = (
         f"WITH head AS (SELECT next_offset AS h{lazily} FROM {topic} WHERE id = %s), "
@@ -643,7 +651,7 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
             sql = (
                 f"WITH {ctes}, claimed AS ({update}) SELECT c.id, c.attempts, m.id, m.{offset}, "
                 f"m.payload::text, m.payload_bytes, m.key, m.headers::text, m.published_at, "
-                f"set_config('synchronous_commit', 'off', true) "
+                f"{LAZY_COMMIT} "
                 f"FROM claimed c JOIN {m} m ON m.id = c.message_id"
             )
         else:
@@ -689,9 +697,9 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
             match, params = "id = ANY(%s)", [list(ids)]
         else:
             match, params = f"id IN ({', '.join(['%s'] * len(ids))})", list(ids)
-        if lazy and connection.vendor == "postgresql" and not connection.in_atomic_block:
+        if lazy and connection.vendor == "postgresql" and _lazily(connection):
             # Evaluated for the row the primary key finds, before the transaction commits.
-            match += " AND set_config('synchronous_commit', 'off', true) IS NOT NULL"
+            match += f" AND {LAZY_COMMIT} IS NOT NULL"
         with connection.wrap_database_errors, _bound_cursor(connection) as cursor:
             cursor.execute(
                 f"UPDATE {_quoted(Delivery)} SET state = %s, lease_token = NULL, "
