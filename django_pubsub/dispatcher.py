@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 
-from django.db import DatabaseError, Error, connections, transaction
+from django.db import DatabaseError, Error, connections
 from django.db.models import F, Min, Q
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -29,7 +29,7 @@ from django.utils.module_loading import import_string
 from .conf import pubsub_settings
 from .exceptions import HandlerImportError
 from .message import Message
-from .models import Claimed, Delivery, Dispatcher, Subscription, Topic
+from .models import Claimed, Delivery, Dispatcher, Lease, Subscription, Topic
 from .models import Message as MessageRow
 from .retry import Backoff, Random
 from .sync import sync_subscriptions
@@ -75,6 +75,21 @@ class Stats:
         return self.acked + self.failed
 
 
+@dataclass
+class Budget:
+    """What one pass may still claim: idle workers, and deliveries left under
+    --max-messages (None: no such bound)."""
+
+    free: int
+    left: int | None
+    stuck: dict[int, int]
+    claimed: int = 0
+
+    @property
+    def spent(self) -> bool:
+        return self.free <= 0 or (self.left is not None and self.claimed >= self.left)
+
+
 class DispatchLoop:
     def __init__(
         self,
@@ -118,6 +133,8 @@ class DispatchLoop:
         self._next_recovery: datetime | None = None
         self._rotation = 0
         self._skipped_behind = False
+        # A claim failed: deliveries may be leased here that no worker holds.
+        self._orphans = False
         self._pool: WorkerPool | None = None
         self._listener: Listener | None = None
         # Not tied to the poll interval: a server restart should be noticed in well under a
@@ -285,7 +302,9 @@ class DispatchLoop:
             try:
                 # Draining handlers keep their leases, or another dispatcher would start
                 # them a second time while they finish here.
-                self._upkeep(self.clock())
+                now = self.clock()
+                self._upkeep(now)
+                self._housekeeping(now, recover=False)
             except Error:
                 logger.exception("database error while draining; retrying")
                 self._reset_connection()
@@ -343,18 +362,19 @@ class DispatchLoop:
         # would reconnect several times a second); a broken one is replaced after an error.
         now = self.clock()
         progressed = self._upkeep(now) > 0
+        if self._orphans:
+            self._give_back_orphans()
         self._retry_imports()
-        if self._next_recovery is None or now >= self._next_recovery:
-            self._next_recovery = now + timedelta(seconds=RECOVERY_INTERVAL)
-            progressed |= self._recover_expired(now) > 0
         batch = pubsub_settings.batch_size
         sequenced = Topic.sequence_all(batch=batch)
         progressed |= bool(sequenced)
         topics = list(sequenced) if self._skip_behind(sequenced) else Topic.behind()
         for topic_id in topics:
-            progressed |= Topic.fan_out(topic_id, now=now, batch=batch) > 0
-        if not self._stop.is_set():
-            progressed |= self._claim(self.clock()) > 0
+            progressed |= self._fan_out(topic_id, now, batch) > 0
+        progressed |= self._claim(self.clock()) > 0
+        # Heartbeat and recovery come last: first in a pass woken by a commit, they would
+        # stand between that commit and its handler.
+        progressed |= self._housekeeping(self.clock()) > 0
         return progressed
 
     def _skip_behind(self, sequenced: dict[int, int]) -> bool:
@@ -370,16 +390,24 @@ class DispatchLoop:
         return self._skipped_behind
 
     def _upkeep(self, now: datetime) -> int:
-        """Keep our leases and heartbeat fresh, record finished work; return how much.
+        """Keep our leases fresh, record finished work; return how much was recorded.
 
         Leases are extended first: a slow pass must not let this process's own running
         handlers' leases look expired to the recovery that follows in a pass.
         """
         self._extend_leases(now)
         self._time_out()
+        return self._collect(now)
+
+    def _housekeeping(self, now: datetime, *, recover: bool = True) -> int:
+        """Heartbeat and take back expired leases, each when due; return how many
+        deliveries were taken back."""
         if now >= self._next_beat:
             self._heartbeat(now)
-        return self._collect(now)
+        if recover and (self._next_recovery is None or now >= self._next_recovery):
+            self._next_recovery = now + timedelta(seconds=RECOVERY_INTERVAL)
+            return self._recover_expired(now)
+        return 0
 
     def _time_out(self) -> None:
         """Fail handlers that outran their subscription's timeout; report their threads."""
@@ -632,57 +660,129 @@ class DispatchLoop:
             )
         logger.debug("delivery id=%s traceback:\n%s", job.delivery_id, outcome.traceback)
 
-    def _claim(self, now: datetime) -> int:
-        """Claim for the idle workers, round robin over the subscriptions."""
-        assert self._pool is not None and self.row is not None
+    def _budget(self) -> Budget | None:
+        """What this pass may claim; None if nothing."""
+        assert self._pool is not None
         free = self.workers - self._pool.busy
         left = None if self.max_messages is None else self.max_messages - self.stats.claimed
-        subs = list(self._subs.values())
-        if free <= 0 or not subs or left == 0:
-            return 0
+        if free <= 0 or not self._subs or left == 0 or self._stop.is_set():
+            return None
         stuck: dict[int, int] = defaultdict(int)
         for job, _ in self._pool.stuck():
             stuck[job.subscription_id] += 1
+        return Budget(free, left, stuck)
+
+    def _limit(self, sub: Subscription, budget: Budget, chunks: int) -> int:
+        """How many deliveries of ``sub`` to claim now for ``chunks`` workers; 0: none."""
+        if sub.effective_ordered and self._inflight[sub.pk]:
+            # Its head is running here, or a timed-out run of it is still stuck in a
+            # thread: nothing behind it (nor its own retry) may start until that ends.
+            return 0
+        limit = chunks * self._chunk_size[sub.pk]
+        bound = sub.effective_max_inflight
+        if bound is not None:
+            limit = min(limit, bound - self._inflight[sub.pk])
+        elif budget.stuck[sub.pk] >= self.workers:
+            return 0  # hung runs already hold a pool's worth of threads: no more
+        if budget.left is not None:
+            limit = min(limit, budget.left - budget.claimed)
+        return max(0, limit)
+
+    def _rotated(self) -> list[Subscription]:
+        """The subscriptions, starting one further each pass: each gets idle workers first
+        in turn."""
+        subs = list(self._subs.values())
         self._rotation = (self._rotation + 1) % len(subs)
-        claimed = 0
-        for sub in subs[self._rotation :] + subs[: self._rotation]:
+        return subs[self._rotation :] + subs[: self._rotation]
+
+    def _fan_out(self, topic_id: int, now: datetime, batch: int) -> int:
+        """Fan the topic out; on PostgreSQL lease the first new deliveries of its unordered
+        subscriptions in the same statement, a chunk for each idle worker. Returns how many
+        deliveries were created."""
+        assert self.row is not None
+        budget = self._budget()
+        leases: list[Lease] = []
+        promised = 0
+        if budget is not None and Topic.leases_at_fan_out():
+            for sub in self._rotated():
+                if sub.topic_id != topic_id or sub.effective_ordered:
+                    continue  # an ordered run is claimed under its subscription's lock
+                limit = self._limit(sub, budget, 1)
+                if budget.left is not None:
+                    limit = min(limit, budget.left - promised)
+                if limit > 0 and len(leases) < budget.free:
+                    expires = now + timedelta(seconds=sub.effective_lease)
+                    leases.append(Lease(sub.pk, limit, uuid.uuid4().hex, expires))
+                    promised += limit
+        try:
+            fanned = Topic.fan_out(
+                topic_id, now=now, batch=batch, leases=leases, dispatcher_id=self.row.pk
+            )
+            jobs = [
+                self._jobs(self._subs[lease.subscription_id], lease.token, rows)
+                for lease in leases
+                if (rows := fanned.leased.get(lease.subscription_id))
+            ]
+        except BaseException:
+            self._failed_claim()
+            raise
+        for sub_jobs in jobs:
+            assert budget is not None  # leased only with a budget
+            self._hand_out(sub_jobs, 1, budget)
+        return fanned.created
+
+    def _claim(self, now: datetime) -> int:
+        """Claim for the idle workers, round robin over the subscriptions."""
+        assert self.row is not None
+        budget = self._budget()
+        if budget is None:
+            return 0
+        for sub in self._rotated():
             ordered = sub.effective_ordered
-            if ordered and self._inflight[sub.pk]:
-                # Its head is running here, or a timed-out run of it is still stuck in a
-                # thread: nothing behind it (nor its own retry) may start until that ends.
-                continue
-            chunks = 1 if ordered else free  # an ordered run goes to one thread, in order
-            limit = chunks * self._chunk_size[sub.pk]
-            bound = sub.effective_max_inflight
-            if bound is not None:
-                limit = min(limit, bound - self._inflight[sub.pk])
-            elif stuck[sub.pk] >= self.workers:
-                continue  # hung runs already hold a pool's worth of threads: no more
-            if left is not None:
-                limit = min(limit, left - claimed)
+            chunks = 1 if ordered else budget.free  # an ordered run goes to one thread
+            limit = self._limit(sub, budget, chunks)
             if limit <= 0:
                 continue
             token = uuid.uuid4().hex
-            # The lease and the read of what it leased commit together: a claim whose
-            # messages could not be read (a lost connection, even after the statement ran)
-            # rolls back instead of leaving deliveries leased to a live dispatcher that
-            # never runs them. So even the one-statement claim of PostgreSQL gets a
-            # transaction: COMMIT goes only once the rows are here.
-            with transaction.atomic():
+            try:
                 rows = Delivery.objects.claim(
                     sub, limit=limit, now=now, token=token, dispatcher_id=self.row.pk
                 )
                 jobs = self._jobs(sub, token, rows)
-            # Handed to workers only after the commit: none runs on a lease that rolled back.
-            # Spread over as many idle workers as there are deliveries, up to one each.
+            except BaseException:
+                self._failed_claim()
+                raise
+            self._hand_out(jobs, chunks, budget)
+            if budget.spent:
+                break
+        return budget.claimed
+
+    def _failed_claim(self) -> None:
+        """A claim commits on its own: if it, or reading what it leased, failed (a lost
+        connection, even after the statement ran), deliveries may be leased to this live
+        dispatcher that no worker here will run. Give them back now, or in the next pass."""
+        self._orphans = True
+        self._give_back_orphans(quietly=True)
+
+    def _hand_out(self, jobs: list[Job], chunks: int, budget: Budget) -> None:
+        """Hand claimed jobs to the pool, spread over as many idle workers as there are
+        deliveries, up to ``chunks``; an ordered run goes to one worker whole.
+
+        Only after the claim committed: none runs on a lease that rolled back."""
+        if not jobs:
+            return
+        if self._subs[jobs[0].subscription_id].effective_ordered:
+            parts = 1
+            self._submit(jobs)
+        else:
             parts = min(chunks, len(jobs))
             for part in range(parts):
-                self._submit(jobs[part::parts] if not ordered else jobs)
-            free -= parts
-            claimed += len(jobs)
-            if free <= 0 or (left is not None and claimed >= left):
-                break
-        return claimed
+                self._submit(jobs[part::parts])
+        budget.free -= parts
+        budget.claimed += len(jobs)
+        # Let the workers start now. They need the interpreter's lock to run a handler,
+        # and would otherwise wait for this thread's next query to release it.
+        time.sleep(0)
 
     def _jobs(self, sub: Subscription, token: str, rows: list[Claimed]) -> list[Job]:
         """Build the handlers' jobs for the claimed deliveries."""
@@ -731,6 +831,28 @@ class DispatchLoop:
         """Ack one delivery from its worker thread, on that thread's connection."""
         ids, token, now = [job.delivery_id], job.token, self.clock()
         return Delivery.objects.ack(ids, token=token, now=now, lazy=True) == 1
+
+    def _give_back_orphans(self, *, quietly: bool = False) -> None:
+        """Give back, attempt and all, what is leased to this dispatcher and held by no
+        worker here: what a failed claim may have left. ``quietly``: a database error
+        leaves that for the next pass instead of raising."""
+        assert self._pool is not None and self.row is not None
+        try:
+            held = set(self._pool.held())
+            leased = Delivery.objects.inflight().filter(dispatcher=self.row)
+            by_token: dict[str, list[int]] = defaultdict(list)
+            for delivery_id, token in leased.values_list("id", "lease_token"):
+                if delivery_id not in held and token is not None:
+                    by_token[token].append(delivery_id)
+            now = self.clock()
+            for token, ids in by_token.items():
+                self.stats.given_back += Delivery.objects.give_back(ids, token=token, now=now)
+        except Error:
+            if not quietly:
+                raise
+            logger.warning("could not give back a failed claim's leases yet", exc_info=True)
+            return
+        self._orphans = False
 
     def _give_back(self, jobs: list[Job]) -> None:
         self._give_back_rows(jobs, self.clock())

@@ -28,7 +28,6 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple, cast
 
 from django.db import connections, models, transaction
-from django.db.backends.utils import CursorWrapper
 from django.db.models import Case, F, Q, Value, When
 
 from .conf import START_CHOICES, pubsub_settings
@@ -114,9 +113,11 @@ class Topic(models.Model):
     def sequence_all(cls, *, batch: int, using: str = "default") -> dict[int, int]:
         """Sequence the committed messages of every topic that has some; return how many
         each topic got, for those that got any."""
+        connection = connections[using]
+        if connection.vendor == "postgresql":
+            return _sequence_postgresql(None, batch, using)
         # Plain SQL: this runs every pass, and on the way from a commit to its handler.
         # SQLite, without statistics, would rather scan the whole (topic, offset) index.
-        connection = connections[using]
         hint = " INDEXED BY pubsub_message_unsequenced" if connection.vendor == "sqlite" else ""
         with connection.cursor() as cursor:
             cursor.execute(
@@ -134,7 +135,7 @@ class Topic(models.Model):
         """Give the topic's committed unsequenced messages the next offsets, up to
         ``batch`` of them, in id order; return how many."""
         if connections[using].vendor == "postgresql":
-            return cls._sequence_postgresql(topic_id, batch, using)
+            return _sequence_postgresql(topic_id, batch, using).get(topic_id, 0)
         message, topic = _quoted(Message), _quoted(Topic)
         offset, topic_col = _quoted(Message, "offset"), _quoted(Message, "topic")
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
@@ -156,41 +157,6 @@ class Topic(models.Model):
         return int(count)
 
     @classmethod
-    def _sequence_postgresql(cls, topic_id: int, batch: int, using: str) -> int:
-        """Sequencing in two statements sent together: one round trip.
-
-        Sent as one query string, they run one after the other in one transaction (the
-        caller's, or their own), each with a fresh snapshot. So the first takes the topic's
-        row lock, and the second, which starts once the lock is held, sees every message
-        committed so far and the offsets any sequencer before it assigned. A query string
-        of several statements cannot take bound parameters: its values are integers,
-        written into it here.
-        """
-        connection = connections[using]
-        message, topic, offset = _quoted(Message), _quoted(Topic), _quoted(Message, "offset")
-        topic_id, batch = int(topic_id), int(batch)
-        lazily = f", {LAZY_COMMIT}" if _lazily(connection) else ""
-        sql = (
-            f"SELECT next_offset{lazily} FROM {topic} WHERE id = {topic_id} FOR NO KEY UPDATE; "
-            f"WITH base AS (SELECT next_offset AS b FROM {topic} WHERE id = {topic_id}), "
-            f"s AS (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM {message} "
-            f"WHERE topic_id = {topic_id} AND {offset} IS NULL ORDER BY id LIMIT {batch}), "
-            f"assigned AS (UPDATE {message} m SET {offset} = (SELECT b FROM base) + s.rn - 1 "
-            f"FROM s WHERE m.id = s.id RETURNING 1), "
-            f"moved AS (UPDATE {topic} SET next_offset = (SELECT b FROM base) + "
-            f"(SELECT count(*) FROM assigned) WHERE id = {topic_id} "
-            f"AND EXISTS (SELECT 1 FROM assigned) RETURNING 1) "
-            f"SELECT count(*) FROM assigned"
-        )
-        with connection.wrap_database_errors, _bound_cursor(connection, client=True) as cursor:
-            cursor.execute(sql)
-            if not isinstance(cursor, CursorWrapper):
-                cursor.nextset()  # psycopg 3 starts at the first statement's result
-            # (psycopg2, through Django's cursor, has only the last one's.)
-            (count,) = cursor.fetchone()
-        return int(count)
-
-    @classmethod
     def behind(cls, using: str = "default") -> list[int]:
         """Topics with an active subscription that has sequenced messages not yet fanned
         out."""
@@ -202,19 +168,48 @@ class Topic(models.Model):
             )
             return [row[0] for row in cursor.fetchall()]
 
+    @staticmethod
+    def leases_at_fan_out(using: str = "default") -> bool:
+        """Whether fan_out() can lease what it creates here (PostgreSQL)."""
+        return connections[using].vendor == "postgresql"
+
     @classmethod
-    def fan_out(cls, topic_id: int, *, now: datetime, batch: int, using: str = "default") -> int:
+    def fan_out(
+        cls,
+        topic_id: int,
+        *,
+        now: datetime,
+        batch: int,
+        using: str = "default",
+        leases: Sequence[Lease] = (),
+        dispatcher_id: int | None = None,
+    ) -> FanOut:
         """Fan the topic out to each of its active subscriptions (up to ``batch`` messages
-        each); return how many deliveries were created."""
-        if connections[using].vendor == "postgresql":
-            return _fan_out_postgresql(topic_id, None, now=now, batch=batch, using=using)[0]
+        each).
+
+        On PostgreSQL, ``leases`` lets the same statement lease the first new deliveries of
+        some unordered subscriptions to ``dispatcher_id``: on the way from a commit to its
+        handler, that is a claim's round trip and its rewrite of each row saved. Elsewhere
+        nothing is leased here; a claim takes the deliveries as usual.
+        """
+        if cls.leases_at_fan_out(using):
+            return _fan_out_postgresql(
+                topic_id,
+                None,
+                now=now,
+                batch=batch,
+                using=using,
+                leases=leases,
+                dispatcher_id=dispatcher_id,
+            )[0]
         subs = Subscription.objects.using(using).filter(
             topic_id=topic_id, active=True, position__lt=F("topic__next_offset")
         )
-        return sum(
+        created = sum(
             sub.fan_out(now=now, batch=batch, using=using)
             for sub in subs.only("pk", "topic_id").order_by("pk")
         )
+        return FanOut(created, {})
 
 
 def _psycopg3(connection: Any) -> Any:
@@ -229,7 +224,7 @@ def _psycopg3(connection: Any) -> Any:
     return psycopg if isinstance(connection.connection, psycopg.Connection) else None
 
 
-def _bound_cursor(connection: Any, *, client: bool = False) -> Any:
+def _bound_cursor(connection: Any) -> Any:
     """A cursor that sends parameters apart from the SQL where the driver can.
 
     Django's psycopg cursors bind parameters into the SQL text on the client, which for a
@@ -245,20 +240,7 @@ def _bound_cursor(connection: Any, *, client: bool = False) -> Any:
     psycopg = _psycopg3(connection)
     if psycopg is None:  # SQLite, or psycopg2: Django's cursor
         return connection.cursor()
-    if client:
-        # For a string of several statements (no parameters): a client-side cursor never
-        # prepares it, whatever the connection's prepare_threshold.
-        return psycopg.ClientCursor(connection.connection)
     return psycopg.Cursor(connection.connection)
-
-
-def _pipelined(connection: Any) -> Any:
-    """psycopg 3's pipeline mode where it has it: the BEGIN that opens a transaction goes
-    out with its first statement instead of a round trip ahead of it."""
-    psycopg = _psycopg3(connection)
-    if psycopg is None or not psycopg.Pipeline.is_supported():
-        return nullcontext()
-    return connection.connection.pipeline()
 
 
 # Rows per INSERT statement: well under both databases' limits on parameters.
@@ -440,12 +422,12 @@ class Subscription(models.Model):
     def fan_out(self, *, now: datetime, batch: int, using: str = "default") -> int:
         """Create deliveries for sequenced messages past the cursor; return how many."""
         if connections[using].vendor == "postgresql":
-            created, position = _fan_out_postgresql(
+            fanned, position = _fan_out_postgresql(
                 self.topic_id, self.pk, now=now, batch=batch, using=using
             )
             if position is not None:
                 self.position = position
-            return created
+            return fanned.created
         delivery, message, topic = _quoted(Delivery), _quoted(Message), _quoted(Topic)
         subscription, offset = _quoted(Subscription), _quoted(Message, "offset")
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
@@ -472,24 +454,73 @@ class Subscription(models.Model):
         return int(created)
 
 
+def _sequence_postgresql(topic_id: int | None, batch: int, using: str) -> dict[int, int]:
+    """Sequencing on PostgreSQL: one call of the function that migration 0004 creates, for
+    every topic (or the one given); {topic id: messages sequenced} for those that got any.
+
+    One round trip whatever the number of topics, and the server keeps the plans of the
+    statements inside it. Its migration says why it cannot skip a message.
+    """
+    connection = connections[using]
+    with connection.wrap_database_errors, _bound_cursor(connection) as cursor:
+        cursor.execute(
+            "SELECT topic_id, sequenced FROM django_pubsub_sequence(%s, %s, %s)",
+            [int(batch), _lazily(connection), topic_id],
+        )
+        return {int(topic): int(count) for topic, count in cursor.fetchall()}
+
+
+class Lease(NamedTuple):
+    """What a fan-out on PostgreSQL may lease of the deliveries it creates for one
+    unordered subscription: up to ``limit`` of them, to ``token`` until ``expires``."""
+
+    subscription_id: int
+    limit: int
+    token: str
+    expires: datetime
+
+
+class FanOut(NamedTuple):
+    # Deliveries created.
+    created: int
+    # Those leased as they were created (see Topic.fan_out), by subscription id.
+    leased: dict[int, list[Claimed]]
+
+
 def _fan_out_postgresql(
-    topic_id: int, subscription_id: int | None, *, now: datetime, batch: int, using: str
-) -> tuple[int, int | None]:
+    topic_id: int,
+    subscription_id: int | None,
+    *,
+    now: datetime,
+    batch: int,
+    using: str,
+    leases: Sequence[Lease] = (),
+    dispatcher_id: int | None = None,
+) -> tuple[FanOut, int | None]:
     """Fan-out on PostgreSQL, one statement for all of a topic's active subscriptions (or
-    the one given): (deliveries created, the position of the last one moved).
+    the one given): what it created and leased, and the position of the last one moved.
 
     Each subscription row is locked first (in id order, as every fan-out locks them), and
     the lock returns its latest committed position, not the statement's snapshot's: a
     fan-out of the same subscription elsewhere waits for this one, or this one for it, and
     neither creates what the other did. The topic's head comes from the snapshot, taken
     with the messages it covers, which sequencing commits together.
+
+    ``leases``: the first deliveries created for each of those subscriptions are created
+    leased (inflight, one attempt counted, as a claim leaves them) and come back with
+    their messages, unless the subscription already has deliveries waiting that are due:
+    a claim would take those first.
     """
     connection = connections[using]
     delivery, message, topic = _quoted(Delivery), _quoted(Message), _quoted(Topic)
     subscription, offset = _quoted(Subscription), _quoted(Message, "offset")
     lazily = f", {LAZY_COMMIT}" if _lazily(connection) else ""
     only = "" if subscription_id is None else " AND id = %s"
-    sql = (
+    at = connection.ops.adapt_datetimefield_value(now)
+    params: list[Any] = [topic_id, topic_id]
+    params += [] if subscription_id is None else [subscription_id]
+    params += [batch]
+    moved = (
         f"WITH head AS (SELECT next_offset AS h{lazily} FROM {topic} WHERE id = %s), "
         f"subs AS MATERIALIZED (SELECT id, position AS lo FROM {subscription} "
         f"WHERE topic_id = %s AND active{only} AND position < (SELECT h FROM head) "
@@ -497,21 +528,73 @@ def _fan_out_postgresql(
         f"moved AS (UPDATE {subscription} s SET position = LEAST((SELECT h FROM head), "
         f"subs.lo + %s) FROM subs WHERE s.id = subs.id RETURNING s.id, subs.lo, "
         f"s.position AS hi), "
-        f"created AS (INSERT INTO {delivery} (subscription_id, message_id, {offset}, state, "
-        f"attempts, available_at, errors, last_error, created_at, updated_at) "
-        f"SELECT moved.id, m.id, m.{offset}, %s, 0, %s, '[]', '', %s, %s "
-        f"FROM moved JOIN {message} m ON m.topic_id = %s AND m.{offset} >= moved.lo "
-        f"AND m.{offset} < moved.hi ON CONFLICT DO NOTHING RETURNING 1) "
-        f"SELECT (SELECT count(*) FROM created), (SELECT max(hi) FROM moved)"
     )
-    at = connection.ops.adapt_datetimefield_value(now)
-    params: list[Any] = [topic_id, topic_id]
-    params += [] if subscription_id is None else [subscription_id]
-    params += [batch, Delivery.State.PENDING.value, at, at, at, topic_id]
+    columns = (
+        f"subscription_id, message_id, {offset}, state, attempts, available_at, errors, "
+        f"last_error, created_at, updated_at"
+    )
+    if not leases:
+        sql = (
+            f"{moved}created AS (INSERT INTO {delivery} ({columns}) "
+            f"SELECT moved.id, m.id, m.{offset}, %s, 0, %s, '[]', '', %s, %s "
+            f"FROM moved JOIN {message} m ON m.topic_id = %s AND m.{offset} >= moved.lo "
+            f"AND m.{offset} < moved.hi ON CONFLICT DO NOTHING RETURNING 1) "
+            f"SELECT (SELECT count(*) FROM created), (SELECT max(hi) FROM moved)"
+        )
+        params += [Delivery.State.PENDING.value, at, at, at, topic_id]
+    else:
+        pending, retry = Delivery.State.PENDING.value, Delivery.State.RETRY.value
+        sql = (
+            f"{moved}wanted AS MATERIALIZED (SELECT w.* FROM unnest(%s::bigint[], %s::int[], "
+            f"%s::varchar[], %s::timestamptz[]) AS w(sub, lim, token, expires) "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {delivery} d WHERE d.subscription_id = w.sub "
+            f"AND d.{UNFINISHED_SQL} AND d.state IN (%s, %s) AND d.available_at <= %s)), "
+            f"fresh AS (SELECT moved.id AS sub, m.id AS mid, m.{offset} AS o, w.token, "
+            f"w.expires, row_number() OVER (PARTITION BY moved.id ORDER BY m.{offset}) "
+            f"<= COALESCE(w.lim, 0) AS leased FROM moved JOIN {message} m "
+            f"ON m.topic_id = %s AND m.{offset} >= moved.lo AND m.{offset} < moved.hi "
+            f"LEFT JOIN wanted w ON w.sub = moved.id), "
+            f"created AS (INSERT INTO {delivery} ({columns}, lease_token, lease_expires_at, "
+            f"dispatcher_id) SELECT sub, mid, o, CASE WHEN leased THEN %s ELSE %s END, "
+            f"leased::int, %s, '[]', '', %s, %s, CASE WHEN leased THEN token END, "
+            f"CASE WHEN leased THEN expires END, CASE WHEN leased THEN %s::bigint END "
+            f"FROM fresh ON CONFLICT DO NOTHING "
+            f"RETURNING id, subscription_id, message_id, attempts, lease_token IS NOT NULL "
+            f"AS leased), "
+            f"totals AS (SELECT (SELECT count(*) FROM created) AS n, "
+            f"(SELECT max(hi) FROM moved) AS position) "
+            f"SELECT totals.n, totals.position, c.subscription_id, c.id, c.attempts, m.id, "
+            f"m.{offset}, m.payload::text, m.payload_bytes, m.key, m.headers::text, "
+            f"m.published_at FROM totals LEFT JOIN (created c JOIN {message} m "
+            f"ON m.id = c.message_id AND c.leased) ON true"
+        )
+        params += [
+            [lease.subscription_id for lease in leases],
+            [lease.limit for lease in leases],
+            [lease.token for lease in leases],
+            [connection.ops.adapt_datetimefield_value(lease.expires) for lease in leases],
+            pending,
+            retry,
+            at,
+            topic_id,
+            Delivery.State.INFLIGHT.value,
+            pending,
+            at,
+            at,
+            at,
+            dispatcher_id,
+        ]
     with connection.wrap_database_errors, _bound_cursor(connection) as cursor:
         cursor.execute(sql, params)
-        created, position = cursor.fetchone()
-    return int(created), position
+        rows = cursor.fetchall()
+    created, position = rows[0][:2]
+    leased: dict[int, list[Claimed]] = {}
+    for row in rows if leases else ():
+        if row[2] is not None:  # None: nothing leased (the one row of the totals)
+            leased.setdefault(row[2], []).append(_claimed(row[3:]))
+    for claimed in leased.values():
+        claimed.sort(key=lambda row: row.offset)
+    return FanOut(int(created), leased), position
 
 
 # The conditions of the partial indexes on deliveries, as literal SQL. SQLite uses a partial
@@ -538,6 +621,15 @@ def _body(payload: str | None, payload_bytes: bytes | memoryview | None) -> Any:
     if payload_bytes is not None:
         return bytes(payload_bytes)
     return None if payload is None else json.loads(payload)
+
+
+def _claimed(row: Sequence[Any]) -> Claimed:
+    """A Claimed from PostgreSQL's columns: delivery id, attempt, message id, offset,
+    payload as text, payload bytes, key, headers as text, published at."""
+    payload = _body(row[4], row[5])
+    return Claimed(
+        row[0], row[1], row[2], row[3], payload, row[6], json.loads(row[7]) or {}, row[8]
+    )
 
 
 def _with_messages(rows: list[tuple[int, int, int]], using: str) -> list[Claimed]:
@@ -645,34 +737,37 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         if postgres:
             # The messages come back with the claim: one round trip, no ORM per row.
             m = _quoted(Message)
-            # Committed lazily, like sequencing (see _lazily): a claim that a server
-            # crash loses returns its deliveries to where they were, which at-least-once
-            # delivery allows, and the ack that follows commits synchronously.
+            # Committed lazily where it is its own transaction, like sequencing (see
+            # _lazily): a claim that a server crash loses returns its deliveries to where
+            # they were, which at-least-once delivery allows, and the ack that follows
+            # commits synchronously.
             sql = (
                 f"WITH {ctes}, claimed AS ({update}) SELECT c.id, c.attempts, m.id, m.{offset}, "
                 f"m.payload::text, m.payload_bytes, m.key, m.headers::text, m.published_at, "
-                f"{LAZY_COMMIT} "
+                f"{LAZY_COMMIT if _lazily(connection) else 'NULL'} "
                 f"FROM claimed c JOIN {m} m ON m.id = c.message_id"
             )
         else:
             sql = f"WITH {ctes} {update}"
-        with connection.wrap_database_errors, _bound_cursor(connection) as cursor:
+        # An unordered claim on PostgreSQL is one statement, so its own transaction
+        # (outside an atomic block) is enough. An ordered one takes a lock first, and
+        # SQLite reads the messages after the claim: those statements share one.
+        together = subscription.effective_ordered or not postgres
+        with (
+            transaction.atomic(using=using) if together else nullcontext(),
+            connection.wrap_database_errors,
+            _bound_cursor(connection) as cursor,
+        ):
             if subscription.effective_ordered:
                 # Claimers of one subscription take turns on its row lock, and each sees
                 # what the one before committed, so two never lease parts of one run.
                 _lock_row(cursor, Subscription, subscription.pk, using, "position")
-            with _pipelined(connection):
-                cursor.execute(sql, params)
-                rows = cursor.fetchall()
+            cursor.execute(sql, params)
+            rows = cursor.fetchall()
+            if not postgres:
+                claimed = _with_messages(rows, using)
         if postgres:
-            claimed = [
-                Claimed(
-                    r[0], r[1], r[2], r[3], _body(r[4], r[5]), r[6], json.loads(r[7]) or {}, r[8]
-                )
-                for r in rows
-            ]
-        else:
-            claimed = _with_messages(rows, using)
+            claimed = [_claimed(row) for row in rows]
         claimed.sort(key=lambda row: row.offset)
         return claimed
 

@@ -1,0 +1,145 @@
+"""Sequencing and fan-out as the dispatcher runs them on the way from a commit to a handler:
+one call sequences every topic, and on PostgreSQL a fan-out leases what it creates."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import OperationalError
+from django.utils import timezone
+
+from django_pubsub import publish, publish_many
+from django_pubsub.dispatcher import DispatchLoop
+from django_pubsub.models import Delivery, DeliveryQuerySet, Lease, Message, Subscription, Topic
+from tests.conftest import FakeClock, is_postgres, runs, states, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_one_call_sequences_every_topic_and_one_topic_alone() -> None:
+    basic = publish_many("t.basic", [{"n": n} for n in range(3)])
+    ordered = publish_many("t.ordered", [{"n": n} for n in range(2)])
+    topic = Topic.objects.get(name="t.ordered")
+    assert Topic.sequence(topic.pk, batch=10) == 2
+    assert Message.objects.filter(id__in=basic, offset__isnull=True).count() == 3
+    publish("t.ordered", {"n": 2})
+    sequenced = Topic.sequence_all(batch=10)
+    assert sequenced == {Topic.objects.get(name="t.basic").pk: 3, topic.pk: 1}
+    offsets = Message.objects.filter(id__in=[*ordered]).order_by("id")
+    assert list(offsets.values_list("offset", flat=True)) == [0, 1]
+    assert Topic.sequence_all(batch=10) == {}
+
+
+def _lease(name: str, limit: int, token: str = "fan") -> Lease:
+    sub = Subscription.objects.get(name=name)
+    return Lease(sub.pk, limit, token, timezone.now() + timedelta(seconds=30))
+
+
+def test_a_fan_out_leases_the_first_new_deliveries_on_postgresql() -> None:
+    ids = publish_many("t.basic", [{"n": n} for n in range(3)])
+    topic = Topic.objects.get(name="t.basic")
+    Topic.sequence_all(batch=10)
+    fanned = Topic.fan_out(topic.pk, now=timezone.now(), batch=10, leases=[_lease("basic.one", 2)])
+    assert fanned.created == 6  # three messages, two subscriptions
+    one = Subscription.objects.get(name="basic.one")
+    if not is_postgres():
+        # Elsewhere a fan-out leases nothing: the claim that follows does.
+        assert fanned.leased == {}
+        assert states("basic.one") == {"pending": 3}
+        return
+    (leased,) = fanned.leased.values()
+    assert [row.message_id for row in leased] == ids[:2]
+    assert [row.offset for row in leased] == [0, 1]
+    assert [row.payload for row in leased] == [{"n": 0}, {"n": 1}]
+    assert {row.attempt for row in leased} == {1}
+    assert list(fanned.leased) == [one.pk]
+    rows = Delivery.objects.filter(subscription=one).order_by("offset")
+    assert [(d.state, d.attempts, d.lease_token) for d in rows] == [
+        ("inflight", 1, "fan"),
+        ("inflight", 1, "fan"),
+        ("pending", 0, None),
+    ]
+    assert states("basic.two") == {"pending": 3}
+    # What it leased is fenced like a claim: its token acks it.
+    assert (
+        Delivery.objects.ack([row.delivery_id for row in leased], token="fan", now=timezone.now())
+        == 2
+    )
+
+
+def test_a_fan_out_leases_nothing_while_older_deliveries_wait() -> None:
+    if not is_postgres():
+        pytest.skip("Only PostgreSQL leases at fan-out")
+    publish("t.basic", {"n": 0})
+    topic = Topic.objects.get(name="t.basic")
+    Topic.sequence_all(batch=10)
+    Topic.fan_out(topic.pk, now=timezone.now(), batch=10)
+    publish("t.basic", {"n": 1})
+    Topic.sequence_all(batch=10)
+    fanned = Topic.fan_out(topic.pk, now=timezone.now(), batch=10, leases=[_lease("basic.one", 5)])
+    # The older one is due: a claim takes it first, so the new one is not leased past it.
+    assert fanned.created == 2 and fanned.leased == {}
+    assert states("basic.one") == {"pending": 2}
+
+
+def test_a_new_message_reaches_its_handler_through_the_fan_out_lease(clock: FakeClock) -> None:
+    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
+    loop._prepare()
+    claims = []
+    original = DeliveryQuerySet.claim
+
+    def counting(self: DeliveryQuerySet, *args: Any, **kwargs: Any) -> Any:
+        claimed = original(self, *args, **kwargs)
+        claims.append(len(claimed))
+        return claimed
+
+    DeliveryQuerySet.claim = counting  # type: ignore[method-assign]
+    try:
+        loop._pass()  # settles in: nothing to do
+        publish("t.basic", {"n": 1})
+        loop._pass()
+        wait_for(lambda: len(runs("basic.one")) == 1)
+    finally:
+        DeliveryQuerySet.claim = original  # type: ignore[method-assign]
+        loop.stop()
+        loop._shutdown()
+    assert states("basic.one") == {"acked": 1}
+    assert [run.attempt for run in runs("basic.one")] == [1]
+    # PostgreSQL: leased by the fan-out, no claim took anything. SQLite: a claim did.
+    assert sum(claims) == (0 if is_postgres() else 1)
+
+
+def test_a_lease_whose_messages_were_not_read_is_given_back(clock: FakeClock) -> None:
+    """A fan-out or claim that leased and then failed (a lost connection, say) gives the
+    leases back, attempt and all, even when the first attempt to give back fails too."""
+    publish_many("t.basic", [{"n": 1}, {"n": 2}])
+    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
+    loop._prepare()
+    real_jobs, real_give_back = loop._jobs, DeliveryQuerySet.give_back
+
+    def connection_lost(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    loop._jobs = connection_lost  # type: ignore[method-assign]
+    DeliveryQuerySet.give_back = connection_lost  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OperationalError):
+            loop._pass()
+        # Leased to this live dispatcher, which could not give them back yet.
+        leased = states("basic.one").get("inflight", 0)
+        assert leased >= 1
+        loop._jobs = real_jobs  # type: ignore[method-assign]
+        DeliveryQuerySet.give_back = real_give_back  # type: ignore[method-assign]
+        loop._pass()  # gives them back first, then claims them again
+        wait_for(lambda: len(runs("basic.one")) == 2)
+        loop._pass()
+    finally:
+        DeliveryQuerySet.give_back = real_give_back  # type: ignore[method-assign]
+        loop.stop()
+        loop._shutdown()
+    assert states("basic.one") == {"acked": 2}
+    # The lost lease cost no attempt.
+    assert [run.attempt for run in runs("basic.one")] == [1, 1]
+    assert loop.stats.given_back == leased
