@@ -544,11 +544,21 @@ def _fan_out_postgresql(
         params += [Delivery.State.PENDING.value, at, at, at, topic_id]
     else:
         pending, retry = Delivery.State.PENDING.value, Delivery.State.RETRY.value
+        # One branch per subscription, each with its own id, and min() rather than EXISTS:
+        # planned from statistics, a join with a list of ids or an EXISTS became a scan
+        # of all deliveries when those said there were few to look at (the min of the
+        # offset index is found by walking it from this subscription's lowest offset).
+        wanted = " UNION ALL ".join(
+            [
+                f"SELECT %s::bigint AS sub, %s::int AS lim, %s::varchar AS token, "
+                f"%s::timestamptz AS expires WHERE (SELECT min(d.{offset}) FROM {delivery} d "
+                f"WHERE d.subscription_id = %s AND d.{UNFINISHED_SQL} AND d.state IN (%s, %s) "
+                f"AND d.available_at <= %s) IS NULL"
+            ]
+            * len(leases)
+        )
         sql = (
-            f"{moved}wanted AS MATERIALIZED (SELECT w.* FROM unnest(%s::bigint[], %s::int[], "
-            f"%s::varchar[], %s::timestamptz[]) AS w(sub, lim, token, expires) "
-            f"WHERE NOT EXISTS (SELECT 1 FROM {delivery} d WHERE d.subscription_id = w.sub "
-            f"AND d.{UNFINISHED_SQL} AND d.state IN (%s, %s) AND d.available_at <= %s)), "
+            f"{moved}wanted AS MATERIALIZED ({wanted}), "
             f"fresh AS (SELECT moved.id AS sub, m.id AS mid, m.{offset} AS o, w.token, "
             f"w.expires, row_number() OVER (PARTITION BY moved.id ORDER BY m.{offset}) "
             f"<= COALESCE(w.lim, 0) AS leased FROM moved JOIN {message} m "
@@ -568,14 +578,11 @@ def _fan_out_postgresql(
             f"m.published_at FROM totals LEFT JOIN (created c JOIN {message} m "
             f"ON m.id = c.message_id AND c.leased) ON true"
         )
+        for lease in leases:
+            expires = connection.ops.adapt_datetimefield_value(lease.expires)
+            params += [lease.subscription_id, lease.limit, lease.token, expires]
+            params += [lease.subscription_id, pending, retry, at]
         params += [
-            [lease.subscription_id for lease in leases],
-            [lease.limit for lease in leases],
-            [lease.token for lease in leases],
-            [connection.ops.adapt_datetimefield_value(lease.expires) for lease in leases],
-            pending,
-            retry,
-            at,
             topic_id,
             Delivery.State.INFLIGHT.value,
             pending,
