@@ -296,7 +296,13 @@ class DispatchLoop:
         """Give back unstarted work; let running handlers finish within the grace."""
         self._give_back(pool.take_unstarted())
         deadline = time.monotonic() + self.shutdown_grace
-        while pool.busy and time.monotonic() < deadline:
+        while (pool.busy or self._orphans) and time.monotonic() < deadline:
+            if self._orphans:
+                self._give_back_orphans(quietly=True)  # a failed claim's, if the database is back
+            if not pool.busy:
+                if self._orphans:
+                    self._wake.wait(min(0.2, self.poll_interval))
+                continue
             self._wake.wait(min(0.05, self.poll_interval))
             self._wake.clear()
             try:
@@ -366,16 +372,32 @@ class DispatchLoop:
             self._give_back_orphans()
         self._retry_imports()
         batch = pubsub_settings.batch_size
-        sequenced = Topic.sequence_all(batch=batch)
-        progressed |= bool(sequenced)
-        topics = list(sequenced) if self._skip_behind(sequenced) else Topic.behind()
-        for topic_id in topics:
-            progressed |= self._fan_out(topic_id, now, batch) > 0
-        progressed |= self._claim(self.clock()) > 0
+        try:
+            sequenced = Topic.sequence_all(batch=batch)
+            progressed |= bool(sequenced)
+            topics = list(sequenced) if self._skip_behind(sequenced) else Topic.behind()
+            for topic_id in topics:
+                progressed |= self._fan_out(topic_id, now, batch) > 0
+            progressed |= self._claim(self.clock()) > 0
+        except Error:
+            # Passes that keep failing while the database answers (a lock, a timeout) must
+            # not make this process look dead to the others, who would take back the
+            # leases of the handlers it is running.
+            self._beat_quietly()
+            raise
         # Heartbeat and recovery come last: first in a pass woken by a commit, they would
         # stand between that commit and its handler.
         progressed |= self._housekeeping(self.clock()) > 0
         return progressed
+
+    def _beat_quietly(self) -> None:
+        now = self.clock()
+        if now < self._next_beat:
+            return
+        try:
+            self._heartbeat(now)
+        except Error:
+            logger.debug("heartbeat failed too", exc_info=True)
 
     def _skip_behind(self, sequenced: dict[int, int]) -> bool:
         """Whether this pass fans out only the topics it just sequenced.
@@ -688,11 +710,13 @@ class DispatchLoop:
             limit = min(limit, budget.left - budget.claimed)
         return max(0, limit)
 
-    def _rotated(self) -> list[Subscription]:
-        """The subscriptions, starting one further each pass: each gets idle workers first
-        in turn."""
+    def _rotated(self, *, advance: bool = True) -> list[Subscription]:
+        """The subscriptions, starting one further at each claim: each gets idle workers
+        first in turn. Fan-outs look in the same order without moving it on, or a pass
+        could move it by two and start every claim at the same subscription."""
         subs = list(self._subs.values())
-        self._rotation = (self._rotation + 1) % len(subs)
+        if advance:
+            self._rotation = (self._rotation + 1) % len(subs)
         return subs[self._rotation :] + subs[: self._rotation]
 
     def _fan_out(self, topic_id: int, now: datetime, batch: int) -> int:
@@ -704,14 +728,14 @@ class DispatchLoop:
         leases: list[Lease] = []
         promised = 0
         if budget is not None and Topic.leases_at_fan_out():
-            for sub in self._rotated():
+            for sub in self._rotated(advance=False):
                 if sub.topic_id != topic_id or sub.effective_ordered:
                     continue  # an ordered run is claimed under its subscription's lock
                 limit = self._limit(sub, budget, 1)
                 if budget.left is not None:
                     limit = min(limit, budget.left - promised)
                 if limit > 0 and len(leases) < budget.free:
-                    expires = now + timedelta(seconds=sub.effective_lease)
+                    expires = self.clock() + timedelta(seconds=sub.effective_lease)
                     leases.append(Lease(sub.pk, limit, uuid.uuid4().hex, expires))
                     promised += limit
         try:
@@ -838,11 +862,11 @@ class DispatchLoop:
         leaves that for the next pass instead of raising."""
         assert self._pool is not None and self.row is not None
         try:
-            held = set(self._pool.held())
+            held = {(job.delivery_id, job.token) for job in self._pool.held_jobs()}
             leased = Delivery.objects.inflight().filter(dispatcher=self.row)
             by_token: dict[str, list[int]] = defaultdict(list)
             for delivery_id, token in leased.values_list("id", "lease_token"):
-                if delivery_id not in held and token is not None:
+                if (delivery_id, token) not in held and token is not None:
                     by_token[token].append(delivery_id)
             now = self.clock()
             for token, ids in by_token.items():

@@ -59,7 +59,7 @@ def _lock_row(cursor: Any, model: type[models.Model], pk: int, using: str, colum
     connection = connections[using]
     if connection.vendor == "postgresql":
         # NO KEY UPDATE: it serialises us with each other but not with the FOR KEY SHARE
-        # locks that publishers' foreign key checks take on the topic row at commit.
+        # locks that foreign key checks take on a row they point at.
         cursor.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR NO KEY UPDATE", [pk])
     elif connection.features.has_select_for_update:
         cursor.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [pk])
@@ -70,12 +70,16 @@ def _lock_row(cursor: Any, model: type[models.Model], pk: int, using: str, colum
         cursor.execute(f"UPDATE {table} SET {name} = {name} WHERE id = %s", [pk])
 
 
-def _locked_value(cursor: Any, model: type[models.Model], pk: int, column: str, using: str) -> int:
+def _locked_value(
+    cursor: Any, model: type[models.Model], pk: int, column: str, using: str
+) -> int | None:
     """Take the row's write lock for the rest of the transaction; return ``column`` as of
-    then (the latest committed value, not the transaction's snapshot's)."""
+    then (the latest committed value, not the transaction's snapshot's), or None if there
+    is no such row."""
     _lock_row(cursor, model, pk, using, column)
     cursor.execute(f"SELECT {_quoted(model, column)} FROM {_quoted(model)} WHERE id = %s", [pk])
-    return int(cursor.fetchone()[0])
+    row = cursor.fetchone()
+    return None if row is None else int(row[0])
 
 
 # In a PostgreSQL statement: lets its transaction commit without waiting for its WAL to
@@ -140,6 +144,8 @@ class Topic(models.Model):
         offset, topic_col = _quoted(Message, "offset"), _quoted(Message, "topic")
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
             base = _locked_value(cursor, Topic, topic_id, "next_offset", using)
+            if base is None:
+                return 0  # its topic row is gone: nothing to number its messages from
             # A new statement after the lock: it sees every message committed so far,
             # including the offsets a sequencer that held the lock before us assigned.
             cursor.execute(
@@ -437,6 +443,7 @@ class Subscription(models.Model):
         subscription, offset = _quoted(Subscription), _quoted(Message, "offset")
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
             low = _locked_value(cursor, Subscription, self.pk, "position", using)
+            assert low is not None, "fan-out of a subscription that was deleted"
             cursor.execute(f"SELECT next_offset FROM {topic} WHERE id = %s", [self.topic_id])
             (head,) = cursor.fetchone()
             high = min(head, low + batch)
@@ -514,7 +521,9 @@ def _fan_out_postgresql(
     ``leases``: the first deliveries created for each of those subscriptions are created
     leased (inflight, one attempt counted, as a claim leaves them) and come back with
     their messages, unless the subscription already has deliveries waiting that are due:
-    a claim would take those first.
+    a claim would take those first. (As far as the statement's snapshot shows: older ones
+    that another dispatcher's fan-out commits meanwhile may be overtaken, which only an
+    unordered subscription, the only kind leased here, allows.)
     """
     connection = connections[using]
     delivery, message, topic = _quoted(Delivery), _quoted(Message), _quoted(Topic)

@@ -3,6 +3,7 @@ one call sequences every topic, and on PostgreSQL a fan-out leases what it creat
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -143,3 +144,117 @@ def test_a_lease_whose_messages_were_not_read_is_given_back(clock: FakeClock) ->
     # The lost lease cost no attempt.
     assert [run.attempt for run in runs("basic.one")] == [1, 1]
     assert loop.stats.given_back == leased
+
+
+def test_an_ordered_subscription_is_never_leased_at_fan_out(clock: FakeClock) -> None:
+    loop = DispatchLoop(subscriptions=["ordered.one"], handle_signals=False, clock=clock)
+    loop._prepare()
+    claims = []
+    original = DeliveryQuerySet.claim
+
+    def counting(self: DeliveryQuerySet, *args: Any, **kwargs: Any) -> Any:
+        claimed = original(self, *args, **kwargs)
+        claims.append(len(claimed))
+        return claimed
+
+    DeliveryQuerySet.claim = counting  # type: ignore[method-assign]
+    try:
+        publish("t.ordered", {"n": 1})
+        loop._pass()
+        wait_for(lambda: len(runs("ordered.one")) == 1)
+    finally:
+        DeliveryQuerySet.claim = original  # type: ignore[method-assign]
+        loop.stop()
+        loop._shutdown()
+    assert sum(claims) == 1  # claimed under its subscription's lock, as a run
+
+
+def test_a_fan_out_leases_past_older_deliveries_that_are_not_due() -> None:
+    """Running or waiting for a retry later: nothing a claim would take first."""
+    if not is_postgres():
+        pytest.skip("Only PostgreSQL leases at fan-out")
+    publish_many("t.basic", [{"n": 0}, {"n": 1}])
+    topic = Topic.objects.get(name="t.basic")
+    Topic.sequence_all(batch=10)
+    Topic.fan_out(topic.pk, now=timezone.now(), batch=10)
+    running, retrying = Delivery.objects.filter(subscription__name="basic.one").order_by("offset")
+    Delivery.objects.filter(pk=running.pk).update(state="inflight", lease_token="other")
+    later = timezone.now() + timedelta(minutes=5)
+    Delivery.objects.filter(pk=retrying.pk).update(state="retry", available_at=later)
+    publish("t.basic", {"n": 2})
+    Topic.sequence_all(batch=10)
+    fanned = Topic.fan_out(topic.pk, now=timezone.now(), batch=10, leases=[_lease("basic.one", 5)])
+    (leased,) = fanned.leased.values()
+    assert [row.offset for row in leased] == [2]
+
+
+def test_an_unordered_claim_whose_rows_were_not_read_is_given_back(clock: FakeClock) -> None:
+    """The claim's own statement (not a fan-out's): on PostgreSQL it commits on its own."""
+    publish("t.basic", {"n": 1})
+    topic = Topic.objects.get(name="t.basic")
+    Topic.sequence_all(batch=10)
+    Topic.fan_out(topic.pk, now=clock.now, batch=10)  # no lease: the claim takes it
+    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
+    loop._prepare()
+    real_jobs = loop._jobs
+
+    def connection_lost(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    loop._jobs = connection_lost  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OperationalError):
+            loop._claim(clock.now)
+        assert states("basic.one") == {"pending": 1}
+        assert set(Delivery.objects.values_list("attempts", flat=True)) == {0}
+        assert not loop._orphans
+    finally:
+        loop._jobs = real_jobs  # type: ignore[method-assign]
+        loop.stop()
+        loop._shutdown()
+
+
+def test_giving_back_leaves_what_a_worker_holds(clock: FakeClock) -> None:
+    publish_many("t.basic", [{"n": 1}, {"n": 2}])
+    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock, workers=1)
+    loop._prepare()
+    gate = threading.Event()
+    started: list[int] = []
+    loop._handlers = {
+        pk: (lambda m: (started.append(m.id), gate.wait(10))) for pk in loop._handlers
+    }
+    try:
+        loop._pass()  # one worker: one delivery leased and running, the other pending
+        wait_for(lambda: len(started) == 1)
+        sub = Subscription.objects.get(name="basic.one")
+        assert loop.row is not None
+        # Leased to this dispatcher by a claim whose rows never arrived.
+        (orphan,) = Delivery.objects.claim(
+            sub, limit=1, now=clock.now, token="lost", dispatcher_id=loop.row.pk
+        )
+        loop._give_back_orphans()
+        running = Delivery.objects.get(message_id=started[0], subscription=sub)
+        assert running.state == "inflight"
+        given = Delivery.objects.get(pk=orphan.delivery_id)
+        assert (given.state, given.attempts) == ("pending", 0)
+        gate.set()
+        wait_for(lambda: loop._pool is not None and loop._pool.busy == 0)
+        loop._pass()
+    finally:
+        gate.set()
+        loop.stop()
+        loop._shutdown()
+    assert states("basic.one").get("acked", 0) >= 1
+
+
+def test_messages_whose_topic_row_is_gone_are_left_alone() -> None:
+    from django.db import connection
+
+    publish("t.gone", {"n": 1})
+    publish("t.basic", {"n": 1})
+    gone = Topic.objects.get(name="t.gone")
+    with connection.cursor() as cursor:  # as a raw DELETE could, now that no constraint stops it
+        cursor.execute("DELETE FROM django_pubsub_topic WHERE id = %s", [gone.pk])
+    assert Topic.sequence_all(batch=10) == {Topic.objects.get(name="t.basic").pk: 1}
+    assert Topic.sequence_all(batch=10) == {}
+    assert Topic.sequence(gone.pk, batch=10) == 0

@@ -147,3 +147,57 @@ def test_a_host_clock_off_from_the_databases_is_warned_about(
         DispatchLoop(until_idle=True, handle_signals=False, subscriptions=["basic.one"]).run()
     warnings = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
     assert len(warnings) == 1 and "30.0s ahead of the database server's" in warnings[0]
+
+
+def test_passes_that_keep_failing_still_heartbeat(clock: FakeClock) -> None:
+    """Or other dispatchers would presume this one dead and take back its running leases."""
+    from django.db import OperationalError
+
+    from django_pubsub.models import Dispatcher, Topic
+
+    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
+    loop._prepare()
+    loop._pass()
+    real = Topic.sequence_all
+
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("database is locked")
+
+    Topic.sequence_all = locked  # type: ignore[method-assign]
+    try:
+        for _ in range(3):
+            clock.advance(10)  # past the 5 s heartbeat interval each time
+            with pytest.raises(OperationalError):
+                loop._pass()
+            assert loop.row is not None
+            assert Dispatcher.objects.get(pk=loop.row.pk).last_seen == clock.now
+    finally:
+        Topic.sequence_all = real  # type: ignore[method-assign]
+        loop.stop()
+        loop._shutdown()
+
+
+def test_shutdown_gives_back_what_a_failed_claim_leased(clock: FakeClock) -> None:
+    from django_pubsub.models import Subscription
+
+    publish("t.basic", {"n": 1})
+    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
+    loop._prepare()
+    from django_pubsub.models import Topic
+
+    Topic.sequence_all(batch=10)
+    Topic.fan_out(Subscription.objects.get(name="basic.one").topic_id, now=clock.now, batch=10)
+    assert loop.row is not None
+    # As a claim whose rows were lost with the connection leaves it, the give-back failed.
+    Delivery.objects.claim(
+        Subscription.objects.get(name="basic.one"),
+        limit=1,
+        now=clock.now,
+        token="lost",
+        dispatcher_id=loop.row.pk,
+    )
+    loop._orphans = True
+    loop.stop()
+    loop._shutdown()
+    assert states("basic.one") == {"pending": 1}
+    assert set(Delivery.objects.values_list("attempts", flat=True)) == {0}

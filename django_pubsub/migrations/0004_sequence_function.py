@@ -22,6 +22,7 @@ CREATE OR REPLACE FUNCTION django_pubsub_sequence(batch integer, lazy boolean, o
 RETURNS TABLE (topic_id bigint, sequenced bigint)
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
+    topics bigint[];
     topic bigint;
     base bigint;
     n bigint;
@@ -29,13 +30,22 @@ BEGIN
     IF lazy THEN
         PERFORM set_config('synchronous_commit', 'off', true);
     END IF;
-    FOR topic IN
-        SELECT DISTINCT m.topic_id FROM django_pubsub_message m
-        WHERE m."offset" IS NULL AND (only_topic IS NULL OR m.topic_id = only_topic)
-        ORDER BY 1
-    LOOP
+    IF only_topic IS NOT NULL THEN
+        -- Locked even with nothing to sequence: the caller (a new subscription that starts
+        -- at "latest") reads next_offset after it, so no sequencer may be half way.
+        topics := ARRAY[only_topic];
+    ELSE
+        topics := ARRAY(
+            SELECT DISTINCT m.topic_id FROM django_pubsub_message m
+            WHERE m."offset" IS NULL ORDER BY 1
+        );
+    END IF;
+    FOREACH topic IN ARRAY topics LOOP
         SELECT t.next_offset INTO base FROM django_pubsub_topic t
         WHERE t.id = topic FOR NO KEY UPDATE;
+        IF NOT FOUND THEN
+            CONTINUE;  -- its topic row is gone: nothing to number its messages from
+        END IF;
         WITH s AS (
             SELECT m.id, row_number() OVER (ORDER BY m.id) AS rn FROM django_pubsub_message m
             WHERE m.topic_id = topic AND m."offset" IS NULL ORDER BY m.id LIMIT batch
