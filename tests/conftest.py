@@ -58,6 +58,13 @@ def dispatch() -> Callable[..., Stats]:
     return run
 
 
+def connection_lost(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for a database call whose connection was lost."""
+    from django.db import OperationalError
+
+    raise OperationalError("server closed the connection unexpectedly")
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
     """Poll ``condition`` until true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -14,7 +14,7 @@ from django.utils import timezone
 from django_pubsub import publish, publish_many
 from django_pubsub.dispatcher import DispatchLoop
 from django_pubsub.models import Delivery, DeliveryQuerySet, Lease, Message, Subscription, Topic
-from tests.conftest import FakeClock, is_postgres, runs, states, wait_for
+from tests.conftest import FakeClock, connection_lost, is_postgres, runs, states, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -31,6 +31,21 @@ def test_one_call_sequences_every_topic_and_one_topic_alone() -> None:
     offsets = Message.objects.filter(id__in=[*ordered]).order_by("id")
     assert list(offsets.values_list("offset", flat=True)) == [0, 1]
     assert Topic.sequence_all(batch=10) == {}
+
+
+@pytest.fixture
+def claimed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many deliveries each DeliveryQuerySet.claim() call took."""
+    counts: list[int] = []
+    original = DeliveryQuerySet.claim
+
+    def counting(self: DeliveryQuerySet, *args: Any, **kwargs: Any) -> Any:
+        rows = original(self, *args, **kwargs)
+        counts.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(DeliveryQuerySet, "claim", counting)
+    return counts
 
 
 def _lease(name: str, limit: int, token: str = "fan") -> Lease:
@@ -85,31 +100,23 @@ def test_a_fan_out_leases_nothing_while_older_deliveries_wait() -> None:
     assert states("basic.one") == {"pending": 2}
 
 
-def test_a_new_message_reaches_its_handler_through_the_fan_out_lease(clock: FakeClock) -> None:
+def test_a_new_message_reaches_its_handler_through_the_fan_out_lease(
+    clock: FakeClock, claimed: list[int]
+) -> None:
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
     loop._prepare()
-    claims = []
-    original = DeliveryQuerySet.claim
-
-    def counting(self: DeliveryQuerySet, *args: Any, **kwargs: Any) -> Any:
-        claimed = original(self, *args, **kwargs)
-        claims.append(len(claimed))
-        return claimed
-
-    DeliveryQuerySet.claim = counting  # type: ignore[method-assign]
     try:
         loop._pass()  # settles in: nothing to do
         publish("t.basic", {"n": 1})
         loop._pass()
         wait_for(lambda: len(runs("basic.one")) == 1)
     finally:
-        DeliveryQuerySet.claim = original  # type: ignore[method-assign]
         loop.stop()
         loop._shutdown()
     assert states("basic.one") == {"acked": 1}
     assert [run.attempt for run in runs("basic.one")] == [1]
     # PostgreSQL: leased by the fan-out, no claim took anything. SQLite: a claim did.
-    assert sum(claims) == (0 if is_postgres() else 1)
+    assert sum(claimed) == (0 if is_postgres() else 1)
 
 
 def test_a_lease_whose_messages_were_not_read_is_given_back(clock: FakeClock) -> None:
@@ -119,10 +126,6 @@ def test_a_lease_whose_messages_were_not_read_is_given_back(clock: FakeClock) ->
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
     loop._prepare()
     real_jobs, real_give_back = loop._jobs, DeliveryQuerySet.give_back
-
-    def connection_lost(*args: Any, **kwargs: Any) -> Any:
-        raise OperationalError("server closed the connection unexpectedly")
-
     loop._jobs = connection_lost  # type: ignore[method-assign]
     DeliveryQuerySet.give_back = connection_lost  # type: ignore[method-assign]
     try:
@@ -146,27 +149,19 @@ def test_a_lease_whose_messages_were_not_read_is_given_back(clock: FakeClock) ->
     assert loop.stats.given_back == leased
 
 
-def test_an_ordered_subscription_is_never_leased_at_fan_out(clock: FakeClock) -> None:
+def test_an_ordered_subscription_is_never_leased_at_fan_out(
+    clock: FakeClock, claimed: list[int]
+) -> None:
     loop = DispatchLoop(subscriptions=["ordered.one"], handle_signals=False, clock=clock)
     loop._prepare()
-    claims = []
-    original = DeliveryQuerySet.claim
-
-    def counting(self: DeliveryQuerySet, *args: Any, **kwargs: Any) -> Any:
-        claimed = original(self, *args, **kwargs)
-        claims.append(len(claimed))
-        return claimed
-
-    DeliveryQuerySet.claim = counting  # type: ignore[method-assign]
     try:
         publish("t.ordered", {"n": 1})
         loop._pass()
         wait_for(lambda: len(runs("ordered.one")) == 1)
     finally:
-        DeliveryQuerySet.claim = original  # type: ignore[method-assign]
         loop.stop()
         loop._shutdown()
-    assert sum(claims) == 1  # claimed under its subscription's lock, as a run
+    assert sum(claimed) == 1  # claimed under its subscription's lock, as a run
 
 
 def test_a_fan_out_leases_past_older_deliveries_that_are_not_due() -> None:
@@ -197,10 +192,6 @@ def test_an_unordered_claim_whose_rows_were_not_read_is_given_back(clock: FakeCl
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
     loop._prepare()
     real_jobs = loop._jobs
-
-    def connection_lost(*args: Any, **kwargs: Any) -> Any:
-        raise OperationalError("server closed the connection unexpectedly")
-
     loop._jobs = connection_lost  # type: ignore[method-assign]
     try:
         with pytest.raises(OperationalError):

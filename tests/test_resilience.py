@@ -15,7 +15,7 @@ from django.utils import timezone
 from django_pubsub import publish, publish_many
 from django_pubsub.dispatcher import DispatchLoop
 from django_pubsub.models import Delivery
-from tests.conftest import FakeClock, is_postgres, runs, states, wait_for
+from tests.conftest import FakeClock, connection_lost, is_postgres, runs, states, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -159,11 +159,7 @@ def test_passes_that_keep_failing_still_heartbeat(clock: FakeClock) -> None:
     loop._prepare()
     loop._pass()
     real = Topic.sequence_all
-
-    def locked(*args: Any, **kwargs: Any) -> Any:
-        raise OperationalError("database is locked")
-
-    Topic.sequence_all = locked  # type: ignore[method-assign]
+    Topic.sequence_all = connection_lost  # type: ignore[method-assign]
     try:
         for _ in range(3):
             clock.advance(10)  # past the 5 s heartbeat interval each time
