@@ -558,6 +558,9 @@ def _fan_out_postgresql(
         params += [Delivery.State.PENDING.value, at, at, at, topic_id]
     else:
         pending, retry = Delivery.State.PENDING.value, Delivery.State.RETRY.value
+        # The messages of the leased deliveries are read one by primary key each (LIMIT 1
+        # keeps the planner from joining them with the whole log, which a generic plan
+        # sized for a batch chose: a scan of a million messages of history per fan-out).
         # One branch per subscription, each with its own id, and min() rather than EXISTS:
         # planned from statistics, a join with a list of ids or an EXISTS became a scan
         # of all deliveries when those said there were few to look at (the min of the
@@ -587,10 +590,10 @@ def _fan_out_postgresql(
             f"AS leased), "
             f"totals AS (SELECT (SELECT count(*) FROM created) AS n, "
             f"(SELECT max(hi) FROM moved) AS position) "
-            f"SELECT totals.n, totals.position, c.subscription_id, c.id, c.attempts, m.id, "
-            f"m.{offset}, m.payload::text, m.payload_bytes, m.key, m.headers::text, "
-            f"m.published_at FROM totals LEFT JOIN (created c JOIN {message} m "
-            f"ON m.id = c.message_id AND c.leased) ON true"
+            f"SELECT totals.n, totals.position, c.subscription_id, c.id, c.attempts, m.* "
+            f"FROM totals LEFT JOIN (created c CROSS JOIN LATERAL (SELECT m.id, m.{offset}, "
+            f"m.payload::text, m.payload_bytes, m.key, m.headers::text, m.published_at "
+            f"FROM {message} m WHERE m.id = c.message_id LIMIT 1) m) ON c.leased"
         )
         for lease in leases:
             expires = connection.ops.adapt_datetimefield_value(lease.expires)

@@ -249,3 +249,23 @@ def test_messages_whose_topic_row_is_gone_are_left_alone() -> None:
     assert Topic.sequence_all(batch=10) == {Topic.objects.get(name="t.basic").pk: 1}
     assert Topic.sequence_all(batch=10) == {}
     assert Topic.sequence(gone.pk, batch=10) == 0
+
+
+def test_the_loop_compiles_no_statement_with_jit(clock: FakeClock) -> None:
+    """JIT compiling a statement costs about 0.4 s once estimates grow with the history."""
+    from django.db import connection
+
+    if not is_postgres():
+        pytest.skip("PostgreSQL only")
+    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
+    loop._prepare()
+    try:
+        for _ in range(2):  # and again on a new connection, as after a lost one
+            loop._pass()
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW jit")
+                assert cursor.fetchone()[0] == "off"
+            loop._reset_connection()
+    finally:
+        loop.stop()
+        loop._shutdown()
