@@ -1,13 +1,21 @@
-"""A read-only admin: the dispatcher owns these rows. Operator actions come later."""
+"""The admin: the dispatcher owns these rows, so nothing is edited in a form. An operator
+acts on them through actions, each a model method, each recorded in the admin log, each
+needing the model's change permission (viewing needs the view permission)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.contrib.admin.models import CHANGE, LogEntry
+from django.db import transaction
+from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils.html import format_html
+from django.urls import URLPattern, path
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
 
 from .models import Delivery, Dispatcher, Message, Subscription, Topic
 
@@ -23,10 +31,44 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return False
 
 
+class ActionsAdmin(ReadOnlyAdmin):
+    """Read-only rows, with actions for those who may change them."""
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Without an object Django asks whether actions may run; with one, whether a form
+        # may save. Actions: with the change permission. Forms: never.
+        return obj is None and super(ReadOnlyAdmin, self).has_change_permission(request)
+
+    def act(
+        self,
+        request: HttpRequest,
+        targets: QuerySet[Any],
+        change: Callable[[Any], int],
+        done: str,
+    ) -> None:
+        """Run ``change`` on ``targets`` (the selected rows it applies to) in one
+        transaction, log each of them, and tell the operator how many changed."""
+        with transaction.atomic():
+            rows = list(targets)
+            changed = change(targets.model.objects.filter(pk__in=[row.pk for row in rows]))
+            if rows:
+                user_id = request.user.pk
+                assert user_id is not None  # actions need a logged-in user with permissions
+                LogEntry.objects.log_actions(user_id, rows, CHANGE, change_message=done)
+        level = messages.SUCCESS if changed else messages.WARNING
+        self.message_user(request, f"{done}: {changed} of {len(rows)} selected.", level)
+
+
 @admin.register(Topic)
 class TopicAdmin(ReadOnlyAdmin):
     list_display = ["name", "next_offset", "created_at"]
     search_fields = ["name"]
+
+    def get_urls(self) -> list[URLPattern]:
+        from .dashboard import dashboard
+
+        view = self.admin_site.admin_view(dashboard)
+        return [path("dashboard/", view, name="django_pubsub_dashboard"), *super().get_urls()]
 
 
 @admin.register(Message)
@@ -40,20 +82,42 @@ class MessageAdmin(ReadOnlyAdmin):
 
     @admin.display(description="payload")
     def pretty_payload(self, obj: Message) -> str:
-        if obj.payload_bytes is not None:
-            return f"{len(obj.payload_bytes)} bytes"
-        return format_html("<pre>{}</pre>", json.dumps(obj.payload, indent=2, sort_keys=True))
+        return _pretty_payload(obj)
+
+
+def _pretty_payload(message: Message) -> str:
+    if message.payload_bytes is not None:
+        return f"{len(message.payload_bytes)} bytes"
+    return format_html("<pre>{}</pre>", json.dumps(message.payload, indent=2, sort_keys=True))
 
 
 @admin.register(Subscription)
-class SubscriptionAdmin(ReadOnlyAdmin):
-    list_display = ["name", "topic", "handler", "ordered", "active", "position"]
-    list_filter = ["active", "topic"]
+class SubscriptionAdmin(ActionsAdmin):
+    list_display = ["name", "topic", "handler", "ordered", "active", "paused", "position"]
+    list_filter = ["active", "paused", "topic"]
     search_fields = ["name", "handler"]
+    actions = ["pause", "resume", "replay_dead"]
+
+    @admin.action(description="Pause: claim nothing more of it", permissions=["change"])
+    def pause(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
+        self.act(request, queryset.filter(paused=False), _each(Subscription.pause), "Paused")
+
+    @admin.action(description="Resume", permissions=["change"])
+    def resume(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
+        self.act(request, queryset.filter(paused=True), _each(Subscription.resume), "Resumed")
+
+    @admin.action(description="Replay all dead letters", permissions=["change"])
+    def replay_dead(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
+        dead = Delivery.objects.filter(subscription__in=queryset, state=Delivery.State.DEAD)
+        self.act(request, dead, lambda rows: rows.replay(timezone.now()), "Replayed")
+
+
+def _each(method: Callable[[Subscription], bool]) -> Callable[[QuerySet[Subscription]], int]:
+    return lambda rows: sum(method(row) for row in rows)
 
 
 @admin.register(Delivery)
-class DeliveryAdmin(ReadOnlyAdmin):
+class DeliveryAdmin(ActionsAdmin):
     list_display = [
         "id",
         "subscription",
@@ -67,12 +131,68 @@ class DeliveryAdmin(ReadOnlyAdmin):
     list_filter = ["state", "subscription", "subscription__topic"]
     search_fields = ["=message__id", "message__key"]
     list_select_related = ["subscription"]
-    exclude = ["errors"]
-    readonly_fields = ["error_history"]
+    fields = [
+        "why",
+        "subscription",
+        "message",
+        "offset",
+        "state",
+        "attempts",
+        "available_at",
+        "dispatcher",
+        "lease_token",
+        "lease_expires_at",
+        "message_payload",
+        "message_headers",
+        "error_history",
+        "created_at",
+        "updated_at",
+        "finished_at",
+    ]
+    readonly_fields = ["why", "message_payload", "message_headers", "error_history"]
+    actions = ["retry_now", "replay", "discard"]
 
-    @admin.display(description="errors")
+    @admin.display(description="why")
+    def why(self, obj: Delivery) -> str:
+        return obj.why(timezone.now())
+
+    @admin.display(description="payload")
+    def message_payload(self, obj: Delivery) -> str:
+        return _pretty_payload(obj.message)
+
+    @admin.display(description="headers")
+    def message_headers(self, obj: Delivery) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(obj.message.headers, indent=2))
+
+    @admin.action(description="Retry now (those waiting for a retry)", permissions=["change"])
+    def retry_now(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
+        retrying = queryset.filter(state=Delivery.State.RETRY)
+        self.act(request, retrying, lambda rows: rows.retry_now(timezone.now()), "Due now")
+
+    @admin.action(description="Replay (dead letters)", permissions=["change"])
+    def replay(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
+        dead = queryset.filter(state=Delivery.State.DEAD)
+        self.act(request, dead, lambda rows: rows.replay(timezone.now()), "Replayed")
+
+    @admin.action(
+        description="Discard (pending, retry or dead): never run them", permissions=["change"]
+    )
+    def discard(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
+        waiting = queryset.filter(state__in=[*Delivery.WAITING, Delivery.State.DEAD])
+        self.act(request, waiting, lambda rows: rows.discard(timezone.now()), "Discarded")
+
+    @admin.display(description="attempts that failed")
     def error_history(self, obj: Delivery) -> str:
-        return format_html("<pre>{}</pre>", json.dumps(obj.errors, indent=2))
+        if not obj.errors:
+            return "none"
+        return format_html_join(
+            "",
+            "<p><b>attempt {} at {}</b>: {}</p><pre>{}</pre>",
+            (
+                (e.get("attempt"), e.get("at"), e.get("error"), e.get("traceback") or "")
+                for e in obj.errors
+            ),
+        )
 
 
 @admin.register(Dispatcher)

@@ -42,6 +42,13 @@ DEFAULTS: dict[str, Any] = {
     "DISPATCHER_TIMEOUT": 60.0,
     # Seconds running handlers get to finish after SIGINT/SIGTERM.
     "SHUTDOWN_GRACE": 30.0,
+    # A secret that lets a request without a logged-in user (a load balancer, Prometheus)
+    # read the health, stats and metrics views: "Authorization: Bearer <token>". None: only
+    # users with the view_delivery permission may.
+    "MONITORING_TOKEN": None,
+    # Seconds the oldest unhandled message may wait before the health view reports
+    # unhealthy (None: only whether a dispatcher is alive counts).
+    "HEALTH_MAX_AGE": None,
 }
 
 START_CHOICES = ("latest", "earliest")
@@ -92,6 +99,11 @@ VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "HEARTBEAT_INTERVAL": (_positive_number, "a number of seconds > 0"),
     "DISPATCHER_TIMEOUT": (_positive_number, "a number of seconds > 0"),
     "SHUTDOWN_GRACE": (_positive_number, "a number of seconds > 0"),
+    "MONITORING_TOKEN": (
+        lambda v: v is None or (isinstance(v, str) and len(v) >= 16),
+        "None or a string of at least 16 characters",
+    ),
+    "HEALTH_MAX_AGE": (_optional_positive_number, "a number of seconds > 0, or None"),
 }
 
 
@@ -198,6 +210,16 @@ class PubSubSettings:
     @property
     def shutdown_grace(self) -> float:
         return float(get("SHUTDOWN_GRACE"))
+
+    @property
+    def monitoring_token(self) -> str | None:
+        value = get("MONITORING_TOKEN")
+        return None if value is None else str(value)
+
+    @property
+    def health_max_age(self) -> float | None:
+        value = get("HEALTH_MAX_AGE")
+        return None if value is None else float(value)
 
 
 pubsub_settings = PubSubSettings()

@@ -26,6 +26,7 @@ from django.db.models import F, Min, Q
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from . import signals
 from .conf import pubsub_settings
 from .exceptions import HandlerImportError
 from .message import Message
@@ -135,6 +136,7 @@ class DispatchLoop:
         self._skipped_behind = False
         # A claim failed: deliveries may be leased here that no worker holds.
         self._orphans = False
+        # The database connection _tune_connection() last set up.
         self._tuned: Any = None
         self._pool: WorkerPool | None = None
         self._listener: Listener | None = None
@@ -642,6 +644,11 @@ class DispatchLoop:
                 self._inflight[outcome.job.subscription_id] -= 1
             if not outcome.unstarted and not outcome.late:
                 ran[outcome.job.subscription_id].append(outcome.duration)
+                if outcome.error is None:
+                    message, duration = outcome.job.message, outcome.duration
+                    signals.send(
+                        signals.delivery_succeeded, Subscription, message=message, duration=duration
+                    )
         for sub_id, durations in ran.items():
             self._resize_chunks(sub_id, durations)
 
@@ -661,6 +668,8 @@ class DispatchLoop:
         job = outcome.job
         sub = self._subs[job.subscription_id]
         attempt = job.message.attempt
+        delay = sub.effective_backoff.delay(attempt, self.rand)
+        due = now + timedelta(seconds=delay)
         state = Delivery.objects.fail(
             job.delivery_id,
             token=job.token,
@@ -668,7 +677,7 @@ class DispatchLoop:
             error=outcome.error or "",
             traceback=outcome.traceback,
             max_attempts=sub.effective_max_attempts,
-            delay=sub.effective_backoff.delay(attempt, self.rand),
+            delay=delay,
         )
         if state is None:
             self.stats.fenced += 1
@@ -683,8 +692,20 @@ class DispatchLoop:
             # Only recorded failures count (like acks): a timed-out run's late failure was
             # counted at its timeout, and --max-messages counts each attempt once.
             self.stats.failed += 1
+        if state is not None:
+            signals.send(
+                signals.delivery_failed,
+                Subscription,
+                message=job.message,
+                error=outcome.error or "",
+                traceback=outcome.traceback,
+                state=state,
+            )
         if state == Delivery.State.DEAD:
             self.stats.dead += 1
+            signals.send(
+                signals.dead_lettered, Subscription, message=job.message, error=outcome.error or ""
+            )
             logger.error(
                 "delivery id=%s subscription=%s attempt=%s failed, dead-lettered: %s",
                 job.delivery_id,
@@ -694,6 +715,9 @@ class DispatchLoop:
             )
         elif state is not None:
             self.stats.retried += 1
+            signals.send(
+                signals.retry_scheduled, Subscription, message=job.message, available_at=due
+            )
             logger.warning(
                 "delivery id=%s subscription=%s attempt=%s failed, will retry: %s",
                 job.delivery_id,
@@ -926,6 +950,12 @@ class DispatchLoop:
         assert self._pool is not None
         if self._pool.busy or self._pool.has_outcomes() or self._pool.stuck():
             return False  # a timed-out handler still running counts: it may still finish
+        # A paused subscription's deliveries wait for an operator, not for this process.
+        paused = set(
+            Subscription.objects.filter(pk__in=list(self._subs), paused=True).values_list(
+                "pk", flat=True
+            )
+        )
         pks = list(self._subs)
         topics = {sub.topic_id for sub in self._subs.values()}
         # Rows of still-open transactions are invisible here, so this sees committed work only.
@@ -934,7 +964,9 @@ class DispatchLoop:
         if Subscription.objects.filter(pk__in=pks, position__lt=F("topic__next_offset")).exists():
             return False
         horizon = self.clock() + timedelta(seconds=self.idle_wait)
-        unordered = [pk for pk, sub in self._subs.items() if not sub.effective_ordered]
+        unordered = [
+            pk for pk, sub in self._subs.items() if not sub.effective_ordered and pk not in paused
+        ]
         if (
             Delivery.objects.unfinished()
             .filter(subscription_id__in=unordered)
@@ -946,7 +978,7 @@ class DispatchLoop:
         ):
             return False
         for pk, sub in self._subs.items():
-            if not sub.effective_ordered:
+            if not sub.effective_ordered or pk in paused:
                 continue
             head = (
                 Delivery.objects.unfinished()

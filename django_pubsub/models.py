@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, cast
 
 from django.db import connections, models, transaction
 from django.db.models import Case, F, Q, Value, When
+from django.utils import timezone
 
 from .conf import START_CHOICES, pubsub_settings
 from .retry import Backoff
@@ -396,6 +397,8 @@ class Subscription(models.Model):
     active = models.BooleanField(
         default=True, help_text="False once the code no longer declares it."
     )
+    # Set by an operator: nothing of it is claimed; its deliveries are still created.
+    paused = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -429,6 +432,25 @@ class Subscription(models.Model):
     def effective_max_inflight(self) -> int | None:
         """Most deliveries in flight at once in one process; None: only the pool bounds it."""
         return self.max_inflight or pubsub_settings.max_inflight
+
+    def pause(self) -> bool:
+        """Stop claiming its deliveries (those running finish); False if already paused."""
+        return self._set_paused(True)
+
+    def resume(self) -> bool:
+        """Claim its deliveries again; False if it was not paused."""
+        return self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> bool:
+        from . import signals
+
+        rows = Subscription.objects.filter(pk=self.pk, paused=not paused)
+        changed = rows.update(paused=paused, updated_at=timezone.now()) == 1
+        self.paused = paused
+        if changed:
+            signal = signals.subscription_paused if paused else signals.subscription_resumed
+            signals.send(signal, Subscription, subscription=self)
+        return changed
 
     def fan_out(self, *, now: datetime, batch: int, using: str = "default") -> int:
         """Create deliveries for sequenced messages past the cursor; return how many."""
@@ -570,7 +592,8 @@ def _fan_out_postgresql(
                 f"SELECT %s::bigint AS sub, %s::int AS lim, %s::varchar AS token, "
                 f"%s::timestamptz AS expires WHERE (SELECT min(d.{offset}) FROM {delivery} d "
                 f"WHERE d.subscription_id = %s AND d.{UNFINISHED_SQL} AND d.state IN (%s, %s) "
-                f"AND d.available_at <= %s) IS NULL"
+                f"AND d.available_at <= %s) IS NULL "
+                f"AND NOT (SELECT paused FROM {subscription} WHERE id = %s)"
             ]
             * len(leases)
         )
@@ -598,7 +621,7 @@ def _fan_out_postgresql(
         for lease in leases:
             expires = connection.ops.adapt_datetimefield_value(lease.expires)
             params += [lease.subscription_id, lease.limit, lease.token, expires]
-            params += [lease.subscription_id, pending, retry, at]
+            params += [lease.subscription_id, pending, retry, at, lease.subscription_id]
         params += [
             topic_id,
             Delivery.State.INFLIGHT.value,
@@ -709,6 +732,9 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         expires = now + timedelta(seconds=subscription.effective_lease)
         pending, retry = Delivery.State.PENDING, Delivery.State.RETRY
         inflight = Delivery.State.INFLIGHT
+        # Read in the claim itself: an operator's pause holds from the next claim on, in
+        # every dispatcher, at no cost of a round trip.
+        not_paused = f"NOT (SELECT paused FROM {_quoted(Subscription)} WHERE id = %s)"
         if subscription.effective_ordered:
             # A run from the head of the log: the lowest unfinished offsets, up to the first
             # one that is inflight or not yet due. While the head is inflight or waiting for
@@ -718,10 +744,11 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
                 f"FROM {table} WHERE subscription_id = %s AND {UNFINISHED_SQL} "
                 f"AND state IN (%s, %s, %s) ORDER BY {offset} LIMIT %s), "
                 f"picked AS MATERIALIZED (SELECT id AS picked_id FROM head WHERE o < COALESCE("
-                f"(SELECT MIN(o) FROM head WHERE state = %s OR available_at > %s), o + 1))"
+                f"(SELECT MIN(o) FROM head WHERE state = %s OR available_at > %s), o + 1) "
+                f"AND {not_paused})"
             )
             cte_params: list[Any] = [subscription.pk, pending, retry, inflight, limit]
-            cte_params += [inflight, now]
+            cte_params += [inflight, now, subscription.pk]
         else:
             skip = (
                 " FOR UPDATE SKIP LOCKED"
@@ -733,10 +760,10 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
             ctes = (
                 f"picked AS MATERIALIZED (SELECT id AS picked_id FROM {table} "
                 f"WHERE subscription_id = %s AND {UNFINISHED_SQL} AND state IN (%s, %s) "
-                f"AND available_at <= %s "
+                f"AND available_at <= %s AND {not_paused} "
                 f"ORDER BY {offset} LIMIT %s{skip})"
             )
-            cte_params = [subscription.pk, pending, retry, now, limit]
+            cte_params = [subscription.pk, pending, retry, now, subscription.pk, limit]
         connection = connections[using]
         postgres = connection.vendor == "postgresql"
         # Each picked row by its primary key. Statistics of a table of acked rows say
@@ -878,6 +905,33 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         )
         return state if updated else None
 
+    # Operator actions. Each is one UPDATE of the rows still in the state it applies to, so
+    # one that races with the dispatcher (a retry that became due and was claimed
+    # meanwhile, say) changes nothing of those rows; each returns how many it changed.
+
+    def retry_now(self, now: datetime) -> int:
+        """Make deliveries waiting for a retry due at once."""
+        return self.filter(state=Delivery.State.RETRY).update(available_at=now, updated_at=now)
+
+    def replay(self, now: datetime) -> int:
+        """Dead letters run again, due now, with ``max_attempts`` fresh attempts. Their
+        error history stays."""
+        return self.filter(state=Delivery.State.DEAD).update(
+            state=Delivery.State.PENDING,
+            attempts=0,
+            available_at=now,
+            finished_at=None,
+            updated_at=now,
+        )
+
+    def discard(self, now: datetime) -> int:
+        """Give up on deliveries that wait (pending, retry) or are dead: they end
+        ``discarded`` and never run. Inflight ones are left to their handler."""
+        waiting_or_dead = (Delivery.State.PENDING, Delivery.State.RETRY, Delivery.State.DEAD)
+        return self.filter(state__in=waiting_or_dead).update(
+            state=Delivery.State.DISCARDED, finished_at=now, updated_at=now
+        )
+
     def expired(self, now: datetime) -> DeliveryQuerySet:
         return self.inflight().filter(lease_expires_at__lt=now)
 
@@ -889,6 +943,8 @@ class Delivery(models.Model):
         RETRY = "retry"
         ACKED = "acked"
         DEAD = "dead"
+        # Given up on by an operator: never runs again (recorded in the admin log).
+        DISCARDED = "discarded"
 
     WAITING = (State.PENDING, State.RETRY)
     UNFINISHED = (State.PENDING, State.RETRY, State.INFLIGHT)
@@ -951,6 +1007,52 @@ class Delivery(models.Model):
 
     def __str__(self) -> str:
         return f"delivery {self.pk} of message {self.message_id} to {self.subscription_id}"
+
+    def why(self, now: datetime) -> str:
+        """A sentence for an operator: where this delivery stands and what it waits for."""
+        sub = self.subscription
+        if self.state == Delivery.State.ACKED:
+            return (
+                f"Handled at {self.finished_at:%Y-%m-%d %H:%M:%S} after {self.attempts} attempt(s)."
+            )
+        if self.state == Delivery.State.DEAD:
+            return (
+                f"Dead after {self.attempts} failed attempt(s); it runs again only if an "
+                f"operator replays it."
+            )
+        if self.state == Delivery.State.DISCARDED:
+            return "Discarded by an operator: it never runs."
+        if self.state == Delivery.State.INFLIGHT:
+            holder = f"dispatcher {self.dispatcher}" if self.dispatcher else "a dispatcher"
+            until = f" until {self.lease_expires_at:%H:%M:%S}" if self.lease_expires_at else ""
+            return f"Running: leased by {holder}{until} (attempt {self.attempts})."
+        if not sub.active:
+            return (
+                f"Waiting: subscription {sub.name} is no longer declared in the code, so no "
+                f"dispatcher runs it."
+            )
+        if sub.paused:
+            return f"Waiting: subscription {sub.name} is paused."
+        if self.state == Delivery.State.RETRY and self.available_at > now:
+            return (
+                f"Waiting to retry at {self.available_at:%H:%M:%S} "
+                f"(attempt {self.attempts + 1} of {sub.effective_max_attempts})."
+            )
+        if sub.effective_ordered:
+            ahead = (
+                Delivery.objects.unfinished()
+                .filter(subscription_id=self.subscription_id, offset__lt=self.offset)
+                .order_by("offset")
+                .first()
+            )
+            if ahead is not None:
+                return (
+                    f"Ordered: waits behind message {ahead.message_id} (offset {ahead.offset}, "
+                    f"{ahead.state})."
+                )
+        if not Dispatcher.objects.alive().exists():
+            return "Due now, but no dispatcher is running."
+        return "Due now: the next dispatcher with a free worker takes it."
 
 
 def pid_namespace() -> str:

@@ -9,6 +9,7 @@ from typing import Any
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from . import signals
 from .exceptions import InvalidPayload
 from .validation import check_headers, check_key, check_payload, check_topic
 from .wakeups import CHANNEL
@@ -72,6 +73,7 @@ def publish_many(
                 topic, checked, key=key, headers=header_dict, now=now, wake=CHANNEL
             )
     assert ids is not None
+    signals.send(signals.message_published, Message, topic=topic, ids=ids)
     return ids
 
 

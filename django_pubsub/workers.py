@@ -35,6 +35,7 @@ from typing import Any
 
 from django.db import close_old_connections, connections
 
+from . import signals
 from .message import Message
 
 logger = logging.getLogger("django_pubsub.workers")
@@ -307,6 +308,9 @@ class WorkerPool:
 
     @staticmethod
     def _run(job: Job) -> Outcome:
+        from .models import Subscription
+
+        signals.send(signals.delivery_started, Subscription, message=job.message)
         started = time.monotonic()
         try:
             job.handler(job.message)

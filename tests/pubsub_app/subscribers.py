@@ -35,6 +35,8 @@ def record(message: Message) -> None:
             time.sleep(payload["sleep_first"])
         if message.attempt <= payload.get("fail_times", 0):
             raise Planned(f"planned failure {message.attempt}")
+        if payload.get("fail_while") and os.path.exists(payload["fail_while"]):
+            raise Planned(f"broken while {payload['fail_while']} exists")
 
 
 @subscriber("t.basic", name="basic.one")

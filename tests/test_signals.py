@@ -1,0 +1,120 @@
+"""Lifecycle signals: what each carries, when it is sent, and that a receiver that raises
+breaks nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from django.dispatch import Signal
+
+from django_pubsub import publish, publish_many, signals
+from django_pubsub.models import Message, Subscription
+from tests.conftest import runs, states
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@contextmanager
+def received(*watched: Signal) -> Iterator[list[tuple[Signal, dict[str, Any]]]]:
+    seen: list[tuple[Signal, dict[str, Any]]] = []
+
+    def receiver(signal: Signal, sender: Any, **kwargs: Any) -> None:
+        seen.append((signal, {"sender": sender, **kwargs}))
+
+    for signal in watched:
+        signal.connect(receiver, weak=False, dispatch_uid="test")
+    try:
+        yield seen
+    finally:
+        for signal in watched:
+            signal.disconnect(dispatch_uid="test")
+
+
+def test_publishing_sends_the_ids_in_order() -> None:
+    with received(signals.message_published) as seen:
+        first = publish("t.basic", {"n": 0})
+        more = publish_many("t.basic", [{"n": 1}, {"n": 2}])
+    assert [kwargs["ids"] for _, kwargs in seen] == [[first], more]
+    assert {kwargs["topic"] for _, kwargs in seen} == {"t.basic"}
+    assert {kwargs["sender"] for _, kwargs in seen} == {Message}
+
+
+def test_a_delivery_that_fails_to_the_end_sends_each_step(dispatch: Any) -> None:
+    watched = (
+        signals.delivery_started,
+        signals.delivery_succeeded,
+        signals.delivery_failed,
+        signals.retry_scheduled,
+        signals.dead_lettered,
+    )
+    message_id = publish("t.basic", {"fail_times": 99})
+    with received(*watched) as seen:
+        dispatch("basic.one", idle_wait=1)
+    names = {
+        getattr(signals, name): name
+        for name in dir(signals)
+        if isinstance(getattr(signals, name), Signal)
+    }
+    steps = [names[signal] for signal, _ in seen]
+    # max_attempts 3: start, fail, retry; start, fail, retry; start, fail, dead.
+    assert steps == [
+        "delivery_started",
+        "delivery_failed",
+        "retry_scheduled",
+    ] * 2 + ["delivery_started", "delivery_failed", "dead_lettered"]
+    assert {kwargs["message"].id for _, kwargs in seen} == {message_id}
+    assert [kwargs["message"].attempt for _, kwargs in seen][::3] == [1, 2, 3]
+    failed = [kwargs for signal, kwargs in seen if signal is signals.delivery_failed]
+    assert [kwargs["state"] for kwargs in failed] == ["retry", "retry", "dead"]
+    assert "planned failure 1" in failed[0]["error"] and "Planned" in failed[0]["traceback"]
+    retried = [kwargs for signal, kwargs in seen if signal is signals.retry_scheduled]
+    assert retried[0]["available_at"] is not None
+
+
+def test_a_handled_delivery_sends_started_then_succeeded(dispatch: Any) -> None:
+    publish("t.basic", {"n": 1})
+    with received(signals.delivery_started, signals.delivery_succeeded) as seen:
+        dispatch("basic.one")
+    assert [signal for signal, _ in seen] == [signals.delivery_started, signals.delivery_succeeded]
+    assert seen[1][1]["duration"] >= 0 and seen[1][1]["message"].subscription == "basic.one"
+
+
+def test_a_receiver_that_raises_breaks_nothing(
+    dispatch: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(**kwargs: Any) -> None:
+        raise RuntimeError("receiver bug")
+
+    for signal in (signals.message_published, signals.delivery_started, signals.delivery_succeeded):
+        signal.connect(broken, weak=False, dispatch_uid="broken")
+    try:
+        publish("t.basic", {"n": 1})
+        with caplog.at_level("ERROR", logger="django_pubsub.signals"):
+            dispatch("basic.one")
+    finally:
+        for signal in (
+            signals.message_published,
+            signals.delivery_started,
+            signals.delivery_succeeded,
+        ):
+            signal.disconnect(dispatch_uid="broken")
+    assert states("basic.one") == {"acked": 1} and len(runs("basic.one")) == 1
+    assert (
+        sum("receiver bug" in record.exc_text for record in caplog.records if record.exc_text) >= 2
+    )
+
+
+def test_pausing_and_resuming_send_once_each() -> None:
+    sub = Subscription.objects.get(name="basic.one")
+    with received(signals.subscription_paused, signals.subscription_resumed) as seen:
+        sub.pause()
+        sub.pause()  # already paused: nothing changes, nothing is sent
+        sub.resume()
+    assert [signal for signal, _ in seen] == [
+        signals.subscription_paused,
+        signals.subscription_resumed,
+    ]
+    assert seen[0][1]["subscription"] == sub
