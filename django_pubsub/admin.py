@@ -11,7 +11,7 @@ from typing import Any
 from django.contrib import admin, messages
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
 from django.urls import URLPattern, path
 from django.utils import timezone
@@ -61,8 +61,21 @@ class ActionsAdmin(ReadOnlyAdmin):
 
 @admin.register(Topic)
 class TopicAdmin(ReadOnlyAdmin):
-    list_display = ["name", "next_offset", "created_at"]
+    list_display = ["name", "sequenced", "subscribers", "created_at"]
     search_fields = ["name"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Topic]:
+        active = Count("subscriptions", filter=Q(subscriptions__active=True))
+        topics: QuerySet[Topic] = super().get_queryset(request)
+        return topics.annotate(subscribers=active)
+
+    @admin.display(description="messages sequenced", ordering="next_offset")
+    def sequenced(self, obj: Topic) -> int:
+        return obj.next_offset
+
+    @admin.display(description="active subscriptions", ordering="subscribers")
+    def subscribers(self, obj: Any) -> int:
+        return int(obj.subscribers)
 
     def get_urls(self) -> list[URLPattern]:
         from .dashboard import dashboard

@@ -45,3 +45,13 @@ def test_nothing_can_be_added_or_changed(staff: Client) -> None:
     assert response.status_code == 403
     row.refresh_from_db()
     assert row.key is None
+
+
+def test_topics_list_their_counts(staff: Client, dispatch: Any) -> None:
+    publish("t.basic", {"n": 1})
+    dispatch("basic.one")
+    page = staff.get("/admin/django_pubsub/topic/?q=t.basic")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert '<td class="field-sequenced">1</td>' in html
+    assert '<td class="field-subscribers">2</td>' in html
