@@ -552,11 +552,53 @@ class DispatchLoop:
                     reason,
                     state,
                 )
+                self._signal_taken_back(delivery_id, sub, attempt, reason, state)
         for token, ids in unstarted.items():
             given = Delivery.objects.filter(still).give_back(ids, token=token, now=now)
             count += given
             self.stats.given_back += given
         return count
+
+    def _signal_taken_back(
+        self, delivery_id: int, sub: Subscription, attempt: int, reason: str, state: str
+    ) -> None:
+        """delivery_failed (and dead_lettered or retry_scheduled) for a lease taken back:
+        the process that ran it died or stalled."""
+        if not signals.delivery_failed.has_listeners(Subscription) and not (
+            signals.dead_lettered.has_listeners(Subscription)
+            or signals.retry_scheduled.has_listeners(Subscription)
+        ):
+            return
+        row = Delivery.objects.select_related("message").get(pk=delivery_id)
+        message = Message(
+            id=row.message_id,
+            offset=row.offset,
+            topic=sub.topic.name,
+            payload=row.message.body,
+            key=row.message.key,
+            headers=row.message.headers or {},
+            published_at=row.message.published_at,
+            attempt=attempt,
+            subscription=sub.name,
+            delivery_id=delivery_id,
+        )
+        signals.send(
+            signals.delivery_failed,
+            Subscription,
+            message=message,
+            error=reason,
+            traceback="",
+            state=state,
+        )
+        if state == Delivery.State.DEAD:
+            signals.send(signals.dead_lettered, Subscription, message=message, error=reason)
+        else:
+            signals.send(
+                signals.retry_scheduled,
+                Subscription,
+                message=message,
+                available_at=row.available_at,
+            )
 
     def _extend_leases(self, now: datetime) -> None:
         """Keep the leases of handlers still running from expiring under them."""

@@ -780,10 +780,12 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         update = (
             f"UPDATE {table} SET state = %s, attempts = attempts + 1, lease_token = %s, "
             f"lease_expires_at = %s, dispatcher_id = %s, updated_at = %s "
-            f"WHERE id {in_picked} AND state NOT IN (%s, %s, %s) AND available_at <= %s "
+            f"WHERE id {in_picked} AND state NOT IN (%s, %s, %s, %s) AND available_at <= %s "
             f"RETURNING id, attempts, message_id"
         )
-        done = (inflight, Delivery.State.ACKED, Delivery.State.DEAD)
+        # Every state a delivery may have reached since the snapshot that picked it: an
+        # operator's discard included, or an ordered claim could run what was discarded.
+        done = (inflight, Delivery.State.ACKED, Delivery.State.DEAD, Delivery.State.DISCARDED)
         params = [*cte_params, inflight, token, expires, dispatcher_id, now, *done, now]
         if postgres:
             # The messages come back with the claim: one round trip, no ORM per row.
@@ -1050,7 +1052,8 @@ class Delivery(models.Model):
                     f"Ordered: waits behind message {ahead.message_id} (offset {ahead.offset}, "
                     f"{ahead.state})."
                 )
-        if not Dispatcher.objects.alive().exists():
+        recent = now - timedelta(seconds=pubsub_settings.dispatcher_timeout)
+        if not Dispatcher.objects.alive().filter(last_seen__gte=recent).exists():
             return "Due now, but no dispatcher is running."
         return "Due now: the next dispatcher with a free worker takes it."
 

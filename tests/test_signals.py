@@ -118,3 +118,25 @@ def test_pausing_and_resuming_send_once_each() -> None:
         signals.subscription_resumed,
     ]
     assert seen[0][1]["subscription"] == sub
+
+
+def test_a_lease_taken_back_sends_delivery_failed(dispatch: Any) -> None:
+    """The process that ran it died: the failure is recorded by another dispatcher."""
+    from django.utils import timezone
+
+    from django_pubsub.models import Delivery, Topic
+    from tests.conftest import FakeClock
+
+    clock = FakeClock()
+    message_id = publish("t.basic", {"n": 1})
+    sub = Subscription.objects.get(name="basic.one")
+    Topic.sequence_all(batch=10)
+    sub.fan_out(now=timezone.now(), batch=10)
+    Delivery.objects.claim(sub, limit=1, now=clock.now, token="gone", dispatcher_id=None)
+    clock.advance(31)  # past the 30 s lease
+    with received(signals.delivery_failed, signals.retry_scheduled) as seen:
+        dispatch("basic.one", clock=clock)
+    assert [signal for signal, _ in seen] == [signals.delivery_failed, signals.retry_scheduled]
+    failed = seen[0][1]
+    assert failed["message"].id == message_id and failed["message"].attempt == 1
+    assert failed["error"] == "lease expired before an ack" and failed["state"] == "retry"
