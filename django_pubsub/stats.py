@@ -81,7 +81,13 @@ class Figures:
 
     @property
     def oldest_age(self) -> float | None:
-        ages = [sub.oldest_age for sub in self.subscriptions if sub.oldest_age is not None]
+        """Of the subscriptions that are active and not paused: what waits on an operator
+        does not count."""
+        ages = [
+            sub.oldest_age
+            for sub in self.subscriptions
+            if sub.oldest_age is not None and sub.active and not sub.paused
+        ]
         return max(ages) if ages else None
 
     def as_json(self) -> dict[str, Any]:
@@ -167,8 +173,8 @@ def collect(now: datetime | None = None) -> Figures:
 
 
 def oldest_age(now: datetime) -> float | None:
-    """Seconds the oldest message any active subscription has not finished has waited;
-    without counting the whole history (for the health view)."""
+    """Seconds the oldest message any active, unpaused subscription has not finished has
+    waited; without counting the whole history (for the health view)."""
     topics = {topic.pk: topic for topic in Topic.objects.all()}
     first_unsequenced = dict(
         Message.objects.filter(offset__isnull=True)
@@ -177,7 +183,7 @@ def oldest_age(now: datetime) -> float | None:
         .values_list("topic_id", "first")
     )
     ages = []
-    for sub in Subscription.objects.filter(active=True):
+    for sub in Subscription.objects.filter(active=True, paused=False):
         topic = topics[sub.topic_id]
         oldest = _oldest_unhandled(sub, topic, first_unsequenced.get(sub.topic_id))
         if oldest is not None:

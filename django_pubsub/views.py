@@ -15,7 +15,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 
 from . import stats
 from .conf import pubsub_settings
@@ -37,7 +37,8 @@ def monitoring(view: View) -> View:
             return view(request)
         return JsonResponse({"error": "forbidden"}, status=403)
 
-    return never_cache(require_GET(allowed))
+    # GET and HEAD: some load balancers' health checks send HEAD.
+    return never_cache(require_safe(allowed))
 
 
 @monitoring

@@ -131,3 +131,18 @@ def test_the_last_hour_works_the_lag_back(dispatch: Any) -> None:
     assert sum(minute.acked for minute in hour) == 3
     assert hour[-1].lag == 3  # basic.two's three
     assert hour[0].lag == 0  # an hour ago nothing was published
+
+
+def test_health_answers_head_and_ignores_paused_subscriptions(client: Client) -> None:
+    from django_pubsub.models import Subscription
+
+    _beating()
+    publish("t.basic", {"n": 0})
+    Message.objects.update(published_at=timezone.now() - timedelta(minutes=5))
+    with override_settings(PUBSUB={"MONITORING_TOKEN": TOKEN, "HEALTH_MAX_AGE": 60}):
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.head("/pubsub/health/", headers=auth).status_code == 503
+        for name in ("basic.one", "basic.two"):  # an operator holds them: not the system
+            Subscription.objects.get(name=name).pause()
+        assert client.head("/pubsub/health/", headers=auth).status_code == 200
+        assert client.get("/pubsub/health/", headers=auth).json()["oldest_unhandled_age"] is None
