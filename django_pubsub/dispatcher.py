@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import FrameType
@@ -302,10 +302,8 @@ class DispatchLoop:
         while (pool.busy or self._orphans) and time.monotonic() < deadline:
             if self._orphans:
                 self._give_back_orphans(quietly=True)  # a failed claim's, if the database is back
-            if not pool.busy:
-                if self._orphans:
-                    self._wake.wait(min(0.2, self.poll_interval))
-                continue
+            if not (pool.busy or self._orphans):
+                break
             self._wake.wait(min(0.05, self.poll_interval))
             self._wake.clear()
             try:
@@ -562,43 +560,17 @@ class DispatchLoop:
     def _signal_taken_back(
         self, delivery_id: int, sub: Subscription, attempt: int, reason: str, state: str
     ) -> None:
-        """delivery_failed (and dead_lettered or retry_scheduled) for a lease taken back:
-        the process that ran it died or stalled."""
-        if not signals.delivery_failed.has_listeners(Subscription) and not (
-            signals.dead_lettered.has_listeners(Subscription)
-            or signals.retry_scheduled.has_listeners(Subscription)
-        ):
-            return
+        """The failure signals for a lease taken back: the process that ran it died or
+        stalled."""
+        watched = (signals.delivery_failed, signals.dead_lettered, signals.retry_scheduled)
+        if not any(signal.has_listeners(Subscription) for signal in watched):
+            return  # no need to read the message back
         row = Delivery.objects.select_related("message").get(pk=delivery_id)
-        message = Message(
-            id=row.message_id,
-            offset=row.offset,
-            topic=sub.topic.name,
-            payload=row.message.body,
-            key=row.message.key,
-            headers=row.message.headers or {},
-            published_at=row.message.published_at,
-            attempt=attempt,
-            subscription=sub.name,
-            delivery_id=delivery_id,
+        m = row.message
+        claimed = Claimed(
+            delivery_id, attempt, m.pk, row.offset, m.body, m.key, m.headers or {}, m.published_at
         )
-        signals.send(
-            signals.delivery_failed,
-            Subscription,
-            message=message,
-            error=reason,
-            traceback="",
-            state=state,
-        )
-        if state == Delivery.State.DEAD:
-            signals.send(signals.dead_lettered, Subscription, message=message, error=reason)
-        else:
-            signals.send(
-                signals.retry_scheduled,
-                Subscription,
-                message=message,
-                available_at=row.available_at,
-            )
+        _signal_failure(_message(sub, claimed), reason, "", state, row.available_at)
 
     def _extend_leases(self, now: datetime) -> None:
         """Keep the leases of handlers still running from expiring under them."""
@@ -663,7 +635,7 @@ class DispatchLoop:
             else:
                 self._record_failure(outcome, now)
                 done.append(outcome)
-        self._give_back_rows([outcome.job for outcome in unstarted], now)
+        self._give_back_rows(((o.job.delivery_id, o.job.token) for o in unstarted), now)
         done += unstarted
         for token, group in acks.items():
             ids = [outcome.job.delivery_id for outcome in group]
@@ -735,19 +707,9 @@ class DispatchLoop:
             # counted at its timeout, and --max-messages counts each attempt once.
             self.stats.failed += 1
         if state is not None:
-            signals.send(
-                signals.delivery_failed,
-                Subscription,
-                message=job.message,
-                error=outcome.error or "",
-                traceback=outcome.traceback,
-                state=state,
-            )
+            _signal_failure(job.message, outcome.error or "", outcome.traceback, state, due)
         if state == Delivery.State.DEAD:
             self.stats.dead += 1
-            signals.send(
-                signals.dead_lettered, Subscription, message=job.message, error=outcome.error or ""
-            )
             logger.error(
                 "delivery id=%s subscription=%s attempt=%s failed, dead-lettered: %s",
                 job.delivery_id,
@@ -757,9 +719,6 @@ class DispatchLoop:
             )
         elif state is not None:
             self.stats.retried += 1
-            signals.send(
-                signals.retry_scheduled, Subscription, message=job.message, available_at=due
-            )
             logger.warning(
                 "delivery id=%s subscription=%s attempt=%s failed, will retry: %s",
                 job.delivery_id,
@@ -898,28 +857,9 @@ class DispatchLoop:
     def _jobs(self, sub: Subscription, token: str, rows: list[Claimed]) -> list[Job]:
         """Build the handlers' jobs for the claimed deliveries."""
         expires = time.monotonic() + sub.effective_lease
-        handler, topic, timeout = self._handlers[sub.pk], sub.topic.name, sub.effective_timeout
+        handler, timeout = self._handlers[sub.pk], sub.effective_timeout
         return [
-            Job(
-                row.delivery_id,
-                token,
-                sub.pk,
-                Message(
-                    id=row.message_id,
-                    offset=row.offset,
-                    topic=topic,
-                    payload=row.payload,
-                    key=row.key,
-                    headers=row.headers,
-                    published_at=row.published_at,
-                    attempt=row.attempt,
-                    subscription=sub.name,
-                    delivery_id=row.delivery_id,
-                ),
-                handler,
-                expires,
-                timeout=timeout,
-            )
+            Job(row.delivery_id, token, sub.pk, _message(sub, row), handler, expires, timeout)
             for row in rows
         ]
 
@@ -951,13 +891,13 @@ class DispatchLoop:
         try:
             held = {(job.delivery_id, job.token) for job in self._pool.held_jobs()}
             leased = Delivery.objects.inflight().filter(dispatcher=self.row)
-            by_token: dict[str, list[int]] = defaultdict(list)
-            for delivery_id, token in leased.values_list("id", "lease_token"):
-                if (delivery_id, token) not in held and token is not None:
-                    by_token[token].append(delivery_id)
-            now = self.clock()
-            for token, ids in by_token.items():
-                self.stats.given_back += Delivery.objects.give_back(ids, token=token, now=now)
+            rows = leased.values_list("id", "lease_token")
+            orphans = [
+                (delivery_id, token)
+                for delivery_id, token in rows
+                if token is not None and (delivery_id, token) not in held
+            ]
+            self._give_back_rows(orphans, self.clock())
         except Error:
             if not quietly:
                 raise
@@ -966,15 +906,16 @@ class DispatchLoop:
         self._orphans = False
 
     def _give_back(self, jobs: list[Job]) -> None:
-        self._give_back_rows(jobs, self.clock())
+        self._give_back_rows(((job.delivery_id, job.token) for job in jobs), self.clock())
         for job in jobs:
             self._inflight[job.subscription_id] -= 1
 
-    def _give_back_rows(self, jobs: list[Job], now: datetime) -> None:
-        """Return claimed deliveries whose handler never started, attempt and all."""
+    def _give_back_rows(self, leases: Iterable[tuple[int, str]], now: datetime) -> None:
+        """Return claimed deliveries, given as (delivery id, lease token), whose handler
+        never started, attempt and all."""
         by_token: dict[str, list[int]] = defaultdict(list)
-        for job in jobs:
-            by_token[job.token].append(job.delivery_id)
+        for delivery_id, token in leases:
+            by_token[token].append(delivery_id)
         for token, ids in by_token.items():
             self.stats.given_back += Delivery.objects.give_back(ids, token=token, now=now)
 
@@ -1032,3 +973,39 @@ class DispatchLoop:
             if head and (head[0] == Delivery.State.INFLIGHT or head[1] <= horizon):
                 return False
         return True
+
+
+def _message(sub: Subscription, row: Claimed) -> Message:
+    """What the handler gets for a leased delivery of ``sub``."""
+    return Message(
+        id=row.message_id,
+        offset=row.offset,
+        topic=sub.topic.name,
+        payload=row.payload,
+        key=row.key,
+        headers=row.headers,
+        published_at=row.published_at,
+        attempt=row.attempt,
+        subscription=sub.name,
+        delivery_id=row.delivery_id,
+    )
+
+
+def _signal_failure(
+    message: Message, error: str, traceback: str, state: str, available_at: datetime
+) -> None:
+    """delivery_failed, then dead_lettered or retry_scheduled, for a recorded failure."""
+    signals.send(
+        signals.delivery_failed,
+        Subscription,
+        message=message,
+        error=error,
+        traceback=traceback,
+        state=state,
+    )
+    if state == Delivery.State.DEAD:
+        signals.send(signals.dead_lettered, Subscription, message=message, error=error)
+    else:
+        signals.send(
+            signals.retry_scheduled, Subscription, message=message, available_at=available_at
+        )
