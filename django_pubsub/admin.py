@@ -5,18 +5,24 @@ needing the model's change permission (viewing needs the view permission)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.contrib.admin.models import CHANGE, LogEntry
+from django.contrib.auth import get_permission_codename
 from django.db import transaction
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from .exceptions import ActionRefused, InvalidSeek
+from .forms import SeekForm
 from .models import Delivery, Dispatcher, Message, Subscription, Topic
 
 
@@ -43,20 +49,55 @@ class ActionsAdmin(ReadOnlyAdmin):
         self,
         request: HttpRequest,
         targets: QuerySet[Any],
-        change: Callable[[Any], int],
+        change: Callable[[Any, datetime], int],
         done: str,
     ) -> None:
         """Run ``change`` on ``targets`` (the selected rows it applies to) in one
-        transaction, log each of them, and tell the operator how many changed."""
-        with transaction.atomic():
-            rows = list(targets)
-            changed = change(targets.model.objects.filter(pk__in=[row.pk for row in rows]))
-            if rows:
-                user_id = request.user.pk
-                assert user_id is not None  # actions need a logged-in user with permissions
-                LogEntry.objects.log_actions(user_id, rows, CHANGE, change_message=done)
+        transaction, log each row it changed, and tell the operator how many.
+
+        It runs in slices of ids that stay below SQLite's limit of parameters a statement,
+        however many rows were selected. A row it changed carries the action's time in
+        ``updated_at`` (and stays locked until the transaction commits): that is how the
+        log knows which rows it changed, and not those a dispatcher moved on meanwhile.
+        """
+        now = timezone.now()
+        changed: list[Any] = []
+        try:
+            with transaction.atomic():
+                ids = list(targets.order_by("pk").values_list("pk", flat=True))
+                for part in _slices(ids, ACT_SLICE):
+                    rows = targets.model.objects.filter(pk__in=part)
+                    change(rows, now)
+                    changed += rows.filter(updated_at=now)
+                if changed:
+                    LogEntry.objects.log_actions(
+                        _user_id(request), changed, CHANGE, change_message=done
+                    )
+        except ActionRefused as refused:
+            self.message_user(request, str(refused), messages.ERROR)
+            return
         level = messages.SUCCESS if changed else messages.WARNING
-        self.message_user(request, f"{done}: {changed} of {len(rows)} selected.", level)
+        self.message_user(request, f"{done}: {len(changed)} of {len(ids)} selected.", level)
+
+    def has_change_deliveries_permission(self, request: HttpRequest) -> bool:
+        """For actions that change deliveries from another model's page."""
+        return self.has_change_permission(request) and request.user.has_perm(
+            f"{Delivery._meta.app_label}.{get_permission_codename('change', Delivery._meta)}"
+        )
+
+
+# Rows changed a statement: below SQLite's 32,766 parameters, and small enough to log.
+ACT_SLICE = 10_000
+
+
+def _slices(rows: list[int], size: int) -> Iterator[list[int]]:
+    return (rows[i : i + size] for i in range(0, len(rows), size))
+
+
+def _user_id(request: HttpRequest) -> int:
+    user_id = request.user.pk
+    assert user_id is not None  # actions need a logged-in user with permissions
+    return int(user_id)
 
 
 @admin.register(Topic)
@@ -109,7 +150,7 @@ class SubscriptionAdmin(ActionsAdmin):
     list_display = ["name", "topic", "handler", "ordered", "active", "paused", "position"]
     list_filter = ["active", "paused", "topic"]
     search_fields = ["name", "handler"]
-    actions = ["pause", "resume", "replay_dead"]
+    actions = ["pause", "resume", "replay_dead", "seek"]
 
     @admin.action(description="Pause: claim nothing more of it", permissions=["change"])
     def pause(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
@@ -119,14 +160,50 @@ class SubscriptionAdmin(ActionsAdmin):
     def resume(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
         self.act(request, queryset.filter(paused=True), _each(Subscription.resume), "Resumed")
 
-    @admin.action(description="Replay all dead letters", permissions=["change"])
+    @admin.action(description="Replay all dead letters", permissions=["change_deliveries"])
     def replay_dead(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
         dead = Delivery.objects.filter(subscription__in=queryset, state=Delivery.State.DEAD)
-        self.act(request, dead, lambda rows: rows.replay(timezone.now()), "Replayed")
+        self.act(request, dead, lambda rows, now: rows.replay(now), "Replayed")
+
+    @admin.action(
+        description="Seek to an offset or a time (deliver again from there)",
+        permissions=["change_deliveries"],
+    )
+    def seek(
+        self, request: HttpRequest, queryset: QuerySet[Subscription]
+    ) -> TemplateResponse | None:
+        form = SeekForm(request.POST if "apply" in request.POST else None)
+        if not form.is_valid():  # an unbound form is not valid: the first visit
+            context = {
+                **self.admin_site.each_context(request),
+                "title": "Seek subscriptions",
+                "opts": self.model._meta,
+                "form": form,
+                "subscriptions": queryset.select_related("topic"),
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(request, "admin/django_pubsub/subscription/seek.html", context)
+        target = {"offset": form.cleaned_data["offset"], "at": form.cleaned_data["at"]}
+        for sub in queryset.order_by("pk"):
+            try:
+                done = sub.seek(**target)
+            except (ActionRefused, InvalidSeek) as refused:
+                self.message_user(request, f"{sub}: {refused}", messages.ERROR)
+                continue
+            what = (
+                f"Sought to offset {done.offset}: {done.replayed} delivery(ies) to run again, "
+                f"{done.skipped} waiting one(s) discarded, {done.passed_over} message(s) "
+                f"passed over"
+            )
+            LogEntry.objects.log_actions(_user_id(request), [sub], CHANGE, change_message=what)
+            self.message_user(request, f"{sub}: {what}.", messages.SUCCESS)
+        return None
 
 
-def _each(method: Callable[[Subscription], bool]) -> Callable[[QuerySet[Subscription]], int]:
-    return lambda rows: sum(method(row) for row in rows)
+def _each(
+    method: Callable[[Subscription, datetime], bool],
+) -> Callable[[QuerySet[Subscription], datetime], int]:
+    return lambda rows, now: sum(method(row, now) for row in rows)
 
 
 @admin.register(Delivery)
@@ -180,19 +257,19 @@ class DeliveryAdmin(ActionsAdmin):
     @admin.action(description="Retry now (those waiting for a retry)", permissions=["change"])
     def retry_now(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
         retrying = queryset.filter(state=Delivery.State.RETRY)
-        self.act(request, retrying, lambda rows: rows.retry_now(timezone.now()), "Due now")
+        self.act(request, retrying, lambda rows, now: rows.retry_now(now), "Due now")
 
     @admin.action(description="Replay (dead letters)", permissions=["change"])
     def replay(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
         dead = queryset.filter(state=Delivery.State.DEAD)
-        self.act(request, dead, lambda rows: rows.replay(timezone.now()), "Replayed")
+        self.act(request, dead, lambda rows, now: rows.replay(now), "Replayed")
 
     @admin.action(
-        description="Discard (pending, retry or dead): never run them", permissions=["change"]
+        description="Discard (pending, retry or dead): do not run them", permissions=["change"]
     )
     def discard(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
         waiting = queryset.filter(state__in=[*Delivery.WAITING, Delivery.State.DEAD])
-        self.act(request, waiting, lambda rows: rows.discard(timezone.now()), "Discarded")
+        self.act(request, waiting, lambda rows, now: rows.discard(now), "Discarded")
 
     @admin.display(description="attempts that failed")
     def error_history(self, obj: Delivery) -> str:

@@ -595,10 +595,11 @@ class DispatchLoop:
         """Record what the workers finished; keep what could not be, for the next pass."""
         assert self._pool is not None
         outcomes = self._pool.take_outcomes()
-        self._record(outcomes, now, keep=self._pool.put_back)
         # Acks a worker recorded itself (an ordered run) are no reason to pass again at once:
         # the dispatcher would spin beside the run, costing it the CPU and the database.
-        return sum(1 for outcome in outcomes if not outcome.acked)
+        progress = sum(1 for outcome in outcomes if not outcome.acked)
+        self._record(outcomes, now, keep=self._pool.put_back)
+        return progress
 
     def _record(
         self,
@@ -639,14 +640,16 @@ class DispatchLoop:
         done += unstarted
         for token, group in acks.items():
             ids = [outcome.job.delivery_id for outcome in group]
-            acked = Delivery.objects.ack(ids, token=token, now=now)
+            acked = set(Delivery.objects.ack(ids, token=token, now=now))
+            for outcome in group:
+                outcome.acked = outcome.job.delivery_id in acked
             done += group
-            self.stats.acked += acked
-            if acked < len(ids):
-                self.stats.fenced += len(ids) - acked
+            self.stats.acked += len(acked)
+            if len(acked) < len(ids):
+                self.stats.fenced += len(ids) - len(acked)
                 logger.warning(
                     "ack rejected, lease no longer held deliveries=%s",
-                    ",".join(map(str, ids)),
+                    ",".join(str(i) for i in ids if i not in acked),
                 )
 
     def _settle(self, outcomes: list[Outcome]) -> None:
@@ -658,7 +661,7 @@ class DispatchLoop:
                 self._inflight[outcome.job.subscription_id] -= 1
             if not outcome.unstarted and not outcome.late:
                 ran[outcome.job.subscription_id].append(outcome.duration)
-                if outcome.error is None:
+                if outcome.acked:  # not if its ack was fenced out
                     message, duration = outcome.job.message, outcome.duration
                     signals.send(
                         signals.delivery_succeeded, Subscription, message=message, duration=duration
@@ -881,7 +884,7 @@ class DispatchLoop:
     def _ack_one(self, job: Job) -> bool:
         """Ack one delivery from its worker thread, on that thread's connection."""
         ids, token, now = [job.delivery_id], job.token, self.clock()
-        return Delivery.objects.ack(ids, token=token, now=now, lazy=True) == 1
+        return bool(Delivery.objects.ack(ids, token=token, now=now, lazy=True))
 
     def _give_back_orphans(self, *, quietly: bool = False) -> None:
         """Give back, attempt and all, what is leased to this dispatcher and held by no

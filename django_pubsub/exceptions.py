@@ -35,3 +35,12 @@ class AlreadyRegistered(InvalidSubscriber):
 
 class HandlerImportError(InvalidSubscriber):
     """A subscription's handler path does not import."""
+
+
+class InvalidSeek(PubSubError, ValueError):
+    """A seek with neither or both of an offset and a time, or past the topic's end."""
+
+
+class ActionRefused(PubSubError):
+    """An operator action that cannot be done now without breaking a guarantee; nothing
+    was changed. The message says what to do first."""

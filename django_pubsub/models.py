@@ -27,11 +27,13 @@ from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, cast
 
-from django.db import connections, models, transaction
+from django.conf import settings
+from django.db import connections, models, router, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from .conf import START_CHOICES, pubsub_settings
+from .exceptions import ActionRefused, InvalidSeek
 from .retry import Backoff
 
 logger = logging.getLogger("django_pubsub.models")
@@ -398,7 +400,9 @@ class Subscription(models.Model):
         default=True, help_text="False once the code no longer declares it."
     )
     # Set by an operator: nothing of it is claimed; its deliveries are still created.
-    paused = models.BooleanField(default=False)
+    # db_default: rows that code from before this field inserts (during a rolling deploy)
+    # are not paused.
+    paused = models.BooleanField(default=False, db_default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -433,24 +437,105 @@ class Subscription(models.Model):
         """Most deliveries in flight at once in one process; None: only the pool bounds it."""
         return self.max_inflight or pubsub_settings.max_inflight
 
-    def pause(self) -> bool:
+    def pause(self, now: datetime | None = None) -> bool:
         """Stop claiming its deliveries (those running finish); False if already paused."""
-        return self._set_paused(True)
+        return self._set_paused(True, now or timezone.now())
 
-    def resume(self) -> bool:
+    def resume(self, now: datetime | None = None) -> bool:
         """Claim its deliveries again; False if it was not paused."""
-        return self._set_paused(False)
+        return self._set_paused(False, now or timezone.now())
 
-    def _set_paused(self, paused: bool) -> bool:
+    def _set_paused(self, paused: bool, now: datetime) -> bool:
         from . import signals
 
         rows = Subscription.objects.filter(pk=self.pk, paused=not paused)
-        changed = rows.update(paused=paused, updated_at=timezone.now()) == 1
+        changed = rows.update(paused=paused, updated_at=now) == 1
         self.paused = paused
         if changed:
             signal = signals.subscription_paused if paused else signals.subscription_resumed
             signals.send(signal, Subscription, subscription=self)
         return changed
+
+    def seek(
+        self,
+        *,
+        offset: int | None = None,
+        at: datetime | None = None,
+        now: datetime | None = None,
+        using: str = "default",
+    ) -> Seek:
+        """Deliver the topic again from ``offset``, or from its first message published at
+        or after ``at``; pass over what comes before.
+
+        From there on, deliveries that ended (acked, dead or discarded) are pending again,
+        with fresh attempts; before it, those still waiting (pending or retry) end
+        ``discarded``, and messages never fanned out to this subscription are passed over.
+        Deliveries running at the time (or claimed, about to start) are left to their
+        dispatcher, retried if they fail; dead letters before the point stay dead.
+        Seeking to the topic's end (its next offset) skips everything. An ordered
+        subscription is refused while any of its deliveries runs (pause it first), or one
+        of the two would run beside the other. Bad arguments raise InvalidSeek.
+        """
+        if (offset is None) == (at is None):
+            raise InvalidSeek("seek() takes an offset or a time (at=), one of the two")
+        if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
+            raise InvalidSeek(f"seek() offset must be an int, not {offset!r}")
+        if offset is not None and offset < 0:
+            raise InvalidSeek(f"seek() offset must be 0 or more, not {offset}")
+        if at is not None and (
+            not isinstance(at, datetime) or timezone.is_aware(at) != settings.USE_TZ
+        ):
+            kind = "an aware" if settings.USE_TZ else "a naive"
+            raise InvalidSeek(f"seek() at= must be {kind} datetime (USE_TZ), not {at!r}")
+        now = now or timezone.now()
+        with transaction.atomic(using=using), connections[using].cursor() as cursor:
+            # The fan-out's and the ordered claim's lock: neither runs while we move it.
+            position = _locked_value(cursor, Subscription, self.pk, "position", using)
+            if position is None:
+                raise ActionRefused(f"subscription {self.pk} no longer exists")
+            current = Subscription.objects.using(using).select_related("topic").get(pk=self.pk)
+            _refuse_while_running([current], using, "seek")
+            if at is not None:
+                sequenced = Message.objects.using(using).filter(
+                    topic_id=self.topic_id, offset__isnull=False, published_at__gte=at
+                )
+                offset = sequenced.aggregate(first=models.Min("offset"))["first"]
+            # Read after the lookup: sequencing may have moved it on meanwhile.
+            heads = Topic.objects.using(using).values_list("next_offset", flat=True)
+            end: int = heads.get(pk=self.topic_id)
+            point: int = end if offset is None else offset
+            if point > end:
+                raise InvalidSeek(
+                    f"seek() offset {point} is past the end of topic {current.topic} "
+                    f"(its next message gets offset {end})"
+                )
+            mine = Delivery.objects.using(using).filter(subscription_id=self.pk)
+            skipped = (
+                mine.unfinished()
+                .filter(offset__lt=point, state__in=Delivery.WAITING)
+                .update(state=Delivery.State.DISCARDED, finished_at=now, updated_at=now)
+            )
+            replayed = mine.filter(offset__gte=point, state__in=Delivery.ENDED).update(
+                state=Delivery.State.PENDING,
+                attempts=0,
+                available_at=now,
+                finished_at=None,
+                updated_at=now,
+            )
+            passed_over = 0
+            if point < position:
+                # Messages it has no delivery of yet (published before it began, or passed
+                # over by an earlier seek): created here, so the fan-out need not go back.
+                replayed += self._create_deliveries(cursor, point, position, now)
+            elif point > position:
+                # What the cursor jumps over with no delivery to show for it.
+                had = mine.filter(offset__gte=position, offset__lt=point).count()
+                passed_over = point - position - had
+                Subscription.objects.using(using).filter(pk=self.pk).update(
+                    position=point, updated_at=now
+                )
+                self.position = point
+        return Seek(point, replayed, skipped, passed_over)
 
     def fan_out(self, *, now: datetime, batch: int, using: str = "default") -> int:
         """Create deliveries for sequenced messages past the cursor; return how many."""
@@ -461,8 +546,7 @@ class Subscription(models.Model):
             if position is not None:
                 self.position = position
             return fanned.created
-        delivery, message, topic = _quoted(Delivery), _quoted(Message), _quoted(Topic)
-        subscription, offset = _quoted(Subscription), _quoted(Message, "offset")
+        topic, subscription = _quoted(Topic), _quoted(Subscription)
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
             low = _locked_value(cursor, Subscription, self.pk, "position", using)
             assert low is not None, "fan-out of a subscription that was deleted"
@@ -472,20 +556,62 @@ class Subscription(models.Model):
             if high <= low:
                 self.position = low
                 return 0
-            cursor.execute(
-                f"INSERT INTO {delivery} (subscription_id, message_id, {offset}, state, attempts, "
-                f"available_at, errors, last_error, created_at, updated_at) "
-                f"SELECT %s, id, {offset}, %s, 0, %s, %s, '', %s, %s FROM {message} "
-                f"WHERE topic_id = %s AND {offset} >= %s AND {offset} < %s "
-                f"ON CONFLICT DO NOTHING",
-                [self.pk, Delivery.State.PENDING, now, "[]", now, now, self.topic_id, low, high],
-            )
-            created = cursor.rowcount
+            created = self._create_deliveries(cursor, low, high, now)
             cursor.execute(
                 f"UPDATE {subscription} SET position = %s WHERE id = %s", [high, self.pk]
             )
         self.position = high
-        return int(created)
+        return created
+
+    def _create_deliveries(self, cursor: Any, low: int, high: int, now: datetime) -> int:
+        """Pending deliveries of the messages at offsets low to high (not included), but
+        for those it has already; how many it created."""
+        delivery, message, offset = _quoted(Delivery), _quoted(Message), _quoted(Message, "offset")
+        cursor.execute(
+            f"INSERT INTO {delivery} (subscription_id, message_id, {offset}, state, attempts, "
+            f"available_at, errors, last_error, created_at, updated_at) "
+            f"SELECT %s, id, {offset}, %s, 0, %s, %s, '', %s, %s FROM {message} "
+            f"WHERE topic_id = %s AND {offset} >= %s AND {offset} < %s "
+            f"ON CONFLICT DO NOTHING",
+            [self.pk, Delivery.State.PENDING, now, "[]", now, now, self.topic_id, low, high],
+        )
+        return int(cursor.rowcount)
+
+
+class Seek(NamedTuple):
+    """What Subscription.seek() did."""
+
+    offset: int  # where the subscription now starts
+    replayed: int  # deliveries from there on that had ended, pending again
+    skipped: int  # deliveries before it that still waited, now discarded
+    passed_over: int  # messages before it never fanned out to the subscription
+
+
+def _refuse_while_running(subscriptions: Sequence[Subscription], using: str, action: str) -> None:
+    """Take the row lock of each ordered subscription (as its claims do) and raise
+    ActionRefused if any has deliveries running. Inside a transaction: the lock holds off
+    new claims until the action commits.
+
+    For actions that make earlier messages due again: with part of an ordered run in
+    flight, the claim would start them beside it.
+    """
+    ordered = sorted((sub for sub in subscriptions if sub.effective_ordered), key=lambda s: s.pk)
+    with connections[using].cursor() as cursor:
+        for sub in ordered:
+            _lock_row(cursor, Subscription, sub.pk, using, "position")
+    running = (
+        Delivery.objects.using(using)
+        .inflight()
+        .filter(subscription__in=[sub.pk for sub in ordered])
+        .values_list("subscription__name", flat=True)
+        .distinct()
+    )
+    names = sorted(running) if ordered else []
+    if names:
+        raise ActionRefused(
+            f"cannot {action} now: ordered subscription {', '.join(names)} has deliveries "
+            f"running. Pause it, wait until nothing of it is inflight, {action}, then resume."
+        )
 
 
 def _sequence_postgresql(topic_id: int | None, batch: int, using: str) -> dict[int, int]:
@@ -580,9 +706,6 @@ def _fan_out_postgresql(
         params += [Delivery.State.PENDING.value, at, at, at, topic_id]
     else:
         pending, retry = Delivery.State.PENDING.value, Delivery.State.RETRY.value
-        # The messages of the leased deliveries are read one by primary key each (LIMIT 1
-        # keeps the planner from joining them with the whole log, which a generic plan
-        # sized for a batch chose: a scan of a million messages of history per fan-out).
         # One branch per subscription, each with its own id, and min() rather than EXISTS:
         # planned from statistics, a join with a list of ids or an EXISTS became a scan
         # of all deliveries when those said there were few to look at (the min of the
@@ -592,8 +715,7 @@ def _fan_out_postgresql(
                 f"SELECT %s::bigint AS sub, %s::int AS lim, %s::varchar AS token, "
                 f"%s::timestamptz AS expires WHERE (SELECT min(d.{offset}) FROM {delivery} d "
                 f"WHERE d.subscription_id = %s AND d.{UNFINISHED_SQL} AND d.state IN (%s, %s) "
-                f"AND d.available_at <= %s) IS NULL "
-                f"AND NOT (SELECT paused FROM {subscription} WHERE id = %s)"
+                f"AND d.available_at <= %s) IS NULL AND {_not_paused()}"
             ]
             * len(leases)
         )
@@ -613,6 +735,9 @@ def _fan_out_postgresql(
             f"AS leased), "
             f"totals AS (SELECT (SELECT count(*) FROM created) AS n, "
             f"(SELECT max(hi) FROM moved) AS position) "
+            # The messages of the leased deliveries are read one by primary key each (LIMIT
+            # 1 keeps the planner from joining them with the whole log, which a generic plan
+            # sized for a batch chose: a scan of a million messages of history per fan-out).
             f"SELECT totals.n, totals.position, c.subscription_id, c.id, c.attempts, m.* "
             f"FROM totals LEFT JOIN (created c CROSS JOIN LATERAL (SELECT m.id, m.{offset}, "
             f"m.payload::text, m.payload_bytes, m.key, m.headers::text, m.published_at "
@@ -642,6 +767,13 @@ def _fan_out_postgresql(
     for claimed in leased.values():
         claimed.sort(key=lambda row: row.offset)
     return FanOut(int(created), leased), position
+
+
+def _not_paused() -> str:
+    """SQL, true unless the subscription (a parameter) is paused. Read in each claim and
+    fan-out lease statement itself: an operator's pause holds from the next one on, in
+    every dispatcher, at no cost of a round trip."""
+    return f"NOT (SELECT paused FROM {_quoted(Subscription)} WHERE id = %s)"
 
 
 # The conditions of the partial indexes on deliveries, as literal SQL. SQLite uses a partial
@@ -732,9 +864,7 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         expires = now + timedelta(seconds=subscription.effective_lease)
         pending, retry = Delivery.State.PENDING, Delivery.State.RETRY
         inflight = Delivery.State.INFLIGHT
-        # Read in the claim itself: an operator's pause holds from the next claim on, in
-        # every dispatcher, at no cost of a round trip.
-        not_paused = f"NOT (SELECT paused FROM {_quoted(Subscription)} WHERE id = %s)"
+        not_paused = _not_paused()
         if subscription.effective_ordered:
             # A run from the head of the log: the lowest unfinished offsets, up to the first
             # one that is inflight or not yet due. While the head is inflight or waiting for
@@ -824,8 +954,11 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         claimed.sort(key=lambda row: row.offset)
         return claimed
 
-    def ack(self, ids: Sequence[int], *, token: str, now: datetime, lazy: bool = False) -> int:
-        """Mark handled deliveries acked; the lease token fences out late workers.
+    def ack(
+        self, ids: Sequence[int], *, token: str, now: datetime, lazy: bool = False
+    ) -> list[int]:
+        """Mark handled deliveries acked; the lease token fences out late workers. Returns
+        the ids it acked: those whose lease was taken back meanwhile are not among them.
 
         Plain SQL: it runs once per message of an ordered run, where the ORM's cost of
         building the statement would be most of the ack's.
@@ -852,10 +985,11 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
             cursor.execute(
                 f"UPDATE {_quoted(Delivery)} SET state = %s, lease_token = NULL, "
                 f"lease_expires_at = NULL, dispatcher_id = NULL, finished_at = %s, "
-                f"updated_at = %s WHERE {match} AND state = %s AND lease_token = %s",
+                f"updated_at = %s WHERE {match} AND state = %s AND lease_token = %s "
+                f"RETURNING id",
                 [Delivery.State.ACKED, at, at, *params, Delivery.State.INFLIGHT, token],
             )
-            return int(cursor.rowcount)
+            return [row[0] for row in cursor.fetchall()]
 
     def give_back(self, ids: Sequence[int], *, token: str, now: datetime) -> int:
         """Return claimed deliveries whose handler never started, with their attempt."""
@@ -917,18 +1051,25 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
 
     def replay(self, now: datetime) -> int:
         """Dead letters run again, due now, with ``max_attempts`` fresh attempts. Their
-        error history stays."""
-        return self.filter(state=Delivery.State.DEAD).update(
-            state=Delivery.State.PENDING,
-            attempts=0,
-            available_at=now,
-            finished_at=None,
-            updated_at=now,
-        )
+        error history stays. Refused (ActionRefused) for an ordered subscription while any
+        of its deliveries runs: the replayed one would start beside it."""
+        dead = self.filter(state=Delivery.State.DEAD)
+        using = self._db or router.db_for_write(Delivery)  # type: ignore[attr-defined]
+        with transaction.atomic(using=using):
+            subs = Subscription.objects.using(using).filter(pk__in=dead.values("subscription_id"))
+            _refuse_while_running(list(subs), using, "replay")
+            return dead.update(
+                state=Delivery.State.PENDING,
+                attempts=0,
+                available_at=now,
+                finished_at=None,
+                updated_at=now,
+            )
 
     def discard(self, now: datetime) -> int:
         """Give up on deliveries that wait (pending, retry) or are dead: they end
-        ``discarded`` and never run. Inflight ones are left to their handler."""
+        ``discarded`` and do not run (unless a seek goes back before them). Inflight ones
+        are left to their handler."""
         waiting_or_dead = (Delivery.State.PENDING, Delivery.State.RETRY, Delivery.State.DEAD)
         return self.filter(state__in=waiting_or_dead).update(
             state=Delivery.State.DISCARDED, finished_at=now, updated_at=now
@@ -945,11 +1086,13 @@ class Delivery(models.Model):
         RETRY = "retry"
         ACKED = "acked"
         DEAD = "dead"
-        # Given up on by an operator: never runs again (recorded in the admin log).
+        # Given up on by an operator (recorded in the admin log): runs again only after a
+        # seek back before it.
         DISCARDED = "discarded"
 
     WAITING = (State.PENDING, State.RETRY)
     UNFINISHED = (State.PENDING, State.RETRY, State.INFLIGHT)
+    ENDED = (State.ACKED, State.DEAD, State.DISCARDED)
 
     id = models.BigAutoField(primary_key=True)
     # No index of its own: the unique (subscription, message) constraint's serves. Every
@@ -1015,7 +1158,8 @@ class Delivery(models.Model):
         sub = self.subscription
         if self.state == Delivery.State.ACKED:
             return (
-                f"Handled at {self.finished_at:%Y-%m-%d %H:%M:%S} after {self.attempts} attempt(s)."
+                f"Handled at {_local(self.finished_at, '%Y-%m-%d %H:%M:%S %Z')} after "
+                f"{self.attempts} attempt(s)."
             )
         if self.state == Delivery.State.DEAD:
             return (
@@ -1023,10 +1167,13 @@ class Delivery(models.Model):
                 f"operator replays it."
             )
         if self.state == Delivery.State.DISCARDED:
-            return "Discarded by an operator: it never runs."
+            return (
+                "Discarded by an operator (a discard, or a seek past it): it runs only if "
+                "the subscription is sought back before it."
+            )
         if self.state == Delivery.State.INFLIGHT:
             holder = f"dispatcher {self.dispatcher}" if self.dispatcher else "a dispatcher"
-            until = f" until {self.lease_expires_at:%H:%M:%S}" if self.lease_expires_at else ""
+            until = f" until {_local(self.lease_expires_at)}" if self.lease_expires_at else ""
             return f"Running: leased by {holder}{until} (attempt {self.attempts})."
         if not sub.active:
             return (
@@ -1037,7 +1184,7 @@ class Delivery(models.Model):
             return f"Waiting: subscription {sub.name} is paused."
         if self.state == Delivery.State.RETRY and self.available_at > now:
             return (
-                f"Waiting to retry at {self.available_at:%H:%M:%S} "
+                f"Waiting to retry at {_local(self.available_at)} "
                 f"(attempt {self.attempts + 1} of {sub.effective_max_attempts})."
             )
         if sub.effective_ordered:
@@ -1052,10 +1199,16 @@ class Delivery(models.Model):
                     f"Ordered: waits behind message {ahead.message_id} (offset {ahead.offset}, "
                     f"{ahead.state})."
                 )
-        recent = now - timedelta(seconds=pubsub_settings.dispatcher_timeout)
-        if not Dispatcher.objects.alive().filter(last_seen__gte=recent).exists():
+        if not Dispatcher.objects.heartbeating(now).exists():
             return "Due now, but no dispatcher is running."
         return "Due now: the next dispatcher with a free worker takes it."
+
+
+def _local(moment: datetime | None, style: str = "%H:%M:%S %Z") -> str:
+    """A time for an operator: in the project's time zone, which it names."""
+    if moment is None:
+        return ""
+    return format(timezone.localtime(moment) if timezone.is_aware(moment) else moment, style)
 
 
 def pid_namespace() -> str:
@@ -1069,6 +1222,11 @@ def pid_namespace() -> str:
 class DispatcherQuerySet(models.QuerySet["Dispatcher"]):
     def alive(self) -> DispatcherQuerySet:
         return self.filter(stopped_at__isnull=True)
+
+    def heartbeating(self, now: datetime) -> DispatcherQuerySet:
+        """Running, and heard from within DISPATCHER_TIMEOUT: those that deliver."""
+        recent = now - timedelta(seconds=pubsub_settings.dispatcher_timeout)
+        return self.alive().filter(last_seen__gte=recent).order_by("id")
 
     def presumed_dead(self, now: datetime, *, timeout: float, me: Dispatcher) -> list[Dispatcher]:
         """Running rows whose process is gone: silent too long, or known gone on this host."""

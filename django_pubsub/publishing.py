@@ -73,7 +73,7 @@ def publish_many(
                 topic, checked, key=key, headers=header_dict, now=now, wake=CHANNEL
             )
     assert ids is not None
-    signals.send(signals.message_published, Message, topic=topic, ids=ids)
+    signals.send(signals.message_published, Message, savepoint=True, topic=topic, ids=ids)
     return ids
 
 

@@ -9,15 +9,18 @@ so keep them quick. With no receiver connected, sending costs next to nothing.
 from __future__ import annotations
 
 import logging
+from contextlib import suppress
 from typing import Any
 
+from django.db import transaction
 from django.dispatch import Signal
 
 logger = logging.getLogger("django_pubsub.signals")
 
 # publish()/publish_many() wrote messages, inside the caller's transaction (connect with
-# transaction.on_commit in the receiver to act only once they are committed).
-# sender: Message; topic: str; ids: list[int], in publish order.
+# transaction.on_commit in the receiver to act only once they are committed). Receivers
+# run in a savepoint: if one raises, their writes are rolled back and the caller's
+# transaction goes on. sender: Message; topic: str; ids: list[int], in publish order.
 message_published = Signal()
 
 # The delivery signals' sender is the Subscription model; ``message`` is the
@@ -26,9 +29,9 @@ message_published = Signal()
 # A handler is about to run (sent from the worker thread that runs it).
 delivery_started = Signal()
 
-# A handler returned and its ack was written. duration: seconds the handler ran. (If its
-# lease had been taken back meanwhile, the ack changed nothing, "ack rejected" is logged
-# and the delivery runs again.)
+# A handler returned and its ack was written. duration: seconds the handler ran. (Not sent
+# if its lease had been taken back meanwhile: the ack then changes nothing, "ack rejected"
+# is logged and the delivery runs again.)
 delivery_succeeded = Signal()
 
 # A failed attempt was recorded: the handler raised or timed out, or the process that
@@ -46,14 +49,37 @@ subscription_paused = Signal()
 subscription_resumed = Signal()
 
 
-def send(signal: Signal, sender: Any, **kwargs: Any) -> None:
-    """Send ``signal``; log the receivers that raised instead of raising."""
+class _ReceiverFailed(Exception):
+    """Rolls the receivers' savepoint back."""
+
+
+def send(signal: Signal, sender: Any, *, savepoint: bool = False, **kwargs: Any) -> None:
+    """Send ``signal``; log the receivers that raised instead of raising.
+
+    ``savepoint``: the receivers run in a savepoint of the caller's transaction, rolled
+    back if any of them raised. On PostgreSQL a receiver's failed query would otherwise
+    abort the caller's whole transaction; this way only the receivers' writes are lost.
+    (It costs two round trips, only when a receiver is connected.)
+    """
     if not signal.has_listeners(sender):
         return
-    for receiver, result in signal.send_robust(sender, **kwargs):
+    if not savepoint:
+        _log_failures(signal.send_robust(sender, **kwargs))
+        return
+    with suppress(_ReceiverFailed), transaction.atomic():
+        if _log_failures(signal.send_robust(sender, **kwargs)):
+            raise _ReceiverFailed
+
+
+def _log_failures(results: list[tuple[Any, Any]]) -> bool:
+    """Log the receivers that raised; whether any did."""
+    failed = False
+    for receiver, result in results:
         if isinstance(result, Exception):
+            failed = True
             logger.error(
                 "signal receiver %s raised; delivery goes on",
                 getattr(receiver, "__qualname__", receiver),
                 exc_info=(type(result), result, result.__traceback__),
             )
+    return failed

@@ -92,7 +92,7 @@ class Outcome:
     unstarted: bool = False
     # Seconds the handler ran.
     duration: float = 0.0
-    # Already acked by the worker (Chunk.ack).
+    # Acked: by the worker (Chunk.ack), or once the dispatcher has recorded it.
     acked: bool = False
 
 

@@ -92,6 +92,18 @@ def write_with_rollbacks(
             committed.extend(batch)
 
 
+def log_in_operator(client: Any, *codenames: str) -> Any:
+    """A staff user with these django_pubsub permissions, logged in on ``client``."""
+    from django.contrib.auth.models import Permission, User
+
+    user = User.objects.create_user("operator", password="pw", is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(content_type__app_label="django_pubsub", codename__in=codenames)
+    )
+    client.force_login(user)
+    return user
+
+
 def runs(subscription: str) -> list[HandlerRun]:
     return list(HandlerRun.objects.filter(subscription=subscription).order_by("id"))
 

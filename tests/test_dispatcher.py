@@ -370,7 +370,7 @@ def test_a_database_error_part_way_through_recording_counts_nothing_twice(
         ack = DeliveryQuerySet.ack
         calls = []
 
-        def ack_once_failing(self: Any, *args: Any, **kwargs: Any) -> int:
+        def ack_once_failing(self: Any, *args: Any, **kwargs: Any) -> list[int]:
             calls.append(args)
             if len(calls) == 1:
                 raise OperationalError("connection lost")

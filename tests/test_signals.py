@@ -140,3 +140,45 @@ def test_a_lease_taken_back_sends_delivery_failed(dispatch: Any) -> None:
     failed = seen[0][1]
     assert failed["message"].id == message_id and failed["message"].attempt == 1
     assert failed["error"] == "lease expired before an ack" and failed["state"] == "retry"
+
+
+def test_no_success_is_signalled_when_the_ack_was_fenced_out(dispatch: Any) -> None:
+    from django_pubsub.models import Delivery
+
+    def taken_back(message: Any, **kwargs: Any) -> None:
+        # As if its lease had been taken back meanwhile, and another dispatcher had run it.
+        Delivery.objects.filter(pk=message.delivery_id).update(state="acked", lease_token=None)
+
+    publish("t.basic", {"n": 1})
+    signals.delivery_started.connect(taken_back, weak=False, dispatch_uid="taken_back")
+    try:
+        with received(signals.delivery_succeeded) as seen:
+            stats = dispatch("basic.one")
+    finally:
+        signals.delivery_started.disconnect(dispatch_uid="taken_back")
+    assert stats.fenced == 1 and seen == []
+
+
+def test_a_receiver_whose_query_fails_leaves_the_publishers_transaction_usable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from django.db import connection, transaction
+
+    from tests.pubsub_app.models import HandlerRun
+
+    def broken(**kwargs: Any) -> None:
+        HandlerRun.objects.create(subscription="receiver", message_id=0, offset=0, attempt=1, pid=0)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT * FROM no_such_table")
+
+    signals.message_published.connect(broken, weak=False, dispatch_uid="broken")
+    try:
+        with caplog.at_level("ERROR", logger="django_pubsub.signals"), transaction.atomic():
+            first = publish("t.basic", {"n": 1})
+            second = publish("t.basic", {"n": 2})  # PostgreSQL would refuse this if aborted
+    finally:
+        signals.message_published.disconnect(dispatch_uid="broken")
+    assert list(Message.objects.order_by("id").values_list("id", flat=True)) == [first, second]
+    assert not HandlerRun.objects.exists()  # the receivers' writes were rolled back
+    ours = [r for r in caplog.records if r.name == "django_pubsub.signals"]
+    assert sum("no_such_table" in (record.exc_text or "") for record in ours) == 2

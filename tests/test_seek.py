@@ -1,0 +1,233 @@
+"""Seek: an operator moves a subscription to an offset or a time in its topic, and it is
+delivered again from there; and the refusals that keep an ordered subscription's runs one
+at a time (seek, and replay of a dead letter, while part of it is running)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth.models import Permission, User
+from django.test import Client
+from django.utils import timezone
+
+from django_pubsub import publish, publish_many
+from django_pubsub.exceptions import ActionRefused, InvalidSeek
+from django_pubsub.models import Delivery, Message, Subscription, Topic
+from tests.conftest import log_in_operator, runs, states
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def offsets_run(subscription: str) -> list[int]:
+    return [run.offset for run in runs(subscription)]
+
+
+def sub(name: str) -> Subscription:
+    return Subscription.objects.get(name=name)
+
+
+def test_seeking_back_runs_everything_from_there_again(dispatch: Any) -> None:
+    publish_many("t.basic", [{"n": n} for n in range(5)])
+    dispatch("basic.one")
+    assert sorted(offsets_run("basic.one")) == [0, 1, 2, 3, 4]
+    done = sub("basic.one").seek(offset=2)
+    assert (done.offset, done.replayed, done.skipped, done.passed_over) == (2, 3, 0, 0)
+    assert states("basic.one") == {"acked": 2, "pending": 3}
+    replayed = Delivery.objects.filter(subscription__name="basic.one", state="pending")
+    assert {d.attempts for d in replayed} == {0}
+    dispatch("basic.one")
+    again = offsets_run("basic.one")[5:]  # unordered: in any order
+    assert sorted(again) == [2, 3, 4]
+    assert states("basic.one") == {"acked": 5}
+    assert states("basic.two") == {"pending": 5}  # another subscription is not moved
+
+
+def test_seeking_forward_discards_what_waits_and_passes_over_the_rest(dispatch: Any) -> None:
+    publish_many("t.basic", [{"n": n} for n in range(3)])
+    dispatch("basic.two")  # sequences and fans out: basic.one's three wait, pending
+    publish_many("t.basic", [{"n": n} for n in range(3, 6)])
+    Topic.sequence_all(batch=100)  # sequenced, not fanned out yet
+    done = sub("basic.one").seek(offset=5)
+    assert (done.offset, done.replayed, done.skipped, done.passed_over) == (5, 0, 3, 2)
+    assert states("basic.one") == {"discarded": 3}
+    publish("t.basic", {"n": 6})
+    dispatch("basic.one")
+    assert sorted(offsets_run("basic.one")) == [5, 6]
+    # Nothing is lost for good: a seek back creates what was passed over (3, 4), and
+    # replays what was discarded (0 to 2) and handled (5, 6).
+    done = sub("basic.one").seek(offset=0)
+    assert (done.replayed, done.skipped, done.passed_over) == (7, 0, 0)
+    dispatch("basic.one")
+    assert sorted(offsets_run("basic.one")) == [0, 1, 2, 3, 4, 5, 5, 6, 6]
+    assert states("basic.one") == {"acked": 7}
+
+
+def test_seeking_to_a_time_starts_at_the_first_message_published_then(dispatch: Any) -> None:
+    ids = publish_many("t.basic", [{"n": n} for n in range(4)])
+    dispatch("basic.one")
+    start = timezone.now() - timedelta(hours=4)
+    for hours, message_id in enumerate(ids):  # published 4, 3, 2 and 1 hours ago
+        Message.objects.filter(pk=message_id).update(published_at=start + timedelta(hours=hours))
+    done = sub("basic.one").seek(at=start + timedelta(hours=1, minutes=30))
+    assert (done.offset, done.replayed) == (2, 2)
+    done = sub("basic.one").seek(at=timezone.now())  # after the last one: the topic's end
+    assert (done.offset, done.replayed, done.skipped) == (4, 0, 2)
+    assert states("basic.one") == {"acked": 2, "discarded": 2}
+
+
+def test_a_seek_leaves_running_deliveries_to_their_dispatcher(dispatch: Any) -> None:
+    publish_many("t.basic", [{"n": n} for n in range(3)])
+    dispatch("basic.two")
+    first = Delivery.objects.filter(subscription__name="basic.one").order_by("offset").first()
+    assert first is not None
+    Delivery.objects.filter(pk=first.pk).update(state="inflight", lease_token="held")
+    done = sub("basic.one").seek(offset=3)
+    assert done.skipped == 2
+    assert Delivery.objects.get(pk=first.pk).state == "inflight"
+    done = sub("basic.one").seek(offset=0)
+    assert done.replayed == 2 and Delivery.objects.get(pk=first.pk).state == "inflight"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error"),
+    [
+        ({}, "an offset or a time"),
+        ({"offset": 1, "at": datetime(2026, 1, 1, tzinfo=UTC)}, "one of the two"),
+        ({"offset": -1}, "0 or more"),
+        ({"offset": True}, "must be an int"),
+        ({"offset": "3"}, "must be an int"),
+        ({"offset": 4}, "past the end of topic t.basic"),
+        ({"at": datetime(2026, 1, 1)}, "aware datetime"),
+    ],
+)
+def test_a_bad_seek_is_refused_and_changes_nothing(
+    dispatch: Any, arguments: dict[str, Any], error: str
+) -> None:
+    publish_many("t.basic", [{"n": n} for n in range(3)])
+    dispatch("basic.one")
+    with pytest.raises(InvalidSeek, match=error):
+        sub("basic.one").seek(**arguments)
+    assert states("basic.one") == {"acked": 3} and sub("basic.one").position == 3
+
+
+def hold_head(name: str) -> Delivery:
+    """The first delivery of ``name``, made to look running (a lease held elsewhere)."""
+    mine = Delivery.objects.unfinished().filter(subscription__name=name)
+    head = mine.order_by("offset").first()
+    assert head is not None
+    Delivery.objects.filter(pk=head.pk).update(state="inflight", lease_token="held", attempts=1)
+    return head
+
+
+def test_an_ordered_subscription_is_not_sought_or_replayed_while_part_of_it_runs(
+    dispatch: Any,
+) -> None:
+    publish_many("t.ordered", [{"n": 0, "fail_times": 99}, {"n": 1}, {"n": 2}])
+    dispatch("ordered.one", idle_wait=1)
+    assert states("ordered.one") == {"dead": 1, "acked": 2}
+    publish("t.ordered", {"n": 3})
+    dispatch("ordered.two")  # fans out offset 3 to ordered.one: pending
+    held = hold_head("ordered.one")  # offset 0 is dead, so the head is offset 3
+    assert held.offset == 3
+    with pytest.raises(ActionRefused, match=r"ordered subscription ordered\.one has deliveries"):
+        sub("ordered.one").seek(offset=0)
+    with pytest.raises(ActionRefused, match="Pause it"):
+        Delivery.objects.filter(subscription__name="ordered.one").replay(timezone.now())
+    assert states("ordered.one") == {"dead": 1, "acked": 2, "inflight": 1}
+    # Once nothing of it runs, both are done.
+    Delivery.objects.filter(pk=held.pk).update(state="acked", lease_token=None)
+    assert Delivery.objects.filter(subscription__name="ordered.one").replay(timezone.now()) == 1
+    assert sub("ordered.one").seek(offset=1).replayed == 3
+
+
+@pytest.fixture
+def operator(client: Client) -> tuple[Client, User]:
+    codenames = ["view_subscription", "change_subscription", "view_delivery"]
+    return client, log_in_operator(client, *codenames)
+
+
+def test_the_admin_seeks_from_a_form_and_logs_it(
+    operator: tuple[Client, User], dispatch: Any
+) -> None:
+    client, user = operator
+    publish_many("t.basic", [{"n": n} for n in range(4)])
+    dispatch("basic.one")
+    changelist = "/admin/django_pubsub/subscription/"
+    target = sub("basic.one")
+    # Seek changes deliveries: without change_delivery it is not offered, nor is replay.
+    page = client.get(changelist)
+    assert b'value="pause"' in page.content
+    assert b'value="seek"' not in page.content and b'value="replay_dead"' not in page.content
+    client.post(changelist, {"action": "seek", "_selected_action": [target.pk]})
+    user.user_permissions.add(Permission.objects.get(codename="change_delivery"))
+    user = User.objects.get(pk=user.pk)  # permissions are cached on the instance
+    client.force_login(user)
+    form = client.post(changelist, {"action": "seek", "_selected_action": [target.pk]})
+    assert form.status_code == 200 and b'name="offset"' in form.content
+    assert b"basic.one" in form.content and states("basic.one") == {"acked": 4}
+    invalid = client.post(
+        changelist, {"action": "seek", "_selected_action": [target.pk], "apply": "Seek"}
+    )
+    assert b"Give an offset or a time" in invalid.content
+    done = client.post(
+        changelist,
+        {"action": "seek", "_selected_action": [target.pk], "apply": "Seek", "offset": "1"},
+        follow=True,
+    )
+    assert b"Sought to offset 1: 3 delivery(ies) to run again" in done.content
+    assert states("basic.one") == {"acked": 1, "pending": 3}
+    (entry,) = LogEntry.objects.all()
+    assert entry.object_id == str(target.pk) and entry.change_message.startswith("Sought")
+    too_far = client.post(
+        changelist,
+        {"action": "seek", "_selected_action": [target.pk], "apply": "Seek", "offset": "9"},
+        follow=True,
+    )
+    assert b"past the end of topic t.basic" in too_far.content
+    assert LogEntry.objects.count() == 1 and states("basic.one") == {"acked": 1, "pending": 3}
+
+
+def test_the_admin_refuses_a_replay_while_an_ordered_run_is_inflight(
+    operator: tuple[Client, User], dispatch: Any
+) -> None:
+    client, user = operator
+    user.user_permissions.add(Permission.objects.get(codename="change_delivery"))
+    publish_many("t.ordered", [{"n": 0, "fail_times": 99}, {"n": 1}])
+    dispatch("ordered.one", idle_wait=1)
+    publish("t.ordered", {"n": 2})
+    dispatch("ordered.two")
+    hold_head("ordered.one")
+    dead = Delivery.objects.get(subscription__name="ordered.one", state="dead")
+    response = client.post(
+        "/admin/django_pubsub/delivery/",
+        {"action": "replay", "_selected_action": [dead.pk]},
+        follow=True,
+    )
+    shown = [str(message) for message in response.context["messages"]]
+    assert any("cannot replay now" in message for message in shown), shown
+    assert Delivery.objects.get(pk=dead.pk).state == "dead" and not LogEntry.objects.exists()
+
+
+def test_select_all_acts_on_more_rows_than_a_statement_takes_parameters(
+    operator: tuple[Client, User], dispatch: Any
+) -> None:
+    client, user = operator
+    user.user_permissions.add(Permission.objects.get(codename="change_delivery"))
+    count = 33_000  # SQLite takes at most 32,766 parameters a statement
+    publish_many("t.basic", [{"n": n} for n in range(count)])
+    while Topic.sequence_all(batch=10_000):
+        pass
+    while sub("basic.one").fan_out(now=timezone.now(), batch=10_000):
+        pass
+    Delivery.objects.filter(subscription__name="basic.one").update(state="dead")
+    response = client.post(
+        "/admin/django_pubsub/delivery/?subscription__id__exact=" + str(sub("basic.one").pk),
+        {"action": "discard", "select_across": "1", "index": "0", "_selected_action": ["0"]},
+        follow=True,
+    )
+    assert f"Discarded: {count} of {count} selected".encode() in response.content
+    assert states("basic.one") == {"discarded": count}
+    assert LogEntry.objects.count() == count
