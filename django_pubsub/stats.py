@@ -9,15 +9,17 @@ few seconds of a modest table, not for every request of a busy site.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.db import connections, transaction
 from django.db.models import Count, Min, Q
 from django.db.models.functions import TruncMinute
 from django.utils import timezone
 
-from .conf import pubsub_settings
 from .models import Delivery, Dispatcher, Message, Subscription, Topic
 
 STATES = [state.value for state in Delivery.State]
@@ -98,9 +100,33 @@ class Figures:
         return data
 
 
+@contextmanager
+def _snapshot() -> Iterator[None]:
+    """On PostgreSQL, one snapshot for all of the figures' statements (a read-only
+    repeatable-read transaction), so they agree with each other. Elsewhere, and inside a
+    caller's transaction, each statement reads what is committed when it runs; the reads
+    are ordered so that a lag can come out too high or too low by what moved meanwhile,
+    but never below zero (a subscription's position before its topic's head)."""
+    connection = connections["default"]
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        yield
+        return
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        yield
+
+
 def collect(now: datetime | None = None) -> Figures:
     now = now or timezone.now()
+    with _snapshot():
+        return _collect(now)
+
+
+def _collect(now: datetime) -> Figures:
     figures = Figures(at=now)
+    # Subscriptions before topics: a position never passes its topic's head.
+    subscriptions = list(Subscription.objects.order_by("name"))
     topics = {topic.pk: topic for topic in Topic.objects.all()}
     unsequenced: dict[int, int] = {}
     first_unsequenced: dict[int, datetime] = {}
@@ -122,12 +148,12 @@ def collect(now: datetime | None = None) -> Figures:
         )
         for pk, topic in topics.items()
     }
-    for sub in Subscription.objects.order_by("name"):
+    for sub in subscriptions:
         topic = topics[sub.topic_id]
         states = by_state.get(sub.pk, dict.fromkeys(STATES, 0))
         unfinished = states["pending"] + states["retry"] + states["inflight"]
         lag = unsequenced.get(sub.topic_id, 0) + (topic.next_offset - sub.position) + unfinished
-        oldest = _oldest_unhandled(sub, topic, first_unsequenced.get(sub.topic_id))
+        oldest = _oldest_unhandled(sub, topic, first_unsequenced)
         figures.subscriptions.append(
             SubscriptionFigures(
                 id=sub.pk,
@@ -139,7 +165,7 @@ def collect(now: datetime | None = None) -> Figures:
                 states=states,
                 failed=failed.get(sub.pk, 0),
                 lag=lag,
-                oldest_age=None if oldest is None else (now - oldest).total_seconds(),
+                oldest_age=_age(now, oldest),
             )
         )
         if sub.active:
@@ -157,7 +183,40 @@ def collect(now: datetime | None = None) -> Figures:
             ]
             totals.oldest_age = max(ages) if ages else None
     figures.topics = sorted(topic_figures.values(), key=lambda topic: topic.name)
-    figures.dispatchers = [
+    figures.dispatchers = alive_dispatchers(now)
+    return figures
+
+
+@dataclass
+class Health:
+    dispatchers: list[DispatcherFigures]
+    # Seconds the oldest message any active, unpaused subscription has not finished has
+    # waited (None: none waits).
+    oldest_age: float | None
+
+
+def health(now: datetime) -> Health:
+    """What the health view needs, without counting the whole history."""
+    with _snapshot():
+        subscriptions = list(Subscription.objects.filter(active=True, paused=False))
+        topics = {topic.pk: topic for topic in Topic.objects.all()}
+        first_unsequenced = dict(
+            Message.objects.filter(offset__isnull=True)
+            .values("topic_id")
+            .annotate(first=Min("published_at"))
+            .values_list("topic_id", "first")
+        )
+        ages = [
+            _age(now, _oldest_unhandled(sub, topics[sub.topic_id], first_unsequenced))
+            for sub in subscriptions
+        ]
+        known = [age for age in ages if age is not None]
+        return Health(alive_dispatchers(now), max(known) if known else None)
+
+
+def alive_dispatchers(now: datetime) -> list[DispatcherFigures]:
+    """Running dispatchers that heartbeated within DISPATCHER_TIMEOUT."""
+    return [
         DispatcherFigures(
             id=row.pk,
             hostname=row.hostname,
@@ -167,38 +226,19 @@ def collect(now: datetime | None = None) -> Figures:
             inflight=row.inflight,
             stuck=row.stuck,
         )
-        for row in alive_dispatchers(now)
+        for row in Dispatcher.objects.heartbeating(now)
     ]
-    return figures
 
 
-def oldest_age(now: datetime) -> float | None:
-    """Seconds the oldest message any active, unpaused subscription has not finished has
-    waited; without counting the whole history (for the health view)."""
-    topics = {topic.pk: topic for topic in Topic.objects.all()}
-    first_unsequenced = dict(
-        Message.objects.filter(offset__isnull=True)
-        .values("topic_id")
-        .annotate(first=Min("published_at"))
-        .values_list("topic_id", "first")
-    )
-    ages = []
-    for sub in Subscription.objects.filter(active=True, paused=False):
-        topic = topics[sub.topic_id]
-        oldest = _oldest_unhandled(sub, topic, first_unsequenced.get(sub.topic_id))
-        if oldest is not None:
-            ages.append((now - oldest).total_seconds())
-    return max(ages) if ages else None
+def _age(now: datetime, published_at: datetime | None) -> float | None:
+    return None if published_at is None else (now - published_at).total_seconds()
 
 
-def alive_dispatchers(now: datetime) -> list[Dispatcher]:
-    """Running dispatchers that heartbeated within DISPATCHER_TIMEOUT."""
-    recent = now - timedelta(seconds=pubsub_settings.dispatcher_timeout)
-    return list(Dispatcher.objects.alive().filter(last_seen__gte=recent).order_by("id"))
-
-
-def _oldest_unhandled(sub: Subscription, topic: Topic, unsequenced: datetime | None) -> Any:
+def _oldest_unhandled(
+    sub: Subscription, topic: Topic, first_unsequenced: dict[int, datetime]
+) -> datetime | None:
     """When the oldest message this subscription has not finished was published."""
+    unsequenced = first_unsequenced.get(topic.pk)
     candidates = [unsequenced] if unsequenced else []
     head = (
         Delivery.objects.unfinished()
@@ -263,6 +303,7 @@ def as_table(figures: Figures) -> str:
             "retry",
             "acked",
             "dead",
+            "discarded",
             "failed",
             "lag",
             "oldest",
@@ -277,6 +318,7 @@ def as_table(figures: Figures) -> str:
                 s.states["retry"],
                 s.states["acked"],
                 s.states["dead"],
+                s.states["discarded"],
                 s.failed,
                 s.lag,
                 age(s.oldest_age),

@@ -46,10 +46,10 @@ def health(request: HttpRequest) -> HttpResponse:
     """200 when a dispatcher is alive (and the oldest unhandled message is younger than
     HEALTH_MAX_AGE, where set); 503 otherwise, with the reasons."""
     now = timezone.now()
-    alive = stats.alive_dispatchers(now)
-    oldest = stats.oldest_age(now)
+    found = stats.health(now)
+    oldest = found.oldest_age
     problems = []
-    if not alive:
+    if not found.dispatchers:
         problems.append("no dispatcher is alive")
     limit = pubsub_settings.health_max_age
     if limit is not None and oldest is not None and oldest > limit:
@@ -59,8 +59,8 @@ def health(request: HttpRequest) -> HttpResponse:
         "problems": problems,
         "oldest_unhandled_age": oldest,
         "dispatchers": [
-            {"id": row.pk, "hostname": row.hostname, "pid": row.pid, "last_seen": row.last_seen}
-            for row in alive
+            {"id": row.id, "hostname": row.hostname, "pid": row.pid, "last_seen": row.last_seen}
+            for row in found.dispatchers
         ],
     }
     return JsonResponse(body, status=200 if not problems else 503, encoder=DjangoJSONEncoder)
