@@ -30,7 +30,7 @@ from . import signals
 from .conf import pubsub_settings
 from .exceptions import HandlerImportError
 from .message import Message
-from .models import Claimed, Delivery, Dispatcher, Lease, Subscription, Topic
+from .models import Claimed, Delivery, Dispatcher, Lease, Subscription, Topic, padded_ids
 from .models import Message as MessageRow
 from .retry import Backoff, Random
 from .sync import sync_subscriptions
@@ -500,7 +500,7 @@ class DispatchLoop:
 
     def _recover_expired(self, now: datetime) -> int:
         assert self._pool is not None
-        expired = Delivery.objects.expired(now).exclude(id__in=self._pool.held())
+        expired = Delivery.objects.expired(now).exclude(id__in=padded_ids(self._pool.held()))
         return self._release(
             expired, now, "lease expired before an ack", Q(lease_expires_at__lt=now)
         )
@@ -584,7 +584,7 @@ class DispatchLoop:
         for token, jobs in by_token.items():
             lease = self._subs[jobs[0].subscription_id].effective_lease
             Delivery.objects.filter(
-                id__in=[job.delivery_id for job in jobs],
+                id__in=padded_ids(job.delivery_id for job in jobs),
                 state=Delivery.State.INFLIGHT,
                 lease_token=token,
             ).update(lease_expires_at=now + timedelta(seconds=lease))

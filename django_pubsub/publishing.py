@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
-from django.db import IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 from django.utils import timezone
 
 from . import signals
@@ -27,7 +27,10 @@ def publish(
     The row is written on the default database inside the caller's transaction: if that
     transaction rolls back, nothing is published. Outside a transaction it commits at once.
     """
-    return publish_many(topic, [payload], key=key, headers=headers)[0]
+    check_topic(topic)
+    key = check_key(key)
+    header_dict = check_headers(headers)
+    return _write(topic, [check_payload(payload)], key, header_dict)[0]
 
 
 def publish_many(
@@ -38,8 +41,6 @@ def publish_many(
     headers: Mapping[str, str] | None = None,
 ) -> list[int]:
     """Publish several messages to ``topic`` atomically, in order; return their ids."""
-    from .models import INSERT_BATCH, Message
-
     check_topic(topic)
     key = check_key(key)
     header_dict = check_headers(headers)
@@ -58,11 +59,20 @@ def publish_many(
             raise InvalidPayload(f"payloads[{index}]: {exc}") from None
     if not checked:
         return []
+    return _write(topic, checked, key, header_dict)
+
+
+def _write(
+    topic: str, checked: list[Any], key: str | None, header_dict: dict[str, str]
+) -> list[int]:
+    """Insert checked payloads; tell the receivers of message_published."""
+    from .models import INSERT_BATCH, Message
+
     now = timezone.now()
     # No savepoint: a failed insert spoils the caller's transaction either way, and two
     # round trips per publish are worth saving. Outside a transaction, one statement
     # commits on its own; more need a transaction of their own.
-    single = len(checked) <= INSERT_BATCH and not connection.in_atomic_block
+    single = len(checked) <= INSERT_BATCH and not connections[DEFAULT_DB_ALIAS].in_atomic_block
     with nullcontext() if single else transaction.atomic(savepoint=False):
         ids = Message.objects.insert(
             topic, checked, key=key, headers=header_dict, now=now, wake=CHANNEL
