@@ -52,19 +52,27 @@ def _quoted(model: type[models.Model], field: str | None = None) -> str:
 
 
 def padded_ids(ids: Iterable[int]) -> list[int]:
-    """``ids`` with negative ids (which no row has) added up to the next power of two.
+    """``ids`` with negative ids (which no row has) added up to the next power of two, or
+    past 1,024 to the next multiple of 1,024; an empty list stays empty (no query at all).
 
     The dispatcher's statements that list ids would otherwise take a new shape for every
     count, and each shape is a statement the database driver prepares and keeps: on
     SQLite a hundred and twenty-eight of them a connection, about 10 MB more memory in a
-    busy dispatcher before that cache is full. So there are about eleven shapes instead.
-    (Distinct fillers: the ORM drops repeated values from an IN list.)
+    busy dispatcher before that cache is full. So a few shapes serve every count, and a
+    list of MAX_HELD ids stays under SQLite's 32,766 parameters a statement. (Distinct
+    fillers: the ORM drops repeated values from an IN list.)
     """
     found = list(ids)
-    size = 1
-    while size < len(found):
-        size *= 2
-    return found + list(range(-1, -(size - len(found)) - 1, -1))
+    count = len(found)
+    if count <= 1:
+        return found
+    size = 1 << (count - 1).bit_length()
+    if size > PADDED_STEP:
+        size = -(-count // PADDED_STEP) * PADDED_STEP
+    return found + list(range(-1, count - size - 1, -1))
+
+
+PADDED_STEP = 1024
 
 
 def _lock_row(cursor: Any, model: type[models.Model], pk: int, using: str, column: str) -> None:

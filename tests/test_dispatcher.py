@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from django_pubsub import publish, publish_many, registry
-from django_pubsub.dispatcher import DispatchLoop
+from django_pubsub.dispatcher import MAX_HELD, DispatchLoop
 from django_pubsub.exceptions import HandlerImportError
-from django_pubsub.models import Delivery, Dispatcher, Subscription
+from django_pubsub.models import Delivery, Dispatcher, Subscription, padded_ids
 from django_pubsub.registry import SubscriberSpec
 from django_pubsub.retry import Backoff
 from tests.conftest import FakeClock, runs, states, wait_for
@@ -421,3 +421,16 @@ def test_an_ordered_run_recovered_in_parts_charges_only_its_head(
         (2, "pending", 0),
         (3, "pending", 0),
     ]
+
+
+def test_lists_of_ids_come_in_few_shapes_and_fit_one_statement() -> None:
+    assert padded_ids([]) == [] and padded_ids([7]) == [7]
+    assert padded_ids([7, 8, 9]) == [7, 8, 9, -1]
+    shapes = {len(padded_ids(range(1, n + 1))) for n in range(1, MAX_HELD + 1)}
+    assert len(shapes) <= 32
+    # What the dispatcher may hold, with room for the statement's own parameters.
+    assert max(shapes) <= 32_766 - 16
+    for n in (1_000, 1_025, MAX_HELD):
+        padded = padded_ids(range(1, n + 1))
+        assert padded[:n] == list(range(1, n + 1)) and all(i < 0 for i in padded[n:])
+        assert len(set(padded)) == len(padded)  # distinct: the ORM would drop repeats
