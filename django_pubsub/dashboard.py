@@ -12,12 +12,13 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 
 from . import stats
+from .views import PERMISSION
 
 WIDTH, HEIGHT, PAD = 600, 140, 4
 
 
 def dashboard(request: HttpRequest) -> HttpResponse:
-    if not request.user.has_perm("django_pubsub.view_delivery"):
+    if not request.user.has_perm(PERMISSION):
         raise PermissionDenied
     now = timezone.now()
     figures = stats.collect(now)

@@ -531,11 +531,14 @@ class Subscription(models.Model):
             raise InvalidSeek(f"seek() at= must be {kind} datetime (USE_TZ), not {at!r}")
         now = now or timezone.now()
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
-            # The fan-out's and the ordered claim's lock: neither runs while we move it.
-            position = _locked_value(cursor, Subscription, self.pk, "position", using)
-            if position is None:
+            # The fan-out's and the ordered claim's lock: neither runs while we move it. Read
+            # after it, the row is the latest committed one.
+            _lock_row(cursor, Subscription, self.pk, using, "position")
+            rows = Subscription.objects.using(using).select_related("topic")
+            current = rows.filter(pk=self.pk).first()
+            if current is None:
                 raise ActionRefused(f"subscription {self.pk} no longer exists")
-            current = Subscription.objects.using(using).select_related("topic").get(pk=self.pk)
+            position = current.position
             _refuse_while_running([current], using, "seek")
             if at is not None:
                 sequenced = Message.objects.using(using).filter(
@@ -552,18 +555,9 @@ class Subscription(models.Model):
                     f"(its next message gets offset {end})"
                 )
             mine = Delivery.objects.using(using).filter(subscription_id=self.pk)
-            skipped = (
-                mine.unfinished()
-                .filter(offset__lt=point, state__in=Delivery.WAITING)
-                .update(state=Delivery.State.DISCARDED, finished_at=now, updated_at=now)
-            )
-            replayed = mine.filter(offset__gte=point, state__in=Delivery.ENDED).update(
-                state=Delivery.State.PENDING,
-                attempts=0,
-                available_at=now,
-                finished_at=None,
-                updated_at=now,
-            )
+            waiting = mine.unfinished().filter(offset__lt=point, state__in=Delivery.WAITING)
+            skipped = waiting.discard(now)
+            replayed = mine.filter(offset__gte=point, state__in=Delivery.ENDED).run_again(now)
             passed_over = 0
             if point < position:
                 # Messages it has no delivery of yet (published before it began, or passed
@@ -1102,13 +1096,19 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         with transaction.atomic(using=using):
             subs = Subscription.objects.using(using).filter(pk__in=dead.values("subscription_id"))
             _refuse_while_running(list(subs), using, "replay")
-            return dead.update(
-                state=Delivery.State.PENDING,
-                attempts=0,
-                available_at=now,
-                finished_at=None,
-                updated_at=now,
-            )
+            return dead.run_again(now)
+
+    def run_again(self, now: datetime) -> int:
+        """Back to pending, due now, with fresh attempts (the error history stays): what
+        replay() does to dead letters and seek() to every delivery that ended. No checks of
+        its own: callers choose the rows."""
+        return self.update(
+            state=Delivery.State.PENDING,
+            attempts=0,
+            available_at=now,
+            finished_at=None,
+            updated_at=now,
+        )
 
     def discard(self, now: datetime) -> int:
         """Give up on deliveries that wait (pending, retry) or are dead: they end

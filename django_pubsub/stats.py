@@ -128,12 +128,7 @@ def _collect(now: datetime) -> Figures:
     # Subscriptions before topics: a position never passes its topic's head.
     subscriptions = list(Subscription.objects.order_by("name"))
     topics = {topic.pk: topic for topic in Topic.objects.all()}
-    unsequenced: dict[int, int] = {}
-    first_unsequenced: dict[int, datetime] = {}
-    waiting = Message.objects.filter(offset__isnull=True).values("topic_id")
-    for row in waiting.annotate(n=Count("id"), first=Min("published_at")):
-        unsequenced[row["topic_id"]] = row["n"]
-        first_unsequenced[row["topic_id"]] = row["first"]
+    unsequenced, first_unsequenced = _unsequenced()
     by_state: dict[int, dict[str, int]] = {}
     failed: dict[int, int] = {}
     rows = Delivery.objects.values_list("subscription_id", "state").annotate(
@@ -200,18 +195,25 @@ def health(now: datetime) -> Health:
     with _snapshot():
         subscriptions = list(Subscription.objects.filter(active=True, paused=False))
         topics = {topic.pk: topic for topic in Topic.objects.all()}
-        first_unsequenced = dict(
-            Message.objects.filter(offset__isnull=True)
-            .values("topic_id")
-            .annotate(first=Min("published_at"))
-            .values_list("topic_id", "first")
-        )
+        first_unsequenced = _unsequenced()[1]
         ages = [
             _age(now, _oldest_unhandled(sub, topics[sub.topic_id], first_unsequenced))
             for sub in subscriptions
         ]
         known = [age for age in ages if age is not None]
         return Health(alive_dispatchers(now), max(known) if known else None)
+
+
+def _unsequenced() -> tuple[dict[int, int], dict[int, datetime]]:
+    """Per topic, the messages not yet sequenced: how many, and when the first was
+    published (through the partial index on exactly those)."""
+    counts: dict[int, int] = {}
+    firsts: dict[int, datetime] = {}
+    waiting = Message.objects.filter(offset__isnull=True).values("topic_id")
+    for row in waiting.annotate(n=Count("id"), first=Min("published_at")):
+        counts[row["topic_id"]] = row["n"]
+        firsts[row["topic_id"]] = row["first"]
+    return counts, firsts
 
 
 def alive_dispatchers(now: datetime) -> list[DispatcherFigures]:
