@@ -138,6 +138,25 @@ def test_bad_keys_are_refused(key: Any) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+class ReadsFromAReplica:
+    """A read/write split, as projects with a replica route: reads to an alias that does
+    not exist here, writes to the default database."""
+
+    def db_for_read(self, model: Any, **hints: Any) -> str:
+        return "replica"
+
+    def db_for_write(self, model: Any, **hints: Any) -> str:
+        return "default"
+
+
+def test_publish_writes_where_the_router_sends_writes(settings: Any) -> None:
+    settings.DATABASE_ROUTERS = [ReadsFromAReplica()]
+    message_id = publish("t.basic", {"n": 1})
+    ids = publish_many("t.basic", [{"n": 2}, {"n": 3}])
+    settings.DATABASE_ROUTERS = []
+    assert list(Message.objects.order_by("id").values_list("id", flat=True)) == [message_id, *ids]
+
+
 def test_sequencing_works_where_psycopg_prepares_every_statement() -> None:
     """prepare_threshold=0 (with server_side_binding) makes psycopg prepare each statement,
     and a string of two statements cannot be prepared."""
