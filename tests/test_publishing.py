@@ -157,6 +157,22 @@ def test_publish_writes_where_the_router_sends_writes(settings: Any) -> None:
     assert list(Message.objects.order_by("id").values_list("id", flat=True)) == [message_id, *ids]
 
 
+def test_publish_after_the_connection_was_closed() -> None:
+    """publish() keeps a psycopg cursor on the connection: a new connection gets its own."""
+    from django.db import connection
+
+    first = publish("t.basic", {"n": 1})
+    connection.close()
+    second = publish("t.basic", {"n": 2})
+    with transaction.atomic():
+        third = publish("t.basic", {"n": 3})
+    assert list(Message.objects.order_by("id").values_list("id", flat=True)) == [
+        first,
+        second,
+        third,
+    ]
+
+
 def test_sequencing_works_where_psycopg_prepares_every_statement() -> None:
     """prepare_threshold=0 (with server_side_binding) makes psycopg prepare each statement,
     and a string of two statements cannot be prepared."""
