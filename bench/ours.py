@@ -7,7 +7,9 @@ prints one JSON object on its last line of output. Every run starts from an empt
 benchmark project (bench/benchproject), whose handlers do nothing.
 
 Figures:
-- ``publish_single``: N ``publish()`` calls, each its own transaction (Django's autocommit).
+- ``publish_single``: N ``publish()`` calls, each its own transaction (Django's autocommit),
+  in blocks of 20 taken in turn with as many plain single-row inserts (bench/raw.py's
+  ``insert_single``): ``paired_ratio`` is publish()'s rate over theirs.
 - ``publish_many``: N messages through ``publish_many()`` in batches of 1,000.
 - ``dispatch``, ``dispatch_fan``, ``dispatch_ordered``: N messages published first, then
   one real ``manage.py runpubsub --until-idle`` process handles them: one subscription,
@@ -42,6 +44,8 @@ PG_URL = "postgres://postgres@127.0.0.1:5432/bench_ours"
 SQLITE_PATH = Path(tempfile.gettempdir()) / "bench_ours.sqlite3"
 HISTORY = 1_000_000
 LATENCY_MESSAGES, LATENCY_RATE = 200, 20.0
+# publish_single: publishes, then as many plain inserts, in turn (see publish_single()).
+PAIR_BLOCK = 20
 DEFAULT_N = {
     "publish_single": 2_000,
     "publish_many": 50_000,
@@ -135,15 +139,37 @@ def runpubsub(subs: list[str], db: str) -> float:
 
 
 def publish_single(db: str, n: int) -> dict[str, Any]:
+    """``publish()`` n times, in blocks of PAIR_BLOCK, each block followed by as many plain
+    single-row inserts through bench/raw.py (its own connection, no Django). The disk's
+    commit time drifts by a factor of two within a minute here, so a ratio of figures taken
+    minutes apart says more about the drift than about publish(); the paired ratio does not.
+    """
     setup_django(db)
+    from bench import raw
     from django_pubsub import publish
 
     publish("bench.one", {"n": -1})  # connect, and the topic exists
-    started = time.perf_counter()
-    for i in range(n):
-        publish("bench.one", {"n": i})  # autocommit, Django's default: its own transaction
-    seconds = time.perf_counter() - started
-    return {"value": n / seconds, "unit": "messages/s", "seconds": seconds}
+    plain = raw.Postgres() if db == "postgres" else raw.Sqlite()
+    ours = plain_seconds = 0.0
+    try:
+        plain.reset()
+        for start in range(0, n, PAIR_BLOCK):
+            block = range(start, min(n, start + PAIR_BLOCK))
+            started = time.perf_counter()
+            for i in block:
+                publish("bench.one", {"n": i})  # autocommit, Django's default: its own transaction
+            ours += time.perf_counter() - started
+            plain_seconds += raw.insert_single(plain, len(block))[0]
+    finally:
+        plain.close()
+    return {
+        "value": n / ours,
+        "unit": "messages/s",
+        "seconds": ours,
+        "raw_paired": n / plain_seconds,
+        "paired_ratio": plain_seconds / ours,
+        "pair_block": PAIR_BLOCK,
+    }
 
 
 def publish_many_figure(db: str, n: int) -> dict[str, Any]:

@@ -147,8 +147,9 @@ def medians(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
             "runs": len(values),
             "unit": good[0].get("unit", ""),
         }
-        if "p99" in good[0]:
-            row["p99"] = statistics.median(r["p99"] for r in good)
+        for field in ("p99", "paired_ratio"):
+            if field in good[0]:
+                row[field] = statistics.median(r[field] for r in good)
         table[key] = row
     return table
 
@@ -205,11 +206,11 @@ def targets(table: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | Non
             2_000,
             "{:,.0f}/s",
         )
+    # publish_single takes plain inserts in turn with its own publishes (bench/ours.py): the
+    # disk's commit time drifts too much between the two figures' runs to compare them.
     check(
-        "PostgreSQL publish ≥ 80% of raw insert + commit",
-        ratio(
-            value(table, "ours/publish_single/postgres"), value(table, "raw/insert_single/postgres")
-        ),
+        "PostgreSQL publish ≥ 80% of raw insert + commit (taken in turn)",
+        value(table, "ours/publish_single/postgres", "paired_ratio"),
         0.8,
         "{:.0%}",
     )
