@@ -18,7 +18,7 @@ Figures:
   (start-up and the idle check), measured alongside.
 - ``dispatch_history``: ``dispatch`` after 1,000,000 acked messages and deliveries were
   written to the same tables.
-- ``latency``: a runpubsub process runs; 200 messages are published one per transaction
+- ``latency``: a runpubsub process runs; 600 messages are published one per transaction
   at 20/s; the time from each commit to its handler's start, p50 and p99 in ms.
 - ``memory``: runpubsub handles N (default 200,000) messages while its resident memory is
   sampled; growth is the largest sample after warm-up (the first fifth of the run) over
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PG_URL = "postgres://postgres@127.0.0.1:5432/bench_ours"
 SQLITE_PATH = Path(tempfile.gettempdir()) / "bench_ours.sqlite3"
 HISTORY = 1_000_000
-LATENCY_MESSAGES, LATENCY_RATE = 200, 20.0
+LATENCY_MESSAGES, LATENCY_RATE = 600, 20.0
 # publish_single: publishes, then as many plain inserts, in turn (see publish_single()).
 PAIR_BLOCK = 20
 DEFAULT_N = {

@@ -10,7 +10,7 @@ SQLite: the file removed), migrated, so runs are independent.
   own worker command as subprocesses and time from their start until no job is left, polling
   the peer's tables every 50 ms. value = N / seconds (jobs/s). first_done_seconds is when the
   first completion was seen: the worker's start-up time, roughly.
-- latency: start the worker, wait until a probe job has run, then enqueue 200 jobs at 20/s.
+- latency: start the worker, wait until a probe job has run, then enqueue 600 jobs at 20/s.
   Each handler writes time.time() as it starts; the producer takes time.time() right after the
   enqueue call returned (the job committed). value = p50 of start - commit in ms; also p99.
 
@@ -38,7 +38,7 @@ from typing import IO, Any
 
 PROJECT = Path(__file__).resolve().parent / "project"
 POLL = 0.05  # seconds between two looks at the peer's tables
-LATENCY_JOBS = 200
+LATENCY_JOBS = 600
 LATENCY_RATE = 20.0  # jobs/s
 SETTLE = 2.0  # seconds after the probe, for the other worker processes to start too
 DEFAULT_N = {"postgres": 20000, "sqlite": 5000}
