@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple, cast
 
 from django.conf import settings
-from django.db import connections, models, router, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
@@ -257,7 +257,7 @@ def _psycopg3(connection: Any) -> Any:
     return psycopg if isinstance(connection.connection, psycopg.Connection) else None
 
 
-def _bound_cursor(connection: Any) -> Any:
+def _bound_cursor(connection: Any, *, keep: bool = False) -> Any:
     """A cursor that sends parameters apart from the SQL where the driver can, as a
     context manager.
 
@@ -267,20 +267,24 @@ def _bound_cursor(connection: Any) -> Any:
     poolers such as PgBouncer in transaction mode are fine with it, unless the project
     sets psycopg's ``prepare_threshold``: docs/reference/settings.md).
 
-    That cursor is kept on the connection's wrapper (one per thread, as Django keeps its
-    connections) and used again: making one was a twentieth of a publish. Its callers
-    fetch every row before they execute anything else.
+    ``keep``: a cursor kept on the connection's wrapper (one per thread, as Django keeps
+    its connections) and used again, for statements of one small row, where making a
+    cursor was a twentieth of a publish. It holds its last parameters and rows until the
+    next such statement, so larger ones get a cursor of their own. Callers fetch every row
+    before they execute anything else.
     """
     if connection.vendor == "postgresql":
         # As Django's own cursor() does: refuse a transaction that must roll back; connect.
         connection.validate_no_broken_transaction()
         connection.ensure_connection()
-        kept = getattr(connection, "_pubsub_cursor", None)
+        kept = getattr(connection, "_pubsub_cursor", None) if keep else None
         if kept is not None and kept.connection is connection.connection and not kept.closed:
             return nullcontext(kept)
     psycopg = _psycopg3(connection)
     if psycopg is None:  # SQLite, or psycopg2: Django's cursor
         return connection.cursor()
+    if not keep:
+        return psycopg.Cursor(connection.connection)
     connection._pubsub_cursor = psycopg.Cursor(connection.connection)
     return nullcontext(connection._pubsub_cursor)
 
@@ -350,9 +354,9 @@ class MessageQuerySet(models.QuerySet["Message"]):
         is one round trip. On PostgreSQL ``wake`` names a channel notified in that same
         statement, delivered when the caller's transaction commits.
         """
-        # Where writes go, as for any model's insert: a router that sends reads to a
-        # replica must not send the publisher's INSERT there.
-        connection = connections[self._db or router.db_for_write(Message)]  # type: ignore[attr-defined]
+        # The default database unless using() says otherwise, as publish() promises (and
+        # its transaction handling assumes): not where a router sends reads, a replica.
+        connection = connections[self._db or DEFAULT_DB_ALIAS]  # type: ignore[attr-defined]
         postgres = connection.vendor == "postgresql"
         # The same for every message of the call, so sent once.
         shared = [
@@ -381,7 +385,8 @@ class MessageQuerySet(models.QuerySet["Message"]):
             # One statement for every batch on PostgreSQL, one per size on SQLite.
             rows = min(len(batch), 2) if postgres else len(batch)
             sql = _insert_sql(connection.vendor, rows, notify)
-            with connection.wrap_database_errors, _bound_cursor(connection) as cursor:
+            single = len(batch) == 1
+            with connection.wrap_database_errors, _bound_cursor(connection, keep=single) as cursor:
                 cursor.execute(sql, params)
                 found = [row[0] for row in cursor.fetchall()]
             found.sort()

@@ -137,7 +137,6 @@ def test_bad_keys_are_refused(key: Any) -> None:
     assert Message.objects.count() == 0
 
 
-@pytest.mark.django_db(transaction=True)
 class ReadsFromAReplica:
     """A read/write split, as projects with a replica route: reads to an alias that does
     not exist here, writes to the default database."""
@@ -149,7 +148,7 @@ class ReadsFromAReplica:
         return "default"
 
 
-def test_publish_writes_where_the_router_sends_writes(settings: Any) -> None:
+def test_publish_writes_to_the_default_database_whatever_reads_do(settings: Any) -> None:
     settings.DATABASE_ROUTERS = [ReadsFromAReplica()]
     message_id = publish("t.basic", {"n": 1})
     ids = publish_many("t.basic", [{"n": 2}, {"n": 3}])
@@ -173,6 +172,7 @@ def test_publish_after_the_connection_was_closed() -> None:
     ]
 
 
+@pytest.mark.django_db(transaction=True)
 def test_sequencing_works_where_psycopg_prepares_every_statement() -> None:
     """prepare_threshold=0 (with server_side_binding) makes psycopg prepare each statement,
     and a string of two statements cannot be prepared."""
