@@ -62,6 +62,32 @@ def check_handlers(**kwargs: Any) -> list[CheckMessage]:
     return messages
 
 
+@register()
+def check_routers(**kwargs: Any) -> list[CheckMessage]:
+    """E005: a database router sends django-pubsub's models away from the default database
+    (a read replica, say), where the dispatcher would read stale rows or write nowhere."""
+    from django.apps import apps
+    from django.db import DEFAULT_DB_ALIAS, router
+
+    elsewhere = []
+    for model in apps.get_app_config("django_pubsub").get_models():
+        for kind, route in (("reads", router.db_for_read), ("writes", router.db_for_write)):
+            alias = route(model)
+            if alias not in (None, DEFAULT_DB_ALIAS):
+                elsewhere.append(f"{kind} of {model.__name__} to {alias!r}")
+    if not elsewhere:
+        return []
+    return [
+        Error(
+            f"DATABASE_ROUTERS send django-pubsub's models away from the default database: "
+            f"{', '.join(elsewhere)}.",
+            hint="Return 'default' (or None) from db_for_read and db_for_write for the "
+            "django_pubsub app's models; django-pubsub works on the default database only.",
+            id="django_pubsub.E005",
+        )
+    ]
+
+
 @register(Tags.database)
 def check_sqlite(databases: Sequence[str] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """W001: a SQLite database set up so that writers can fail with "database is locked"."""

@@ -67,6 +67,31 @@ def test_unimportable_handler_is_reported() -> None:
     assert "ghost.sub" in found[0].msg
 
 
+class ToReplica:
+    """Sends reads of every model to a replica, as read/write splits do."""
+
+    def db_for_read(self, model: Any, **hints: Any) -> str:
+        return "replica"
+
+
+class ToReplicaButPubsub(ToReplica):
+    def db_for_read(self, model: Any, **hints: Any) -> str | None:
+        return None if model._meta.app_label == "django_pubsub" else "replica"
+
+
+@pytest.mark.parametrize(
+    ("routers", "expected"),
+    [([], []), ([ToReplica()], ["django_pubsub.E005"]), ([ToReplicaButPubsub()], [])],
+)
+def test_routers_that_send_pubsub_models_elsewhere_are_reported(
+    routers: list[Any], expected: list[str]
+) -> None:
+    with override_settings(DATABASE_ROUTERS=routers):
+        found = checks.check_routers()
+    assert ids(found) == expected
+    assert all(message.hint and "reads of Delivery" in message.msg for message in found)
+
+
 @pytest.mark.parametrize(
     ("options", "warned"),
     [
