@@ -369,8 +369,9 @@ class MessageQuerySet(models.QuerySet["Message"]):
             batch = bodies[start : start + INSERT_BATCH]
             payloads = [None if b is None or isinstance(b, bytes) else json.dumps(b) for b in batch]
             blobs = [b if isinstance(b, bytes) else None for b in batch]
+            single = len(batch) == 1
             params: list[Any]
-            if len(batch) == 1:
+            if single:
                 params = [payloads[0], blobs[0], *shared]
             elif postgres:
                 params = [*shared, payloads, blobs]
@@ -385,7 +386,6 @@ class MessageQuerySet(models.QuerySet["Message"]):
             # One statement for every batch on PostgreSQL, one per size on SQLite.
             rows = min(len(batch), 2) if postgres else len(batch)
             sql = _insert_sql(connection.vendor, rows, notify)
-            single = len(batch) == 1
             with connection.wrap_database_errors, _bound_cursor(connection, keep=single) as cursor:
                 cursor.execute(sql, params)
                 found = [row[0] for row in cursor.fetchall()]
