@@ -66,21 +66,24 @@ def _write(
     topic: str, checked: list[Any], key: str | None, header_dict: dict[str, str]
 ) -> list[int]:
     """Insert checked payloads; tell the receivers of message_published."""
-    from .models import INSERT_BATCH, Message
+    from .models import INSERT_BATCH, Message, insert_messages
 
     now = timezone.now()
+    # The default database, as documented (docs/guarantees.md), whatever a router says of
+    # reads: the caller's transaction is there, and a replica would refuse the write.
+    connection = connections[DEFAULT_DB_ALIAS]
     # No savepoint: a failed insert spoils the caller's transaction either way, and two
     # round trips per publish are worth saving. Outside a transaction, one statement
     # commits on its own; more need a transaction of their own.
-    single = len(checked) <= INSERT_BATCH and not connections[DEFAULT_DB_ALIAS].in_atomic_block
+    single = len(checked) <= INSERT_BATCH and not connection.in_atomic_block
     with nullcontext() if single else transaction.atomic(savepoint=False):
-        ids = Message.objects.insert(
-            topic, checked, key=key, headers=header_dict, now=now, wake=CHANNEL
+        ids = insert_messages(
+            connection, topic, checked, key=key, headers=header_dict, now=now, wake=CHANNEL
         )
         if ids is None:  # the first message of this topic: create it, then insert
             _create_topic(topic)
-            ids = Message.objects.insert(
-                topic, checked, key=key, headers=header_dict, now=now, wake=CHANNEL
+            ids = insert_messages(
+                connection, topic, checked, key=key, headers=header_dict, now=now, wake=CHANNEL
             )
     assert ids is not None
     signals.send(signals.message_published, Message, savepoint=True, topic=topic, ids=ids)
