@@ -29,10 +29,12 @@ from django.utils.module_loading import import_string
 from . import signals
 from .conf import pubsub_settings
 from .exceptions import HandlerImportError
+from .fan_out import Lease
 from .message import Message
-from .models import Claimed, Delivery, Dispatcher, Lease, Subscription, Topic, padded_ids
+from .models import Claimed, Delivery, Dispatcher, Subscription, Topic
 from .models import Message as MessageRow
 from .retry import Backoff, Random
+from .sql import padded_ids
 from .sync import sync_subscriptions
 from .wakeups import Listener
 from .workers import Chunk, Job, Outcome, WorkerPool

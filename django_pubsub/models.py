@@ -17,12 +17,11 @@ How a message travels:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, cast
@@ -34,98 +33,21 @@ from django.utils import timezone
 
 from .conf import START_CHOICES, pubsub_settings
 from .exceptions import ActionRefused, InvalidSeek
+from .fan_out import FanOut, Lease, fan_out_postgresql
 from .retry import Backoff
+from .sql import (
+    INFLIGHT_SQL,
+    LAZY_COMMIT,
+    UNFINISHED_SQL,
+    bound_cursor,
+    lazily,
+    lock_row,
+    locked_value,
+    padded_ids,
+    quoted,
+)
 
 logger = logging.getLogger("django_pubsub.models")
-
-
-@functools.cache
-def _quoted(model: type[models.Model], field: str | None = None) -> str:
-    """Quoted table name, or quoted column name of ``field`` on it (hot paths build SQL
-    on every call: worked out once)."""
-    qn = connections["default"].ops.quote_name
-    if field is None:
-        return qn(model._meta.db_table)
-    column = model._meta.get_field(field).column  # type: ignore[union-attr]
-    assert column is not None
-    return qn(column)
-
-
-def padded_ids(ids: Iterable[int]) -> list[int]:
-    """``ids`` with negative ids (which no row has) added up to the next power of two, or
-    past 1,024 to the next multiple of 1,024; an empty list stays empty (no query at all).
-
-    The dispatcher's statements that list ids would otherwise take a new shape for every
-    count, and each shape is a statement the database driver prepares and keeps: on
-    SQLite a hundred and twenty-eight of them a connection, about 10 MB more memory in a
-    busy dispatcher before that cache is full. So a few shapes serve every count, and a
-    list of MAX_HELD ids stays under SQLite's 32,766 parameters a statement. (Distinct
-    fillers: the ORM drops repeated values from an IN list.)
-    """
-    found = list(ids)
-    count = len(found)
-    if count <= 1:
-        return found
-    size = 1 << (count - 1).bit_length()
-    if size > PADDED_STEP:
-        size = -(-count // PADDED_STEP) * PADDED_STEP
-    return found + list(range(-1, count - size - 1, -1))
-
-
-PADDED_STEP = 1024
-
-
-def _lock_row(cursor: Any, model: type[models.Model], pk: int, using: str, column: str) -> None:
-    """Take the row's write lock for the rest of the transaction.
-
-    PostgreSQL locks the row; SQLite has one writer, so a no-op write takes the database's
-    write lock up front instead of upgrading a read lock later (which fails at once with
-    "database is locked" rather than waiting).
-    """
-    table = _quoted(model)
-    connection = connections[using]
-    if connection.vendor == "postgresql":
-        # NO KEY UPDATE: it serialises us with each other but not with the FOR KEY SHARE
-        # locks that foreign key checks take on a row they point at.
-        cursor.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR NO KEY UPDATE", [pk])
-    elif connection.features.has_select_for_update:
-        cursor.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [pk])
-    else:
-        # A column no foreign key points at: rewriting the primary key, even to itself,
-        # makes SQLite look for the rows that refer to it (a million deliveries, 0.1 s).
-        name = _quoted(model, column)
-        cursor.execute(f"UPDATE {table} SET {name} = {name} WHERE id = %s", [pk])
-
-
-def _locked_value(
-    cursor: Any, model: type[models.Model], pk: int, column: str, using: str
-) -> int | None:
-    """Take the row's write lock for the rest of the transaction; return ``column`` as of
-    then (the latest committed value, not the transaction's snapshot's), or None if there
-    is no such row."""
-    _lock_row(cursor, model, pk, using, column)
-    cursor.execute(f"SELECT {_quoted(model, column)} FROM {_quoted(model)} WHERE id = %s", [pk])
-    row = cursor.fetchone()
-    return None if row is None else int(row[0])
-
-
-# In a PostgreSQL statement: lets its transaction commit without waiting for its WAL to
-# reach the disk (see _lazily).
-LAZY_COMMIT = "set_config('synchronous_commit', 'off', true)"
-
-
-def _lazily(connection: Any) -> bool:
-    """Whether a statement here may commit lazily (LAZY_COMMIT): only in a transaction of
-    its own, which outside an atomic block a statement is.
-
-    That is only for what the dispatcher can work out again: sequencing and fan-out (and
-    claims, see claim(), and an ordered run's acks, see ack()). A server crash may lose
-    such a commit, and the work is then done again. It never loses one that anything
-    durable built on, because a later synchronous commit (a publish, another ack, a retry,
-    a handler's own write) flushes the WAL up to itself, and with it every earlier commit.
-    Inside a caller's transaction it would make all of that lazy: so not there.
-    """
-    return not connection.in_atomic_block
 
 
 class Topic(models.Model):
@@ -152,8 +74,8 @@ class Topic(models.Model):
         hint = " INDEXED BY pubsub_message_unsequenced" if connection.vendor == "sqlite" else ""
         with connection.cursor() as cursor:
             cursor.execute(
-                f"SELECT DISTINCT {_quoted(Message, 'topic')} FROM {_quoted(Message)}{hint} "
-                f"WHERE {_quoted(Message, 'offset')} IS NULL"
+                f"SELECT DISTINCT {quoted(Message, 'topic')} FROM {quoted(Message)}{hint} "
+                f"WHERE {quoted(Message, 'offset')} IS NULL"
             )
             topic_ids = sorted(row[0] for row in cursor.fetchall())
         counts = {
@@ -167,10 +89,10 @@ class Topic(models.Model):
         ``batch`` of them, in id order; return how many."""
         if connections[using].vendor == "postgresql":
             return _sequence_postgresql(topic_id, batch, using).get(topic_id, 0)
-        message, topic = _quoted(Message), _quoted(Topic)
-        offset, topic_col = _quoted(Message, "offset"), _quoted(Message, "topic")
+        message, topic = quoted(Message), quoted(Topic)
+        offset, topic_col = quoted(Message, "offset"), quoted(Message, "topic")
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
-            base = _locked_value(cursor, Topic, topic_id, "next_offset", using)
+            base = locked_value(cursor, Topic, topic_id, "next_offset", using)
             if base is None:
                 return 0  # its topic row is gone: nothing to number its messages from
             # A new statement after the lock: it sees every message committed so far,
@@ -195,8 +117,8 @@ class Topic(models.Model):
         out."""
         with connections[using].cursor() as cursor:
             cursor.execute(
-                f"SELECT DISTINCT s.topic_id FROM {_quoted(Subscription)} s "
-                f"JOIN {_quoted(Topic)} t ON t.id = s.topic_id "
+                f"SELECT DISTINCT s.topic_id FROM {quoted(Subscription)} s "
+                f"JOIN {quoted(Topic)} t ON t.id = s.topic_id "
                 f"WHERE s.active AND s.position < t.next_offset ORDER BY s.topic_id"
             )
             return [row[0] for row in cursor.fetchall()]
@@ -226,7 +148,7 @@ class Topic(models.Model):
         nothing is leased here; a claim takes the deliveries as usual.
         """
         if cls.leases_at_fan_out(using):
-            return _fan_out_postgresql(
+            return fan_out_postgresql(
                 topic_id,
                 None,
                 now=now,
@@ -243,158 +165,6 @@ class Topic(models.Model):
             for sub in subs.only("pk", "topic_id").order_by("pk")
         )
         return FanOut(created, {})
-
-
-def _psycopg3(connection: Any) -> Any:
-    """The psycopg module if ``connection`` (Django's) is connected through psycopg 3; None
-    for psycopg2, other databases, or no connection yet."""
-    if connection.vendor != "postgresql":
-        return None
-    try:
-        import psycopg
-    except ImportError:
-        return None
-    return psycopg if isinstance(connection.connection, psycopg.Connection) else None
-
-
-def _bound_cursor(connection: Any, *, keep: bool = False) -> Any:
-    """A cursor that sends parameters apart from the SQL where the driver can, as a
-    context manager.
-
-    Django's psycopg cursors bind parameters into the SQL text on the client, which for a
-    thousand messages means quoting six thousand values in Python. A plain psycopg cursor
-    on the same connection and transaction sends them separately (unnamed statements, so
-    poolers such as PgBouncer in transaction mode are fine with it, unless the project
-    sets psycopg's ``prepare_threshold``: docs/reference/settings.md).
-
-    ``keep``: a cursor kept on the connection's wrapper (one per thread, as Django keeps
-    its connections) and used again, for statements of one small row, where making a
-    cursor was a twentieth of a publish. It holds its last parameters and rows until the
-    next such statement, so larger ones get a cursor of their own. Callers fetch every row
-    before they execute anything else.
-    """
-    if connection.vendor == "postgresql":
-        # As Django's own cursor() does: refuse a transaction that must roll back; connect.
-        connection.validate_no_broken_transaction()
-        connection.ensure_connection()
-        kept = getattr(connection, "_pubsub_cursor", None) if keep else None
-        if kept is not None and kept.connection is connection.connection and not kept.closed:
-            return nullcontext(kept)
-    psycopg = _psycopg3(connection)
-    if psycopg is None:  # SQLite, or psycopg2: Django's cursor
-        return connection.cursor()
-    if not keep:
-        return psycopg.Cursor(connection.connection)
-    connection._pubsub_cursor = psycopg.Cursor(connection.connection)
-    return nullcontext(connection._pubsub_cursor)
-
-
-# Rows per INSERT statement: well under both databases' limits on parameters.
-INSERT_BATCH = 1000
-
-
-@functools.lru_cache(maxsize=64)
-def _insert_sql(vendor: str, rows: int, notify: bool) -> str:
-    """insert_messages()'s statement for ``rows`` messages, built once: a publish is
-    one round trip, and building it every time was a tenth of the client's share.
-
-    Typed on PostgreSQL, where a NULL parameter would otherwise have no type. ``notify``
-    (PostgreSQL): the statement also notifies a channel, the last parameter.
-    """
-    postgres = vendor == "postgresql"
-    table, topics = _quoted(Message), _quoted(Topic)
-    columns = "topic_id, payload, payload_bytes, key, headers, published_at"
-    shared_sql = "%s::varchar, %s::jsonb, %s::timestamptz" if postgres else "%s, %s, %s"
-    if rows == 1:
-        # The common case, in the plainest statement the server can plan.
-        own = "%s::jsonb, %s::bytea" if postgres else "%s, %s"
-        insert = (
-            f"INSERT INTO {table} ({columns}) SELECT id, {own}, {shared_sql} "
-            f"FROM {topics} WHERE name = %s RETURNING id"
-        )
-    elif postgres:
-        # Two arrays whatever the batch's size: no parameter per message to send and parse,
-        # and the same statement every time, which psycopg can prepare. The ordinality
-        # keeps the call's order, which the ids follow.
-        insert = (
-            f"INSERT INTO {table} ({columns}) SELECT t.id, p.payload, p.bytes, "
-            f"{shared_sql} FROM {topics} t CROSS JOIN unnest(%s::jsonb[], %s::bytea[]) "
-            f"WITH ORDINALITY AS p(payload, bytes, n) WHERE t.name = %s "
-            f"ORDER BY p.n RETURNING id"
-        )
-    else:
-        # VALUES columns are column1, column2...; column1 keeps the call's order, which the
-        # ids follow.
-        insert = (
-            f"INSERT INTO {table} ({columns}) SELECT t.id, v.column2, v.column3, "
-            f"{shared_sql} FROM {topics} t CROSS JOIN (VALUES "
-            f"{', '.join(['(%s, %s, %s)'] * rows)}) AS v WHERE t.name = %s "
-            f"ORDER BY v.column1 RETURNING id"
-        )
-    if not notify:
-        return insert
-    return f"WITH m AS ({insert}) SELECT m.id FROM m CROSS JOIN (SELECT pg_notify(%s, '')) AS woken"
-
-
-def insert_messages(
-    connection: Any,
-    topic: str,
-    bodies: Sequence[Any],
-    *,
-    key: str | None,
-    headers: dict[str, str],
-    now: datetime,
-    wake: str | None,
-) -> list[int] | None:
-    """Insert messages into the topic named ``topic``, in order, through ``connection`` (a
-    Django connection: publish() passes the default one); return their ids, or None
-    (nothing written) when the topic does not exist yet.
-
-    One statement per INSERT_BATCH messages, the topic looked up inside it: a publish is
-    one round trip. On PostgreSQL ``wake`` names a channel notified in that same
-    statement, delivered when the caller's transaction commits.
-
-    A function of the connection rather than a queryset method: a publish is a few hundred
-    microseconds, and making a queryset and looking the connection up again for each was a
-    measurable part of what is Python's in it.
-    """
-    postgres = connection.vendor == "postgresql"
-    # The same for every message of the call, so sent once.
-    shared = [
-        key,
-        json.dumps(headers) if headers else "{}",
-        connection.ops.adapt_datetimefield_value(now),
-    ]
-    ids: list[int] = []
-    for start in range(0, len(bodies), INSERT_BATCH):
-        batch = bodies[start : start + INSERT_BATCH]
-        payloads = [None if b is None or isinstance(b, bytes) else json.dumps(b) for b in batch]
-        blobs = [b if isinstance(b, bytes) else None for b in batch]
-        single = len(batch) == 1
-        params: list[Any]
-        if single:
-            params = [payloads[0], blobs[0], *shared]
-        elif postgres:
-            params = [*shared, payloads, blobs]
-        else:
-            params = [*shared]
-            for n, row in enumerate(zip(payloads, blobs, strict=True)):
-                params += [n, *row]
-        params.append(topic)
-        notify = bool(postgres and wake and start == 0)
-        if notify:
-            params.append(wake)
-        # One statement for every batch on PostgreSQL, one per size on SQLite.
-        rows = min(len(batch), 2) if postgres else len(batch)
-        sql = _insert_sql(connection.vendor, rows, notify)
-        with connection.wrap_database_errors, _bound_cursor(connection, keep=single) as cursor:
-            cursor.execute(sql, params)
-            found = [row[0] for row in cursor.fetchall()]
-        found.sort()
-        if not found:
-            return None
-        ids += found
-    return ids
 
 
 class Message(models.Model):
@@ -476,6 +246,13 @@ class Subscription(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @staticmethod
+    def not_paused_sql() -> str:
+        """SQL, true unless the subscription (a parameter) is paused. Read in each claim and
+        fan-out lease statement itself: an operator's pause holds from the next one on, in
+        every dispatcher, at no cost of a round trip."""
+        return f"NOT (SELECT paused FROM {quoted(Subscription)} WHERE id = %s)"
+
     @property
     def effective_ordered(self) -> bool:
         return pubsub_settings.ordered if self.ordered is None else self.ordered
@@ -555,7 +332,7 @@ class Subscription(models.Model):
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
             # The fan-out's and the ordered claim's lock: neither runs while we move it. Read
             # after it, the row is the latest committed one.
-            _lock_row(cursor, Subscription, self.pk, using, "position")
+            lock_row(cursor, Subscription, self.pk, using, "position")
             rows = Subscription.objects.using(using).select_related("topic")
             current = rows.filter(pk=self.pk).first()
             if current is None:
@@ -598,15 +375,15 @@ class Subscription(models.Model):
     def fan_out(self, *, now: datetime, batch: int, using: str = "default") -> int:
         """Create deliveries for sequenced messages past the cursor; return how many."""
         if connections[using].vendor == "postgresql":
-            fanned, position = _fan_out_postgresql(
+            fanned, position = fan_out_postgresql(
                 self.topic_id, self.pk, now=now, batch=batch, using=using
             )
             if position is not None:
                 self.position = position
             return fanned.created
-        topic, subscription = _quoted(Topic), _quoted(Subscription)
+        topic, subscription = quoted(Topic), quoted(Subscription)
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
-            low = _locked_value(cursor, Subscription, self.pk, "position", using)
+            low = locked_value(cursor, Subscription, self.pk, "position", using)
             assert low is not None, "fan-out of a subscription that was deleted"
             cursor.execute(f"SELECT next_offset FROM {topic} WHERE id = %s", [self.topic_id])
             (head,) = cursor.fetchone()
@@ -624,7 +401,7 @@ class Subscription(models.Model):
     def _create_deliveries(self, cursor: Any, low: int, high: int, now: datetime) -> int:
         """Pending deliveries of the messages at offsets low to high (not included), but
         for those it has already; how many it created."""
-        delivery, message, offset = _quoted(Delivery), _quoted(Message), _quoted(Message, "offset")
+        delivery, message, offset = quoted(Delivery), quoted(Message), quoted(Message, "offset")
         cursor.execute(
             f"INSERT INTO {delivery} (subscription_id, message_id, {offset}, state, attempts, "
             f"available_at, errors, last_error, created_at, updated_at) "
@@ -656,7 +433,7 @@ def _refuse_while_running(subscriptions: Sequence[Subscription], using: str, act
     ordered = sorted((sub for sub in subscriptions if sub.effective_ordered), key=lambda s: s.pk)
     with connections[using].cursor() as cursor:
         for sub in ordered:
-            _lock_row(cursor, Subscription, sub.pk, using, "position")
+            lock_row(cursor, Subscription, sub.pk, using, "position")
     running = (
         Delivery.objects.using(using)
         .inflight()
@@ -680,165 +457,12 @@ def _sequence_postgresql(topic_id: int | None, batch: int, using: str) -> dict[i
     statements inside it. Its migration says why it cannot skip a message.
     """
     connection = connections[using]
-    with connection.wrap_database_errors, _bound_cursor(connection) as cursor:
+    with connection.wrap_database_errors, bound_cursor(connection) as cursor:
         cursor.execute(
             "SELECT topic_id, sequenced FROM django_pubsub_sequence(%s, %s, %s)",
-            [int(batch), _lazily(connection), topic_id],
+            [int(batch), lazily(connection), topic_id],
         )
         return {int(topic): int(count) for topic, count in cursor.fetchall()}
-
-
-class Lease(NamedTuple):
-    """What a fan-out on PostgreSQL may lease of the deliveries it creates for one
-    unordered subscription: up to ``limit`` of them, to ``token`` until ``expires``."""
-
-    subscription_id: int
-    limit: int
-    token: str
-    expires: datetime
-
-
-class FanOut(NamedTuple):
-    # Deliveries created.
-    created: int
-    # Those leased as they were created (see Topic.fan_out), by subscription id.
-    leased: dict[int, list[Claimed]]
-
-
-def _fan_out_postgresql(
-    topic_id: int,
-    subscription_id: int | None,
-    *,
-    now: datetime,
-    batch: int,
-    using: str,
-    leases: Sequence[Lease] = (),
-    dispatcher_id: int | None = None,
-) -> tuple[FanOut, int | None]:
-    """Fan-out on PostgreSQL, one statement for all of a topic's active subscriptions (or
-    the one given): what it created and leased, and the position of the last one moved.
-
-    Each subscription row is locked first (in id order, as every fan-out locks them), and
-    the lock returns its latest committed position, not the statement's snapshot's: a
-    fan-out of the same subscription elsewhere waits for this one, or this one for it, and
-    neither creates what the other did. The topic's head comes from the snapshot, taken
-    with the messages it covers, which sequencing commits together.
-
-    ``leases``: the first deliveries created for each of those subscriptions are created
-    leased (inflight, one attempt counted, as a claim leaves them) and come back with
-    their messages, unless the subscription already has deliveries waiting that are due:
-    a claim would take those first. (As far as the statement's snapshot shows: older ones
-    that another dispatcher's fan-out commits meanwhile may be overtaken, which only an
-    unordered subscription, the only kind leased here, allows.)
-    """
-    connection = connections[using]
-    delivery, message, topic = _quoted(Delivery), _quoted(Message), _quoted(Topic)
-    subscription, offset = _quoted(Subscription), _quoted(Message, "offset")
-    lazily = f", {LAZY_COMMIT}" if _lazily(connection) else ""
-    only = "" if subscription_id is None else " AND id = %s"
-    at = connection.ops.adapt_datetimefield_value(now)
-    params: list[Any] = [topic_id, topic_id]
-    params += [] if subscription_id is None else [subscription_id]
-    params += [batch]
-    moved = (
-        f"WITH head AS (SELECT next_offset AS h{lazily} FROM {topic} WHERE id = %s), "
-        f"subs AS MATERIALIZED (SELECT id, position AS lo FROM {subscription} "
-        f"WHERE topic_id = %s AND active{only} AND position < (SELECT h FROM head) "
-        f"ORDER BY id FOR NO KEY UPDATE), "
-        f"moved AS (UPDATE {subscription} s SET position = LEAST((SELECT h FROM head), "
-        f"subs.lo + %s) FROM subs WHERE s.id = subs.id RETURNING s.id, subs.lo, "
-        f"s.position AS hi), "
-    )
-    columns = (
-        f"subscription_id, message_id, {offset}, state, attempts, available_at, errors, "
-        f"last_error, created_at, updated_at"
-    )
-    if not leases:
-        sql = (
-            f"{moved}created AS (INSERT INTO {delivery} ({columns}) "
-            f"SELECT moved.id, m.id, m.{offset}, %s, 0, %s, '[]', '', %s, %s "
-            f"FROM moved JOIN {message} m ON m.topic_id = %s AND m.{offset} >= moved.lo "
-            f"AND m.{offset} < moved.hi ON CONFLICT DO NOTHING RETURNING 1) "
-            f"SELECT (SELECT count(*) FROM created), (SELECT max(hi) FROM moved)"
-        )
-        params += [Delivery.State.PENDING.value, at, at, at, topic_id]
-    else:
-        pending, retry = Delivery.State.PENDING.value, Delivery.State.RETRY.value
-        # One branch per subscription, each with its own id, and min() rather than EXISTS:
-        # planned from statistics, a join with a list of ids or an EXISTS became a scan
-        # of all deliveries when those said there were few to look at (the min of the
-        # offset index is found by walking it from this subscription's lowest offset).
-        wanted = " UNION ALL ".join(
-            [
-                f"SELECT %s::bigint AS sub, %s::int AS lim, %s::varchar AS token, "
-                f"%s::timestamptz AS expires WHERE (SELECT min(d.{offset}) FROM {delivery} d "
-                f"WHERE d.subscription_id = %s AND d.{UNFINISHED_SQL} AND d.state IN (%s, %s) "
-                f"AND d.available_at <= %s) IS NULL AND {_not_paused()}"
-            ]
-            * len(leases)
-        )
-        sql = (
-            f"{moved}wanted AS MATERIALIZED ({wanted}), "
-            f"fresh AS (SELECT moved.id AS sub, m.id AS mid, m.{offset} AS o, w.token, "
-            f"w.expires, row_number() OVER (PARTITION BY moved.id ORDER BY m.{offset}) "
-            f"<= COALESCE(w.lim, 0) AS leased FROM moved JOIN {message} m "
-            f"ON m.topic_id = %s AND m.{offset} >= moved.lo AND m.{offset} < moved.hi "
-            f"LEFT JOIN wanted w ON w.sub = moved.id), "
-            f"created AS (INSERT INTO {delivery} ({columns}, lease_token, lease_expires_at, "
-            f"dispatcher_id) SELECT sub, mid, o, CASE WHEN leased THEN %s ELSE %s END, "
-            f"leased::int, %s, '[]', '', %s, %s, CASE WHEN leased THEN token END, "
-            f"CASE WHEN leased THEN expires END, CASE WHEN leased THEN %s::bigint END "
-            f"FROM fresh ON CONFLICT DO NOTHING "
-            f"RETURNING id, subscription_id, message_id, attempts, lease_token IS NOT NULL "
-            f"AS leased), "
-            f"totals AS (SELECT (SELECT count(*) FROM created) AS n, "
-            f"(SELECT max(hi) FROM moved) AS position) "
-            # The messages of the leased deliveries are read one by primary key each (LIMIT
-            # 1 keeps the planner from joining them with the whole log, which a generic plan
-            # sized for a batch chose: a scan of a million messages of history per fan-out).
-            f"SELECT totals.n, totals.position, c.subscription_id, c.id, c.attempts, m.* "
-            f"FROM totals LEFT JOIN (created c CROSS JOIN LATERAL (SELECT m.id, m.{offset}, "
-            f"m.payload::text, m.payload_bytes, m.key, m.headers::text, m.published_at "
-            f"FROM {message} m WHERE m.id = c.message_id LIMIT 1) m) ON c.leased"
-        )
-        for lease in leases:
-            expires = connection.ops.adapt_datetimefield_value(lease.expires)
-            params += [lease.subscription_id, lease.limit, lease.token, expires]
-            params += [lease.subscription_id, pending, retry, at, lease.subscription_id]
-        params += [
-            topic_id,
-            Delivery.State.INFLIGHT.value,
-            pending,
-            at,
-            at,
-            at,
-            dispatcher_id,
-        ]
-    with connection.wrap_database_errors, _bound_cursor(connection) as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
-    created, position = rows[0][:2]
-    leased: dict[int, list[Claimed]] = {}
-    for row in rows if leases else ():
-        if row[2] is not None:  # None: nothing leased (the one row of the totals)
-            leased.setdefault(row[2], []).append(_claimed(row[3:]))
-    for claimed in leased.values():
-        claimed.sort(key=lambda row: row.offset)
-    return FanOut(int(created), leased), position
-
-
-def _not_paused() -> str:
-    """SQL, true unless the subscription (a parameter) is paused. Read in each claim and
-    fan-out lease statement itself: an operator's pause holds from the next one on, in
-    every dispatcher, at no cost of a round trip."""
-    return f"NOT (SELECT paused FROM {_quoted(Subscription)} WHERE id = %s)"
-
-
-# The conditions of the partial indexes on deliveries, as literal SQL. SQLite uses a partial
-# index only for a query whose WHERE repeats the index's condition term for term, and a
-# bound parameter never matches a literal; so queries that need one add these.
-UNFINISHED_SQL = "state IN ('pending', 'retry', 'inflight')"
-INFLIGHT_SQL = "state = 'inflight'"
 
 
 class Claimed(NamedTuple):
@@ -853,20 +477,20 @@ class Claimed(NamedTuple):
     headers: dict[str, str]
     published_at: datetime
 
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Claimed:
+        """From PostgreSQL's columns: delivery id, attempt, message id, offset, payload as
+        text, payload bytes, key, headers as text, published at."""
+        payload = _body(row[4], row[5])
+        return cls(
+            row[0], row[1], row[2], row[3], payload, row[6], json.loads(row[7]) or {}, row[8]
+        )
+
 
 def _body(payload: str | None, payload_bytes: bytes | memoryview | None) -> Any:
     if payload_bytes is not None:
         return bytes(payload_bytes)
     return None if payload is None else json.loads(payload)
-
-
-def _claimed(row: Sequence[Any]) -> Claimed:
-    """A Claimed from PostgreSQL's columns: delivery id, attempt, message id, offset,
-    payload as text, payload bytes, key, headers as text, published at."""
-    payload = _body(row[4], row[5])
-    return Claimed(
-        row[0], row[1], row[2], row[3], payload, row[6], json.loads(row[7]) or {}, row[8]
-    )
 
 
 def _with_messages(rows: list[tuple[int, int, int]], using: str) -> list[Claimed]:
@@ -917,12 +541,12 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         given back unstarted has its attempt returned (``give_back``).
         """
         using = self.db
-        table = _quoted(Delivery)
-        offset = _quoted(Delivery, "offset")
+        table = quoted(Delivery)
+        offset = quoted(Delivery, "offset")
         expires = now + timedelta(seconds=subscription.effective_lease)
         pending, retry = Delivery.State.PENDING, Delivery.State.RETRY
         inflight = Delivery.State.INFLIGHT
-        not_paused = _not_paused()
+        not_paused = Subscription.not_paused_sql()
         if subscription.effective_ordered:
             # A run from the head of the log: the lowest unfinished offsets, up to the first
             # one that is inflight or not yet due. While the head is inflight or waiting for
@@ -977,15 +601,15 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         params = [*cte_params, inflight, token, expires, dispatcher_id, now, *done, now]
         if postgres:
             # The messages come back with the claim: one round trip, no ORM per row.
-            m = _quoted(Message)
+            m = quoted(Message)
             # Committed lazily where it is its own transaction, like sequencing (see
-            # _lazily): a claim that a server crash loses returns its deliveries to where
+            # sql.lazily): a claim that a server crash loses returns its deliveries to where
             # they were, which at-least-once delivery allows, and the ack that follows
             # commits synchronously.
             sql = (
                 f"WITH {ctes}, claimed AS ({update}) SELECT c.id, c.attempts, m.id, m.{offset}, "
                 f"m.payload::text, m.payload_bytes, m.key, m.headers::text, m.published_at, "
-                f"{LAZY_COMMIT if _lazily(connection) else 'NULL'} "
+                f"{LAZY_COMMIT if lazily(connection) else 'NULL'} "
                 f"FROM claimed c JOIN {m} m ON m.id = c.message_id"
             )
         else:
@@ -997,18 +621,18 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         with (
             transaction.atomic(using=using) if together else nullcontext(),
             connection.wrap_database_errors,
-            _bound_cursor(connection) as cursor,
+            bound_cursor(connection) as cursor,
         ):
             if subscription.effective_ordered:
                 # Claimers of one subscription take turns on its row lock, and each sees
                 # what the one before committed, so two never lease parts of one run.
-                _lock_row(cursor, Subscription, subscription.pk, using, "position")
+                lock_row(cursor, Subscription, subscription.pk, using, "position")
             cursor.execute(sql, params)
             rows = cursor.fetchall()
             if not postgres:
                 claimed = _with_messages(rows, using)
         if postgres:
-            claimed = [_claimed(row) for row in rows]
+            claimed = [Claimed.from_row(row) for row in rows]
         claimed.sort(key=lambda row: row.offset)
         return claimed
 
@@ -1022,7 +646,7 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         building the statement would be most of the ack's.
 
         ``lazy`` (PostgreSQL, outside a transaction): commit without waiting for the WAL
-        flush, as _lazily explains. The ack is visible to every other session at once and
+        flush, as sql.lazily explains. The ack is visible to every other session at once and
         survives the dispatcher's crash; only a crash of the database server itself may
         lose it, and the message then runs again (guarantees 3).
         """
@@ -1037,12 +661,12 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         else:
             params = padded_ids(ids)
             match = f"id IN ({', '.join(['%s'] * len(params))})"
-        if lazy and connection.vendor == "postgresql" and _lazily(connection):
+        if lazy and connection.vendor == "postgresql" and lazily(connection):
             # Evaluated for the row the primary key finds, before the transaction commits.
             match += f" AND {LAZY_COMMIT} IS NOT NULL"
-        with connection.wrap_database_errors, _bound_cursor(connection) as cursor:
+        with connection.wrap_database_errors, bound_cursor(connection) as cursor:
             cursor.execute(
-                f"UPDATE {_quoted(Delivery)} SET state = %s, lease_token = NULL, "
+                f"UPDATE {quoted(Delivery)} SET state = %s, lease_token = NULL, "
                 f"lease_expires_at = NULL, dispatcher_id = NULL, finished_at = %s, "
                 f"updated_at = %s WHERE {match} AND state = %s AND lease_token = %s "
                 f"RETURNING id",

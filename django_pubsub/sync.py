@@ -39,7 +39,7 @@ def sync_subscriptions(using: str = "default") -> SyncResult:
     # subscription, and the second would fail on the unique name.
     with transaction.atomic(using=using):
         _lock(using)
-        # Fan-out locks a topic's subscription rows in id order (models._fan_out_postgresql);
+        # Fan-out locks a topic's subscription rows in id order (fan_out.fan_out_postgresql);
         # taking them all first, in that order, keeps this transaction from deadlocking
         # with one while it updates rows in declaration order.
         subscriptions = Subscription.objects.using(using).select_for_update(no_key=True)

@@ -14,9 +14,10 @@ import pytest
 from django_pubsub import publish, publish_many, registry
 from django_pubsub.dispatcher import MAX_HELD, DispatchLoop
 from django_pubsub.exceptions import HandlerImportError
-from django_pubsub.models import Delivery, Dispatcher, Subscription, padded_ids
+from django_pubsub.models import Delivery, Dispatcher, Subscription
 from django_pubsub.registry import SubscriberSpec
 from django_pubsub.retry import Backoff
+from django_pubsub.sql import padded_ids
 from tests.conftest import FakeClock, runs, states, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
