@@ -1,6 +1,6 @@
 """The benchmark harness: django-pubsub against its peers and the database's own limit.
 
-    python3 bench/run.py            # everything, 3 runs per figure (50 to 85 minutes, by the machine)
+    python3 bench/run.py            # everything, 3 runs per figure (50 to 85 minutes)
     python3 bench/run.py --quick    # small sizes, one run each: a smoke test of the harness
 
 It sets up what it needs: the project's virtualenv (.venv, as .ci/run makes it) and the
