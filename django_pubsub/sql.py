@@ -1,5 +1,6 @@
-"""SQL helpers the models and publish() share: quoted names, id lists of few shapes, row
-locks, lazy commits, and psycopg cursors that send parameters apart from the SQL.
+"""SQL helpers that the models, the fan-out and publish() share: quoted names, id lists of
+few shapes, row locks, lazy commits, and psycopg cursors that send parameters apart from
+the SQL.
 
 Nothing here imports the models: they pass themselves in.
 """
@@ -94,11 +95,12 @@ def lazily(connection: Any) -> bool:
     its own, which outside an atomic block a statement is.
 
     That is only for what the dispatcher can work out again: sequencing and fan-out (and
-    claims, see claim(), and an ordered run's acks, see ack()). A server crash may lose
-    such a commit, and the work is then done again. It never loses one that anything
-    durable built on, because a later synchronous commit (a publish, another ack, a retry,
-    a handler's own write) flushes the WAL up to itself, and with it every earlier commit.
-    Inside a caller's transaction it would make all of that lazy: so not there.
+    claims and an ordered run's acks: see DeliveryQuerySet.claim() and .ack() in
+    models.py). A server crash may lose such a commit, and the work is then done again.
+    It never loses one that anything durable built on, because a later synchronous
+    commit (a publish, another ack, a retry, a handler's own write) flushes the WAL up to
+    itself, and with it every earlier commit. Inside a caller's transaction it would make
+    all of that lazy: so not there.
     """
     return not connection.in_atomic_block
 
