@@ -26,17 +26,15 @@ from django.db.models import F, Min, Q
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from . import signals
+from . import backends, signals
+from .backends import Lease, Waker, padded_ids
 from .conf import pubsub_settings
 from .exceptions import HandlerImportError
-from .fan_out import Lease
 from .message import Message
 from .models import Claimed, Delivery, Dispatcher, Subscription, Topic
 from .models import Message as MessageRow
 from .retry import Backoff, Random
-from .sql import padded_ids
 from .sync import sync_subscriptions
-from .wakeups import Listener
 from .workers import Chunk, Job, Outcome, WorkerPool
 
 logger = logging.getLogger("django_pubsub.dispatcher")
@@ -138,10 +136,8 @@ class DispatchLoop:
         self._skipped_behind = False
         # A claim failed: deliveries may be leased here that no worker holds.
         self._orphans = False
-        # The database connection _tune_connection() last set up.
-        self._tuned: Any = None
         self._pool: WorkerPool | None = None
-        self._listener: Listener | None = None
+        self._listener: Waker | None = None
         # Not tied to the poll interval: a server restart should be noticed in well under a
         # second even where the dispatcher polls rarely.
         self._error_backoff = Backoff(
@@ -190,7 +186,7 @@ class DispatchLoop:
                     return False
         assert self.row is not None
         self._pool = WorkerPool(self.workers, on_done=self._wake.set)
-        self._listener = Listener.start_for(self._wake.set)
+        self._listener = backends.get().start_waker(self._wake.set)
         logger.info(
             "dispatcher started id=%s workers=%s subscriptions=%s",
             self.row.pk,
@@ -369,7 +365,7 @@ class DispatchLoop:
     def _pass(self) -> bool:
         # The loop keeps one connection whatever CONN_MAX_AGE says (closing it every pass
         # would reconnect several times a second); a broken one is replaced after an error.
-        self._tune_connection()
+        backends.get().tune_loop_connection()
         now = self.clock()
         progressed = self._upkeep(now) > 0
         if self._orphans:
@@ -393,25 +389,6 @@ class DispatchLoop:
         # stand between that commit and its handler.
         progressed |= self._housekeeping(self.clock()) > 0
         return progressed
-
-    def _tune_connection(self) -> None:
-        """Turn PostgreSQL's JIT compilation off on the loop's own connection, once per
-        connection.
-
-        Over a long history the planner's estimates for the loop's statements grow past
-        jit_above_cost, and compiling one then takes about 0.4 s, where running it takes a
-        millisecond. (Only this connection: handlers' and publishers' keep the project's
-        setting.)
-        """
-        connection = connections["default"]
-        if connection.vendor != "postgresql":
-            return
-        connection.ensure_connection()
-        if connection.connection is self._tuned:
-            return
-        with connection.cursor() as cursor:
-            cursor.execute("SET jit = off")
-        self._tuned = connection.connection
 
     def _beat_quietly(self) -> None:
         now = self.clock()
@@ -947,7 +924,7 @@ class DispatchLoop:
         pks = list(self._subs)
         topics = {sub.topic_id for sub in self._subs.values()}
         # Rows of still-open transactions are invisible here, so this sees committed work only.
-        if MessageRow.objects.filter(offset__isnull=True, topic_id__in=topics).exists():
+        if MessageRow.objects.unsequenced().filter(topic_id__in=topics).exists():
             return False
         if Subscription.objects.filter(pk__in=pks, position__lt=F("topic__next_offset")).exists():
             return False

@@ -9,17 +9,16 @@ few seconds of a modest table, not for every request of a busy site.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import connections, transaction
 from django.db.models import Count, Min, Q
 from django.db.models.functions import TruncMinute
 from django.utils import timezone
 
+from . import backends
 from .models import Delivery, Dispatcher, Message, Subscription, Topic
 
 STATES = [state.value for state in Delivery.State]
@@ -100,21 +99,13 @@ class Figures:
         return data
 
 
-@contextmanager
-def _snapshot() -> Iterator[None]:
-    """On PostgreSQL, one snapshot for all of the figures' statements (a read-only
-    repeatable-read transaction), so they agree with each other. Elsewhere, and inside a
-    caller's transaction, each statement reads what is committed when it runs; the reads
-    are ordered so that a lag can come out too high or too low by what moved meanwhile,
-    but never below zero (a subscription's position before its topic's head)."""
-    connection = connections["default"]
-    if connection.vendor != "postgresql" or connection.in_atomic_block:
-        yield
-        return
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        yield
+def _snapshot() -> AbstractContextManager[None]:
+    """Where the database can (PostgreSQL, outside a caller's transaction), one snapshot
+    for all of the figures' statements, so they agree with each other. Elsewhere each
+    statement reads what is committed when it runs; the reads are ordered so that a lag
+    can come out too high or too low by what moved meanwhile, but never below zero (a
+    subscription's position before its topic's head)."""
+    return backends.get().consistent_reads()
 
 
 def collect(now: datetime | None = None) -> Figures:
@@ -209,7 +200,7 @@ def _unsequenced() -> tuple[dict[int, int], dict[int, datetime]]:
     published (through the partial index on exactly those)."""
     counts: dict[int, int] = {}
     firsts: dict[int, datetime] = {}
-    waiting = Message.objects.filter(offset__isnull=True).values("topic_id")
+    waiting = Message.objects.unsequenced().values("topic_id")
     for row in waiting.annotate(n=Count("id"), first=Min("published_at")):
         counts[row["topic_id"]] = row["n"]
         firsts[row["topic_id"]] = row["first"]

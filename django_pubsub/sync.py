@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from django.db import connections, transaction
+from django.db import transaction
 
-from . import registry
+from . import backends, registry
 from .conf import pubsub_settings
 from .exceptions import InvalidSubscriber
 from .models import Subscription, Topic
@@ -39,7 +39,7 @@ def sync_subscriptions(using: str = "default") -> SyncResult:
     # subscription, and the second would fail on the unique name.
     with transaction.atomic(using=using):
         _lock(using)
-        # Fan-out locks a topic's subscription rows in id order (fan_out.fan_out_postgresql);
+        # Fan-out locks a topic's subscription rows in id order (backends.postgresql);
         # taking them all first, in that order, keeps this transaction from deadlocking
         # with one while it updates rows in declaration order.
         subscriptions = Subscription.objects.using(using).select_for_update(no_key=True)
@@ -98,11 +98,6 @@ def _sync_one(spec: SubscriberSpec, using: str, result: SyncResult) -> None:
 
 
 def _lock(using: str) -> None:
-    connection = connections[using]
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SYNC_LOCK_KEY])
-        else:
-            # SQLite: write first, so this transaction holds the write lock before it reads.
-            table = connection.ops.quote_name(Subscription._meta.db_table)
-            cursor.execute(f"UPDATE {table} SET id = id WHERE 1 = 0")
+    backend = backends.get(using)
+    with backend.connection.cursor() as cursor:
+        backend.lock_exclusive(cursor, SYNC_LOCK_KEY)

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 
 from django_pubsub import publish, publish_many, registry
+from django_pubsub.backends import padded_ids
 from django_pubsub.dispatcher import MAX_HELD, DispatchLoop
 from django_pubsub.exceptions import HandlerImportError
-from django_pubsub.models import Delivery, Dispatcher, Subscription
+from django_pubsub.models import Delivery, Dispatcher, Subscription, Topic
 from django_pubsub.registry import SubscriberSpec
 from django_pubsub.retry import Backoff
-from django_pubsub.sql import padded_ids
 from tests.conftest import FakeClock, runs, states, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -135,7 +135,7 @@ def test_an_expired_lease_is_delivered_again(dispatch: Any, clock: FakeClock) ->
         from django_pubsub.models import Topic
 
         Topic.sequence_all(batch=10)
-        sub.fan_out(now=clock.now, batch=10)
+        Topic.fan_out(sub.topic_id, now=clock.now, batch=10)
         # Claimed by a dispatcher that then vanished: no handler runs, the lease stays.
         (claimed,) = Delivery.objects.claim(
             sub, limit=1, now=clock.now, token="lost", dispatcher_id=None
@@ -178,7 +178,7 @@ def test_a_dead_dispatchers_leases_are_taken_back_without_waiting(dispatch: Any)
     from django.utils import timezone
 
     sub = Subscription.objects.get(name="basic.one")
-    sub.fan_out(now=timezone.now(), batch=10)
+    Topic.fan_out(sub.topic_id, now=timezone.now(), batch=10)
     Delivery.objects.claim(sub, limit=1, now=timezone.now(), token="ghost", dispatcher_id=ghost.pk)
     started = time.monotonic()
     dispatch("basic.one")

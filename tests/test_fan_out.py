@@ -12,8 +12,8 @@ from django.db import OperationalError
 from django.utils import timezone
 
 from django_pubsub import publish, publish_many
+from django_pubsub.backends import Lease
 from django_pubsub.dispatcher import DispatchLoop
-from django_pubsub.fan_out import Lease
 from django_pubsub.models import Delivery, DeliveryQuerySet, Message, Subscription, Topic
 from tests.conftest import FakeClock, connection_lost, is_postgres, runs, states, wait_for
 

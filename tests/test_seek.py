@@ -220,7 +220,7 @@ def test_select_all_acts_on_more_rows_than_a_statement_takes_parameters(
     publish_many("t.basic", [{"n": n} for n in range(count)])
     while Topic.sequence_all(batch=10_000):
         pass
-    while sub("basic.one").fan_out(now=timezone.now(), batch=10_000):
+    while Topic.fan_out(sub("basic.one").topic_id, now=timezone.now(), batch=10_000).created:
         pass
     Delivery.objects.filter(subscription__name="basic.one").update(state="dead")
     response = client.post(

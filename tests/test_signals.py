@@ -131,7 +131,7 @@ def test_a_lease_taken_back_sends_delivery_failed(dispatch: Any) -> None:
     message_id = publish("t.basic", {"n": 1})
     sub = Subscription.objects.get(name="basic.one")
     Topic.sequence_all(batch=10)
-    sub.fan_out(now=timezone.now(), batch=10)
+    Topic.fan_out(sub.topic_id, now=timezone.now(), batch=10)
     Delivery.objects.claim(sub, limit=1, now=clock.now, token="gone", dispatcher_id=None)
     clock.advance(31)  # past the 30 s lease
     with received(signals.delivery_failed, signals.retry_scheduled) as seen:

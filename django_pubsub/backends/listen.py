@@ -14,9 +14,9 @@ from typing import Any
 
 from django.db import connections
 
-from .retry import Backoff
+from ..retry import Backoff
 
-logger = logging.getLogger("django_pubsub.wakeups")
+logger = logging.getLogger("django_pubsub.backends.listen")
 
 CHANNEL = "django_pubsub"
 # Longest wait between attempts to re-establish LISTEN after losing the connection.
@@ -34,9 +34,7 @@ class Listener:
         self._thread = threading.Thread(target=self._run, name="pubsub-listener", daemon=True)
 
     @classmethod
-    def start_for(cls, wake: Callable[[], None], using: str = "default") -> Listener | None:
-        if connections[using].vendor != "postgresql":
-            return None
+    def start(cls, wake: Callable[[], None], using: str = "default") -> Listener:
         listener = cls(wake, using)
         listener._thread.start()
         return listener

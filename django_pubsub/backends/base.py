@@ -1,0 +1,421 @@
+"""The interface every database backend offers, and what the backends share: the tables'
+names, the shapes of what a claim and a fan-out return, lists of ids of few shapes, and
+the statements that read the same on every database.
+
+Nothing here imports the models (they import this): the tables are named as the
+migrations create them, and a test holds those names against the models.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple, Protocol
+
+from django.db import transaction
+
+from ..states import ENDED, DeliveryState
+
+# Quoted as PostgreSQL and SQLite both quote names.
+TOPIC = '"django_pubsub_topic"'
+MESSAGE = '"django_pubsub_message"'
+SUBSCRIPTION = '"django_pubsub_subscription"'
+DELIVERY = '"django_pubsub_delivery"'
+# A column whose name is a keyword on both.
+OFFSET = '"offset"'
+
+# The conditions of the partial indexes on deliveries, as literal SQL. SQLite uses a partial
+# index only for a query whose WHERE repeats the index's condition term for term, and a
+# bound parameter never matches a literal; so queries that need one add these.
+UNFINISHED_SQL = "state IN ('pending', 'retry', 'inflight')"
+INFLIGHT_SQL = "state = 'inflight'"
+# True unless the subscription (a parameter) is paused. Read in each claim and fan-out
+# lease statement itself: an operator's pause holds from the next one on, in every
+# dispatcher, at no cost of a round trip.
+NOT_PAUSED_SQL = f"NOT (SELECT paused FROM {SUBSCRIPTION} WHERE id = %s)"
+# Rows per INSERT of messages: well under both databases' limits on parameters.
+INSERT_BATCH = 1000
+# What a new delivery row is made of, in fan-out and seek alike.
+DELIVERY_COLUMNS = (
+    f"subscription_id, message_id, {OFFSET}, state, attempts, available_at, errors, "
+    f"last_error, created_at, updated_at"
+)
+
+PENDING, RETRY = DeliveryState.PENDING.value, DeliveryState.RETRY.value
+INFLIGHT = DeliveryState.INFLIGHT.value
+# Every state a delivery may have reached since the snapshot that picked it for a claim:
+# an operator's discard included, or an ordered claim could run what was discarded.
+TAKEN = (INFLIGHT, *(state.value for state in ENDED))
+
+
+def decode_body(payload: str | None, payload_bytes: bytes | memoryview | None) -> Any:
+    """A message's payload as published, from its columns as the database returns them:
+    bytes for binary payloads, JSON data decoded from its text otherwise."""
+    if payload_bytes is not None:
+        return bytes(payload_bytes)
+    return None if payload is None else json.loads(payload)
+
+
+class Claimed(NamedTuple):
+    """A delivery just leased, with what its handler needs of its message."""
+
+    delivery_id: int
+    attempt: int
+    message_id: int
+    offset: int
+    payload: Any
+    key: str | None
+    headers: dict[str, str]
+    published_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Claimed:
+        """From the columns delivery id, attempt, message id, offset, payload as JSON
+        text, payload bytes, key, headers as JSON text, published at."""
+        payload = decode_body(row[4], row[5])
+        return cls(
+            row[0], row[1], row[2], row[3], payload, row[6], json.loads(row[7]) or {}, row[8]
+        )
+
+
+class Lease(NamedTuple):
+    """What a fan-out may lease of the deliveries it creates for one unordered
+    subscription: up to ``limit`` of them, to ``token`` until ``expires`` (counted from
+    when the fan-out holds its locks)."""
+
+    subscription_id: int
+    limit: int
+    token: str
+    expires: datetime
+
+
+class FanOut(NamedTuple):
+    # Deliveries created.
+    created: int
+    # Those leased as they were created, by subscription id.
+    leased: dict[int, list[Claimed]]
+
+
+class Waker(Protocol):
+    """A thread that calls its wake function when another connection commits new
+    messages; polling stays the safety net."""
+
+    def stop(self) -> None: ...
+
+
+PADDED_STEP = 1024
+
+
+def padded_ids(ids: Iterable[int]) -> list[int]:
+    """``ids`` with negative ids (which no row has) added up to the next power of two, or
+    past 1,024 to the next multiple of 1,024; an empty list stays empty (no query at all).
+
+    The dispatcher's statements that list ids would otherwise take a new shape for every
+    count, and each shape is a statement the database driver prepares and keeps: on
+    SQLite a hundred and twenty-eight of them a connection, about 10 MB more memory in a
+    busy dispatcher before that cache is full. So a few shapes serve every count, and a
+    list of the most a dispatcher holds stays under SQLite's 32,766 parameters a
+    statement. (Distinct fillers: the ORM drops repeated values from an IN list.)
+    """
+    found = list(ids)
+    count = len(found)
+    if count <= 1:
+        return found
+    size = 1 << (count - 1).bit_length()
+    if size > PADDED_STEP:
+        size = -(-count // PADDED_STEP) * PADDED_STEP
+    return found + list(range(-1, count - size - 1, -1))
+
+
+def in_list(ids: Sequence[int]) -> tuple[str, list[Any]]:
+    """``IN (...)`` for ``ids``, padded to few shapes, and its parameters."""
+    params = padded_ids(ids)
+    return f"IN ({', '.join(['%s'] * len(params))})", params
+
+
+class Backend:
+    """What differs per database, for one Django connection (``for_connection()`` keeps
+    one per connection, so per thread). The models call it; nothing else decides by the
+    database's vendor."""
+
+    vendor = ""
+    # Whether fan_out() can lease the deliveries it creates (a claim's round trip saved).
+    leases_at_fan_out = False
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def insert_messages(
+        self,
+        topic: str,
+        bodies: Sequence[Any],
+        *,
+        key: str | None,
+        headers: dict[str, str],
+        now: datetime,
+    ) -> list[int] | None:
+        """Insert messages into the topic named ``topic``, in order, in the caller's
+        transaction; their ids, or None (nothing written) when the topic does not exist
+        yet. A commit of them wakes the dispatchers where the database can.
+
+        One statement per INSERT_BATCH messages, the topic looked up inside it: a publish
+        is one round trip. A function of the connection rather than a queryset method: a
+        publish is a few hundred microseconds, and making a queryset and looking the
+        connection up again for each was a measurable part of what is Python's in it.
+        """
+        connection = self.connection
+        # The same for every message of the call, so sent once.
+        shared = [
+            key,
+            json.dumps(headers) if headers else "{}",
+            connection.ops.adapt_datetimefield_value(now),
+        ]
+        ids: list[int] = []
+        for start in range(0, len(bodies), INSERT_BATCH):
+            batch = bodies[start : start + INSERT_BATCH]
+            sql, params = self.insert_statement(batch, shared, topic, first=start == 0)
+            keep = len(batch) == 1
+            with connection.wrap_database_errors, self.bound_cursor(keep=keep) as cursor:
+                cursor.execute(sql, params)
+                found = [row[0] for row in cursor.fetchall()]
+            found.sort()
+            if not found:
+                return None
+            ids += found
+        return ids
+
+    def insert_statement(
+        self, batch: Sequence[Any], shared: list[Any], topic: str, *, first: bool
+    ) -> tuple[str, list[Any]]:
+        """The INSERT of one batch of message bodies (JSON data, bytes or None), with its
+        parameters: ``shared`` (key, headers, time) are the same for every message, and
+        ``first`` says whether it is the call's first batch."""
+        raise NotImplementedError
+
+    # -- sequencing and fan-out ------------------------------------------------------------
+
+    def sequence(self, *, batch: int, topic_id: int | None = None) -> dict[int, int]:
+        """Give committed unsequenced messages of every topic (or the one given) the next
+        offsets, up to ``batch`` a topic, in id order, under the topic's row lock; {topic
+        id: messages sequenced} for those that got any."""
+        raise NotImplementedError
+
+    def subscriptions_behind(self, topic_id: int | None = None) -> list[tuple[int, int]]:
+        """(subscription id, topic id) of each active subscription (of the topic given)
+        that has sequenced messages not yet fanned out, in id order."""
+        only, params = ("", []) if topic_id is None else (" AND s.topic_id = %s", [topic_id])
+        with self.connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT s.id, s.topic_id FROM {SUBSCRIPTION} s "
+                f"JOIN {TOPIC} t ON t.id = s.topic_id "
+                f"WHERE s.active AND s.position < t.next_offset{only} ORDER BY s.id",
+                params,
+            )
+            return [(row[0], row[1]) for row in cursor.fetchall()]
+
+    def fan_out(
+        self,
+        topic_id: int,
+        *,
+        now: datetime,
+        batch: int,
+        leases: Sequence[Lease] = (),
+        dispatcher_id: int | None = None,
+    ) -> FanOut:
+        """Move each active subscription of the topic past up to ``batch`` sequenced
+        messages and create their pending deliveries; where ``leases_at_fan_out``, lease
+        the first of them as ``leases`` ask."""
+        raise NotImplementedError
+
+    def create_deliveries(
+        self, cursor: Any, subscription_id: int, topic_id: int, low: int, high: int, now: datetime
+    ) -> int:
+        """Pending deliveries of the messages at offsets low to high (not included), but
+        for those the subscription has already; how many it created."""
+        cursor.execute(
+            f"INSERT INTO {DELIVERY} ({DELIVERY_COLUMNS}) "
+            f"SELECT %s, id, {OFFSET}, %s, 0, %s, %s, '', %s, %s FROM {MESSAGE} "
+            f"WHERE topic_id = %s AND {OFFSET} >= %s AND {OFFSET} < %s "
+            f"ON CONFLICT DO NOTHING",
+            [subscription_id, PENDING, now, "[]", now, now, topic_id, low, high],
+        )
+        return int(cursor.rowcount)
+
+    # -- claim and ack ---------------------------------------------------------------------
+
+    def claim(
+        self,
+        subscription_id: int,
+        *,
+        ordered: bool,
+        limit: int,
+        now: datetime,
+        lease: float,
+        token: str,
+        dispatcher_id: int | None,
+    ) -> list[Claimed]:
+        """Lease up to ``limit`` due deliveries of the subscription for ``lease`` seconds
+        from when the claim holds its locks; return them with their messages, in offset
+        order.
+
+        Ordered: a run from the head of the log, the lowest unfinished offsets up to the
+        first one that is inflight or not yet due, under the subscription's row lock, so
+        two claimers never lease parts of one run. Unordered: the due ones, skipping rows
+        another claim holds.
+        """
+        started = time.monotonic()
+        if ordered:
+            # While the head is inflight or waiting for a retry, nothing behind it starts.
+            ctes = (
+                f"head AS MATERIALIZED (SELECT id, {OFFSET} AS o, state, available_at "
+                f"FROM {DELIVERY} WHERE subscription_id = %s AND {UNFINISHED_SQL} "
+                f"AND state IN (%s, %s, %s) ORDER BY {OFFSET} LIMIT %s), "
+                f"picked AS MATERIALIZED (SELECT id AS picked_id FROM head WHERE o < COALESCE("
+                f"(SELECT MIN(o) FROM head WHERE state = %s OR available_at > %s), o + 1) "
+                f"AND {NOT_PAUSED_SQL})"
+            )
+            cte_params: list[Any] = [subscription_id, PENDING, RETRY, INFLIGHT, limit]
+            cte_params += [INFLIGHT, now, subscription_id]
+        else:
+            skip = " FOR UPDATE SKIP LOCKED" if self.skip_locked else ""
+            # MATERIALIZED: PostgreSQL may otherwise rescan a LIMIT ... SKIP LOCKED subquery
+            # as part of a join and lease more rows than asked for.
+            ctes = (
+                f"picked AS MATERIALIZED (SELECT id AS picked_id FROM {DELIVERY} "
+                f"WHERE subscription_id = %s AND {UNFINISHED_SQL} AND state IN (%s, %s) "
+                f"AND available_at <= %s AND {NOT_PAUSED_SQL} "
+                f"ORDER BY {OFFSET} LIMIT %s{skip})"
+            )
+            cte_params = [subscription_id, PENDING, RETRY, now, subscription_id, limit]
+        # Each picked row by its primary key. Statistics of a table of acked rows say
+        # "about one unfinished row", so a join with the picked rows, or a state test the
+        # partial index answers, gets planned as a scan of all unfinished rows compared
+        # with each picked one: quadratic, 0.5 s a claim behind a backlog of 20,000. The
+        # state is re-checked (a concurrent ack or claim may have changed it) in a form
+        # that index cannot answer.
+        update = (
+            f"UPDATE {DELIVERY} SET state = %s, attempts = attempts + 1, lease_token = %s, "
+            f"lease_expires_at = %s, dispatcher_id = %s, updated_at = %s "
+            f"WHERE id {self.in_picked} AND state NOT IN (%s, %s, %s, %s) AND available_at <= %s "
+            f"RETURNING id, attempts, message_id"
+        )
+        sql = self.claim_sql(ctes, update)
+        with self.claiming(ordered) as cursor:
+            if ordered:
+                self.lock_row(cursor, SUBSCRIPTION, subscription_id, "position")
+            # The lease runs from here: a claim that waited for its locks (another
+            # claimer's, an operator's) does not hand out a lease already partly spent.
+            waited = time.monotonic() - started
+            expires = now + timedelta(seconds=lease + waited)
+            params = [*cte_params, INFLIGHT, token, expires, dispatcher_id, now, *TAKEN, now]
+            cursor.execute(sql, params)
+            claimed = self.claimed_rows(cursor)
+        claimed.sort(key=lambda row: row.offset)
+        return claimed
+
+    # How the claim's UPDATE finds the picked rows by primary key.
+    in_picked = "IN (SELECT picked_id FROM picked)"
+    # Whether an unordered claim skips rows other claims hold (rather than wait for them).
+    skip_locked = False
+
+    def claim_sql(self, ctes: str, update: str) -> str:
+        return f"WITH {ctes} {update}"
+
+    def claiming(self, ordered: bool) -> AbstractContextManager[Any]:
+        """The cursor (and transaction) a claim's statements run in."""
+        return self._in_transaction()
+
+    @contextmanager
+    def _in_transaction(self) -> Iterator[Any]:
+        with transaction.atomic(using=self.connection.alias), self.connection.cursor() as cursor:
+            yield cursor
+
+    def claimed_rows(self, cursor: Any) -> list[Claimed]:
+        """What the claim statement leased, with the messages."""
+        raise NotImplementedError
+
+    def ack(
+        self, ids: Sequence[int], *, token: str, now: datetime, lazy: bool = False
+    ) -> list[int]:
+        """Mark handled deliveries acked; the lease token fences out late workers. Returns
+        the ids it acked: those whose lease was taken back meanwhile are not among them.
+
+        Plain SQL: it runs once per message of an ordered run, where the ORM's cost of
+        building the statement would be most of the ack's. ``lazy``: see the backend.
+        """
+        at = self.connection.ops.adapt_datetimefield_value(now)
+        params: list[Any]
+        if len(ids) == 1:
+            # An ordered run's ack: the plainest statement (no array to build and parse).
+            match, params = "id = %s", list(ids)
+        else:
+            match, params = self.id_match(ids)
+        match += self.lazy_ack_sql(lazy)
+        with self.connection.wrap_database_errors, self.bound_cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {DELIVERY} SET state = %s, lease_token = NULL, "
+                f"lease_expires_at = NULL, dispatcher_id = NULL, finished_at = %s, "
+                f"updated_at = %s WHERE {match} AND state = %s AND lease_token = %s "
+                f"RETURNING id",
+                [DeliveryState.ACKED, at, at, *params, INFLIGHT, token],
+            )
+            return [row[0] for row in cursor.fetchall()]
+
+    def id_match(self, ids: Sequence[int]) -> tuple[str, list[Any]]:
+        """SQL true for rows whose id is among ``ids``, and its parameters."""
+        match, params = in_list(ids)
+        return f"id {match}", params
+
+    def lazy_ack_sql(self, lazy: bool) -> str:
+        return ""
+
+    # -- locks -----------------------------------------------------------------------------
+
+    def lock_row(self, cursor: Any, table: str, pk: int, column: str) -> None:
+        """Take the row's write lock for the rest of the transaction (``column``: one
+        that no foreign key points at, for databases that lock by writing)."""
+        raise NotImplementedError
+
+    def locked_value(self, cursor: Any, table: str, pk: int, column: str) -> int | None:
+        """Take the row's write lock for the rest of the transaction; return ``column``
+        as of then (the latest committed value, not the transaction's snapshot's), or
+        None if there is no such row."""
+        self.lock_row(cursor, table, pk, column)
+        name = self.connection.ops.quote_name(column)
+        cursor.execute(f"SELECT {name} FROM {table} WHERE id = %s", [pk])
+        row = cursor.fetchone()
+        return None if row is None else int(row[0])
+
+    def lock_exclusive(self, cursor: Any, key: int) -> None:
+        """Inside a transaction: wait until no other transaction holds ``key``, then hold
+        it until this one ends. One process at a time does what it guards."""
+        raise NotImplementedError
+
+    # -- the dispatcher's connection, clocks, reads, wake-ups ------------------------------
+
+    def tune_loop_connection(self) -> None:
+        """Set up the dispatcher loop's own connection, once per connection."""
+
+    def clock_skew(self, now: datetime) -> float | None:
+        """Seconds by which ``now`` (this host's clock) is ahead of the database server's;
+        None where the database runs in this process."""
+        return None
+
+    def consistent_reads(self) -> AbstractContextManager[None]:
+        """Where the database can: one snapshot for every statement inside, so figures
+        read one after the other agree with each other."""
+        return nullcontext()
+
+    def start_waker(self, wake: Callable[[], None]) -> Waker | None:
+        """A started thread that calls ``wake`` when another connection commits new
+        messages; None where the database offers no way."""
+        return None
+
+    def bound_cursor(self, *, keep: bool = False) -> AbstractContextManager[Any]:
+        """A cursor that sends parameters apart from the SQL where the driver can."""
+        return self.connection.cursor()  # type: ignore[no-any-return]

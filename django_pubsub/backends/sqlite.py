@@ -1,0 +1,193 @@
+"""SQLite: one writer at a time, plain statements, and the messages read after a claim."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from django.db import transaction
+
+from .base import (
+    MESSAGE,
+    OFFSET,
+    SUBSCRIPTION,
+    TOPIC,
+    Backend,
+    Claimed,
+    FanOut,
+    Lease,
+    in_list,
+)
+from .data_version import DataVersionWaker
+
+# The message columns a claim's handlers get, as the ORM would read them.
+_MESSAGE_FIELDS = ("id", "offset", "payload", "payload_bytes", "key", "headers", "published_at")
+_READ_MESSAGES = 'SELECT {} FROM {} WHERE {}."id" '.format(
+    ", ".join(f'{MESSAGE}."{name}" AS "{name}"' for name in _MESSAGE_FIELDS), MESSAGE, MESSAGE
+)
+
+
+class SQLiteBackend(Backend):
+    vendor = "sqlite"
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def insert_statement(
+        self, batch: Sequence[Any], shared: list[Any], topic: str, *, first: bool
+    ) -> tuple[str, list[Any]]:
+        params: list[Any]
+        if len(batch) == 1:
+            params = [*_columns(batch[0]), *shared]
+        else:
+            params = [*shared]
+            for n, body in enumerate(batch):
+                params += [n, *_columns(body)]
+        params.append(topic)
+        return _insert_sql(len(batch)), params
+
+    # -- sequencing and fan-out ------------------------------------------------------------
+
+    def sequence(self, *, batch: int, topic_id: int | None = None) -> dict[int, int]:
+        if topic_id is not None:
+            count = self._sequence_topic(topic_id, batch)
+            return {topic_id: count} if count else {}
+        # This runs every pass, and on the way from a commit to its handler. SQLite,
+        # without statistics, would rather scan the whole (topic, offset) index.
+        with self.connection.cursor() as cursor:
+            cursor.execute(
+                f'SELECT DISTINCT "topic_id" FROM {MESSAGE} INDEXED BY pubsub_message_unsequenced '
+                f"WHERE {OFFSET} IS NULL"
+            )
+            topic_ids = sorted(row[0] for row in cursor.fetchall())
+        counts = {topic: self._sequence_topic(topic, batch) for topic in topic_ids}
+        return {topic: count for topic, count in counts.items() if count}
+
+    def _sequence_topic(self, topic_id: int, batch: int) -> int:
+        with transaction.atomic(using=self.connection.alias), self.connection.cursor() as cursor:
+            base = self.locked_value(cursor, TOPIC, topic_id, "next_offset")
+            if base is None:
+                return 0  # its topic row is gone: nothing to number its messages from
+            # A new statement after the lock: it sees every message committed so far,
+            # including the offsets a sequencer that held the lock before us assigned.
+            cursor.execute(
+                f"UPDATE {MESSAGE} SET {OFFSET} = %s + s.rn - 1 FROM ("
+                f"SELECT id, row_number() OVER (ORDER BY id) AS rn FROM {MESSAGE} "
+                f'WHERE "topic_id" = %s AND {OFFSET} IS NULL ORDER BY id LIMIT %s'
+                f") AS s WHERE {MESSAGE}.id = s.id",
+                [base, topic_id, batch],
+            )
+            count = cursor.rowcount
+            if count:
+                cursor.execute(
+                    f"UPDATE {TOPIC} SET next_offset = %s WHERE id = %s", [base + count, topic_id]
+                )
+        return int(count)
+
+    def fan_out(
+        self,
+        topic_id: int,
+        *,
+        now: datetime,
+        batch: int,
+        leases: Sequence[Lease] = (),
+        dispatcher_id: int | None = None,
+    ) -> FanOut:
+        """One transaction per subscription behind: nothing is leased here (a claim takes
+        the deliveries as usual)."""
+        behind = self.subscriptions_behind(topic_id)
+        created = sum(self._fan_out_one(sub, topic_id, now, batch) for sub, _ in behind)
+        return FanOut(created, {})
+
+    def _fan_out_one(self, subscription_id: int, topic_id: int, now: datetime, batch: int) -> int:
+        with transaction.atomic(using=self.connection.alias), self.connection.cursor() as cursor:
+            low = self.locked_value(cursor, SUBSCRIPTION, subscription_id, "position")
+            if low is None:
+                return 0  # deleted meanwhile
+            cursor.execute(f"SELECT next_offset FROM {TOPIC} WHERE id = %s", [topic_id])
+            (head,) = cursor.fetchone()
+            high = min(head, low + batch)
+            if high <= low:
+                return 0
+            created = self.create_deliveries(cursor, subscription_id, topic_id, low, high, now)
+            cursor.execute(
+                f"UPDATE {SUBSCRIPTION} SET position = %s WHERE id = %s", [high, subscription_id]
+            )
+        return created
+
+    # -- claim -----------------------------------------------------------------------------
+
+    def claimed_rows(self, cursor: Any) -> list[Claimed]:
+        """The claim's rows, then their messages, in the claim's transaction."""
+        rows = cursor.fetchall()
+        if not rows:
+            return []
+        match, params = in_list([row[2] for row in rows])
+        cursor.execute(_READ_MESSAGES + match, params)
+        convert = self.connection.ops.convert_datetimefield_value
+        messages = {row[0]: row for row in cursor.fetchall()}
+        claimed = []
+        for delivery_id, attempt, message_id in rows:
+            _, offset, payload, payload_bytes, key, headers, published_at = messages[message_id]
+            # As the ORM would give them: the payload's JSON decoded, the time made aware.
+            at = convert(published_at, None, self.connection)
+            row = (
+                delivery_id,
+                attempt,
+                message_id,
+                offset,
+                payload,
+                payload_bytes,
+                key,
+                headers,
+                at,
+            )
+            claimed.append(Claimed.from_row(row))
+        return claimed
+
+    # -- locks -----------------------------------------------------------------------------
+
+    def lock_row(self, cursor: Any, table: str, pk: int, column: str) -> None:
+        """SQLite has one writer: a write that changes nothing takes the database's write
+        lock up front, instead of upgrading a read lock later (which fails at once with
+        "database is locked" rather than waiting). One lock for every row."""
+        _write_lock(cursor)
+
+    def lock_exclusive(self, cursor: Any, key: int) -> None:
+        _write_lock(cursor)
+
+    def start_waker(self, wake: Callable[[], None]) -> DataVersionWaker | None:
+        return DataVersionWaker.start(wake, self.connection)
+
+
+def _write_lock(cursor: Any) -> None:
+    # No row matches: nothing is rewritten (a rewritten key would make SQLite look for the
+    # rows that refer to it), and the transaction holds the write lock from here on.
+    cursor.execute(f"UPDATE {SUBSCRIPTION} SET id = id WHERE 1 = 0")
+
+
+def _columns(body: Any) -> tuple[str | None, bytes | None]:
+    if isinstance(body, bytes):
+        return None, body
+    return (None if body is None else json.dumps(body)), None
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(rows: int) -> str:
+    """insert_messages()'s statement for ``rows`` messages, built once per size."""
+    columns = "topic_id, payload, payload_bytes, key, headers, published_at"
+    if rows == 1:
+        return (
+            f"INSERT INTO {MESSAGE} ({columns}) SELECT id, %s, %s, %s, %s, %s "
+            f"FROM {TOPIC} WHERE name = %s RETURNING id"
+        )
+    # VALUES columns are column1, column2...; column1 keeps the call's order, which the ids
+    # follow.
+    return (
+        f"INSERT INTO {MESSAGE} ({columns}) SELECT t.id, v.column2, v.column3, "
+        f"%s, %s, %s FROM {TOPIC} t CROSS JOIN (VALUES "
+        f"{', '.join(['(%s, %s, %s)'] * rows)}) AS v WHERE t.name = %s "
+        f"ORDER BY v.column1 RETURNING id"
+    )

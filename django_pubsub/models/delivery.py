@@ -1,0 +1,333 @@
+"""Deliveries: one message for one subscription, and every transition of its state.
+
+Deliveries are claimed (``inflight`` with a lease token), then acked, retried or
+dead-lettered; every transition is one UPDATE that checks the expected state and lease
+token, so a transition that lost a race changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
+
+from django.db import models, router, transaction
+from django.db.models import Case, F, Q, Value, When
+from django.utils import timezone
+
+from .. import backends
+from ..backends import Claimed, padded_ids
+from ..backends.base import INFLIGHT_SQL, SUBSCRIPTION, UNFINISHED_SQL
+from ..exceptions import ActionRefused
+from ..states import ENDED, UNFINISHED, WAITING, DeliveryState
+from .dispatcher import Dispatcher
+
+if TYPE_CHECKING:
+    from .subscription import Subscription
+
+
+class DeliveryQuerySet(models.QuerySet["Delivery"]):
+    def inflight(self) -> DeliveryQuerySet:
+        return cast(
+            DeliveryQuerySet, self.filter(state=DeliveryState.INFLIGHT).extra(where=[INFLIGHT_SQL])
+        )
+
+    def unfinished(self) -> DeliveryQuerySet:
+        """Pending, retry or inflight, through the partial index on exactly those."""
+        unfinished = self.filter(state__in=UNFINISHED).extra(where=[UNFINISHED_SQL])
+        return cast(DeliveryQuerySet, unfinished)
+
+    def heads(self, subscription_id: int) -> DeliveryQuerySet:
+        """The subscription's unfinished deliveries from its lowest offset up: the first
+        is the head an ordered subscription waits on."""
+        return self.unfinished().filter(subscription_id=subscription_id).order_by("offset")
+
+    def expired(self, now: datetime) -> DeliveryQuerySet:
+        return self.inflight().filter(lease_expires_at__lt=now)
+
+    # The dispatcher's transitions.
+
+    def claim(
+        self,
+        subscription: Subscription,
+        *,
+        limit: int,
+        now: datetime,
+        token: str,
+        dispatcher_id: int | None,
+    ) -> list[Claimed]:
+        """Lease up to ``limit`` due deliveries; return them with their messages, in offset
+        order (an ordered subscription: a run from its head, under its row lock).
+
+        The attempt counts here because the dispatcher claims no more than its idle workers
+        start within moments (a chunk each, of about CHUNK_SECONDS of handler time), and one
+        given back unstarted has its attempt returned (``give_back``).
+        """
+        return backends.get(self.db).claim(
+            subscription.pk,
+            ordered=subscription.effective_ordered,
+            limit=limit,
+            now=now,
+            lease=subscription.effective_lease,
+            token=token,
+            dispatcher_id=dispatcher_id,
+        )
+
+    def ack(
+        self, ids: Sequence[int], *, token: str, now: datetime, lazy: bool = False
+    ) -> list[int]:
+        """Mark handled deliveries acked; the lease token fences out late workers. Returns
+        the ids it acked: those whose lease was taken back meanwhile are not among them.
+
+        ``lazy`` (PostgreSQL, outside a transaction): commit without waiting for the WAL
+        flush. The ack is visible to every other session at once and survives the
+        dispatcher's crash; only a crash of the database server itself may lose it, and
+        the message then runs again (guarantees 3).
+        """
+        return backends.get(self.db).ack(ids, token=token, now=now, lazy=lazy)
+
+    def extend(self, ids: Sequence[int], *, token: str, until: datetime) -> int:
+        """Move the lease of deliveries still leased under ``token`` on to ``until``."""
+        leased = self.filter(id__in=padded_ids(ids), state=DeliveryState.INFLIGHT)
+        return leased.filter(lease_token=token).update(lease_expires_at=until)
+
+    def give_back(self, ids: Sequence[int], *, token: str, now: datetime) -> int:
+        """Return claimed deliveries whose handler never started, with their attempt."""
+        leased = self.filter(id__in=padded_ids(ids), state=DeliveryState.INFLIGHT)
+        return leased.filter(lease_token=token).update(
+            state=Case(
+                When(attempts__gt=1, then=Value(DeliveryState.RETRY)),
+                default=Value(DeliveryState.PENDING),
+            ),
+            attempts=F("attempts") - 1,
+            lease_token=None,
+            lease_expires_at=None,
+            dispatcher=None,
+            updated_at=now,
+        )
+
+    def fail(
+        self,
+        delivery_id: int,
+        *,
+        token: str,
+        now: datetime,
+        error: str,
+        traceback: str,
+        max_attempts: int,
+        delay: float,
+    ) -> str | None:
+        """Record a failed attempt; schedule a retry or dead-letter. None if fenced out."""
+        fenced = self.filter(id=delivery_id, state=DeliveryState.INFLIGHT, lease_token=token)
+        row = fenced.values("attempts", "errors").first()
+        if row is None:
+            return None
+        attempt = row["attempts"]
+        errors = list(row["errors"] or [])
+        errors.append(
+            {"attempt": attempt, "at": now.isoformat(), "error": error, "traceback": traceback}
+        )
+        dead = attempt >= max_attempts
+        state = DeliveryState.DEAD if dead else DeliveryState.RETRY
+        updated = fenced.update(
+            state=state,
+            errors=errors,
+            last_error=error,
+            available_at=now if dead else now + timedelta(seconds=delay),
+            lease_token=None,
+            lease_expires_at=None,
+            dispatcher=None,
+            finished_at=now if dead else None,
+            updated_at=now,
+        )
+        return state if updated else None
+
+    # Operator actions. Each is one UPDATE of the rows still in the state it applies to, so
+    # one that races with the dispatcher (a retry that became due and was claimed
+    # meanwhile, say) changes nothing of those rows; each returns how many it changed.
+
+    def retry_now(self, now: datetime) -> int:
+        """Make deliveries waiting for a retry due at once."""
+        return self.filter(state=DeliveryState.RETRY).update(available_at=now, updated_at=now)
+
+    def replay(self, now: datetime) -> int:
+        """Dead letters run again, due now, with ``max_attempts`` fresh attempts. Their
+        error history stays. Refused (ActionRefused) for an ordered subscription while any
+        of its deliveries runs: the replayed one would start beside it."""
+        dead = self.filter(state=DeliveryState.DEAD)
+        using = self._db or router.db_for_write(Delivery)  # type: ignore[attr-defined]
+        # The model, without importing it: its module imports this one.
+        subscription: Any = Delivery._meta.get_field("subscription").related_model
+        with transaction.atomic(using=using):
+            subs = subscription.objects.using(using).filter(pk__in=dead.values("subscription_id"))
+            Delivery.objects.using(using).refuse_while_running(list(subs), "replay")
+            return dead.run_again(now)
+
+    def run_again(self, now: datetime) -> int:
+        """Back to pending, due now, with fresh attempts (the error history stays): what
+        replay() does to dead letters and seek() to every delivery that ended. No checks of
+        its own: callers choose the rows."""
+        return self.update(
+            state=DeliveryState.PENDING,
+            attempts=0,
+            available_at=now,
+            finished_at=None,
+            updated_at=now,
+        )
+
+    def discard(self, now: datetime) -> int:
+        """Give up on deliveries that wait (pending, retry) or are dead: they end
+        ``discarded`` and do not run (unless a seek goes back before them). Inflight ones
+        are left to their handler."""
+        waiting_or_dead = (DeliveryState.PENDING, DeliveryState.RETRY, DeliveryState.DEAD)
+        return self.filter(state__in=waiting_or_dead).update(
+            state=DeliveryState.DISCARDED, finished_at=now, updated_at=now
+        )
+
+    def refuse_while_running(self, subscriptions: Sequence[Subscription], action: str) -> None:
+        """Take the row lock of each ordered subscription (as its claims do) and raise
+        ActionRefused if any has deliveries running. Inside a transaction: the lock holds
+        off new claims until the action commits.
+
+        For actions that make earlier messages due again: with part of an ordered run in
+        flight, the claim would start them beside it.
+        """
+        ordered = [sub for sub in subscriptions if sub.effective_ordered]
+        ordered.sort(key=lambda sub: sub.pk)
+        backend = backends.get(self.db)
+        with backend.connection.cursor() as cursor:
+            for sub in ordered:
+                backend.lock_row(cursor, SUBSCRIPTION, sub.pk, "position")
+        running = (
+            self.inflight()
+            .filter(subscription__in=[sub.pk for sub in ordered])
+            .values_list("subscription__name", flat=True)
+            .distinct()
+        )
+        names = sorted(running) if ordered else []
+        if names:
+            raise ActionRefused(
+                f"cannot {action} now: ordered subscription {', '.join(names)} has "
+                f"deliveries running. Pause it, wait until nothing of it is inflight, "
+                f"{action}, then resume."
+            )
+
+
+class Delivery(models.Model):
+    State = DeliveryState
+
+    WAITING = WAITING
+    UNFINISHED = UNFINISHED
+    ENDED = ENDED
+
+    id = models.BigAutoField(primary_key=True)
+    # No index of its own: the unique (subscription, message) constraint's serves. Every
+    # index on this table is written at each claim and ack, so there are few.
+    subscription = models.ForeignKey(
+        "Subscription", on_delete=models.PROTECT, related_name="deliveries", db_index=False
+    )
+    message = models.ForeignKey("Message", on_delete=models.PROTECT, related_name="deliveries")
+    # The message's offset, copied so the claim reads one table in log order.
+    offset = models.BigIntegerField()
+    state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
+    # Handler starts so far.
+    attempts = models.PositiveIntegerField(default=0)
+    # When a pending or retrying delivery becomes due.
+    available_at = models.DateTimeField()
+    lease_token = models.CharField(max_length=32, null=True, blank=True)  # noqa: DJ001  (NULL: not leased)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # Not indexed: a dead dispatcher's deliveries are found among the inflight ones.
+    dispatcher = models.ForeignKey(
+        Dispatcher,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        db_index=False,
+    )
+    last_error = models.TextField(blank=True)
+    # One entry per failed attempt: attempt, at, error, traceback.
+    errors = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = DeliveryQuerySet.as_manager()
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["subscription", "message"], name="pubsub_delivery_subscription_message"
+            ),
+        ]
+        indexes = [
+            # The claim and the ordered head: only unfinished rows, so a long acked history
+            # does not make it slower.
+            models.Index(
+                fields=["subscription", "offset"],
+                condition=Q(state__in=["pending", "retry", "inflight"]),
+                name="pubsub_delivery_unfinished",
+            ),
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=Q(state="inflight"),
+                name="pubsub_delivery_leases",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"delivery {self.pk} of message {self.message_id} to {self.subscription_id}"
+
+    def why(self, now: datetime) -> str:
+        """A sentence for an operator: where this delivery stands and what it waits for."""
+        sub = self.subscription
+        if self.state == Delivery.State.ACKED:
+            return (
+                f"Handled at {_local(self.finished_at, '%Y-%m-%d %H:%M:%S %Z')} after "
+                f"{self.attempts} attempt(s)."
+            )
+        if self.state == Delivery.State.DEAD:
+            return (
+                f"Dead after {self.attempts} failed attempt(s); it runs again only if an "
+                f"operator replays it."
+            )
+        if self.state == Delivery.State.DISCARDED:
+            return (
+                "Discarded by an operator (a discard, or a seek past it): it runs only if "
+                "the subscription is sought back before it."
+            )
+        if self.state == Delivery.State.INFLIGHT:
+            holder = f"dispatcher {self.dispatcher}" if self.dispatcher else "a dispatcher"
+            until = f" until {_local(self.lease_expires_at)}" if self.lease_expires_at else ""
+            return f"Running: leased by {holder}{until} (attempt {self.attempts})."
+        if not sub.active:
+            return (
+                f"Waiting: subscription {sub.name} is no longer declared in the code, so no "
+                f"dispatcher runs it."
+            )
+        if sub.paused:
+            return f"Waiting: subscription {sub.name} is paused."
+        if self.state == Delivery.State.RETRY and self.available_at > now:
+            return (
+                f"Waiting to retry at {_local(self.available_at)} "
+                f"(attempt {self.attempts + 1} of {sub.effective_max_attempts})."
+            )
+        if sub.effective_ordered:
+            ahead = Delivery.objects.heads(self.subscription_id).filter(offset__lt=self.offset)
+            head = ahead.first()
+            if head is not None:
+                return (
+                    f"Ordered: waits behind message {head.message_id} (offset {head.offset}, "
+                    f"{head.state})."
+                )
+        if not Dispatcher.objects.heartbeating(now).exists():
+            return "Due now, but no dispatcher is running."
+        return "Due now: the next dispatcher with a free worker takes it."
+
+
+def _local(moment: datetime | None, style: str = "%H:%M:%S %Z") -> str:
+    """A time for an operator: in the project's time zone, which it names."""
+    if moment is None:
+        return ""
+    return format(timezone.localtime(moment) if timezone.is_aware(moment) else moment, style)

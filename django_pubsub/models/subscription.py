@@ -1,0 +1,191 @@
+"""Subscriptions: one ``@subscriber`` declaration each, with its cursor in its topic.
+
+Each subscription keeps a cursor (``position``) in its topic, and the dispatcher *fans
+out* sequenced messages past it into ``Delivery`` rows.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import NamedTuple
+
+from django.conf import settings
+from django.db import models, transaction
+from django.utils import timezone
+
+from .. import backends
+from ..backends.base import SUBSCRIPTION
+from ..conf import START_CHOICES, pubsub_settings
+from ..exceptions import ActionRefused, InvalidSeek
+from ..retry import Backoff
+from ..states import ENDED, WAITING
+from .delivery import Delivery
+from .log import Message, Topic
+
+
+class Subscription(models.Model):
+    name = models.CharField(max_length=200, unique=True)
+    topic = models.ForeignKey(Topic, on_delete=models.PROTECT, related_name="subscriptions")
+    handler = models.CharField(max_length=300, help_text="Dotted path of the handler function.")
+    # The declaration's options; NULL means the PUBSUB setting applies when the dispatcher runs.
+    ordered = models.BooleanField(null=True, blank=True)
+    max_attempts = models.PositiveIntegerField(null=True, blank=True)
+    lease = models.FloatField(null=True, blank=True, help_text="Lease in seconds.")
+    timeout = models.FloatField(
+        null=True, blank=True, help_text="Seconds a handler may run before its attempt fails."
+    )
+    max_inflight = models.PositiveIntegerField(null=True, blank=True)
+    backoff = models.JSONField(null=True, blank=True)
+    start = models.CharField(max_length=10, choices=[(c, c) for c in START_CHOICES])
+    # Offset up to which messages of the topic have been fanned out into deliveries.
+    position = models.BigIntegerField(default=0, editable=False)
+    active = models.BooleanField(
+        default=True, help_text="False once the code no longer declares it."
+    )
+    # Set by an operator: nothing of it is claimed; its deliveries are still created.
+    # db_default: rows that code from before this field inserts (during a rolling deploy)
+    # are not paused.
+    paused = models.BooleanField(default=False, db_default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def effective_ordered(self) -> bool:
+        return pubsub_settings.ordered if self.ordered is None else self.ordered
+
+    @property
+    def effective_max_attempts(self) -> int:
+        return self.max_attempts or pubsub_settings.max_attempts
+
+    @property
+    def effective_lease(self) -> float:
+        return self.lease or pubsub_settings.lease
+
+    @property
+    def effective_timeout(self) -> float | None:
+        return self.timeout or pubsub_settings.timeout
+
+    @property
+    def effective_backoff(self) -> Backoff:
+        return Backoff.coerce(self.backoff) or pubsub_settings.backoff
+
+    @property
+    def effective_max_inflight(self) -> int | None:
+        """Most deliveries in flight at once in one process; None: only the pool bounds it."""
+        return self.max_inflight or pubsub_settings.max_inflight
+
+    def pause(self, now: datetime | None = None) -> bool:
+        """Stop claiming its deliveries (those running finish); False if already paused."""
+        return self._set_paused(True, now or timezone.now())
+
+    def resume(self, now: datetime | None = None) -> bool:
+        """Claim its deliveries again; False if it was not paused."""
+        return self._set_paused(False, now or timezone.now())
+
+    def _set_paused(self, paused: bool, now: datetime) -> bool:
+        from .. import signals
+
+        rows = Subscription.objects.filter(pk=self.pk, paused=not paused)
+        changed = rows.update(paused=paused, updated_at=now) == 1
+        self.paused = paused
+        if changed:
+            signal = signals.subscription_paused if paused else signals.subscription_resumed
+            signals.send(signal, Subscription, subscription=self)
+        return changed
+
+    def seek(
+        self,
+        *,
+        offset: int | None = None,
+        at: datetime | None = None,
+        now: datetime | None = None,
+        using: str = "default",
+    ) -> Seek:
+        """Deliver the topic again from ``offset``, or from its first message published at
+        or after ``at``; pass over what comes before.
+
+        From there on, deliveries that ended (acked, dead or discarded) are pending again,
+        with fresh attempts; before it, those still waiting (pending or retry) end
+        ``discarded``, and messages never fanned out to this subscription are passed over.
+        Deliveries running at the time (or claimed, about to start) are left to their
+        dispatcher, retried if they fail; dead letters before the point stay dead.
+        Seeking to the topic's end (its next offset) skips everything. An ordered
+        subscription is refused while any of its deliveries runs (pause it first), or one
+        of the two would run beside the other. Bad arguments raise InvalidSeek.
+        """
+        _check_seek(offset, at)
+        now = now or timezone.now()
+        backend = backends.get(using)
+        with transaction.atomic(using=using), backend.connection.cursor() as cursor:
+            # The fan-out's and the ordered claim's lock: neither runs while we move it. Read
+            # after it, the row is the latest committed one.
+            backend.lock_row(cursor, SUBSCRIPTION, self.pk, "position")
+            rows = Subscription.objects.using(using).select_related("topic")
+            current = rows.filter(pk=self.pk).first()
+            if current is None:
+                raise ActionRefused(f"subscription {self.pk} no longer exists")
+            position = current.position
+            Delivery.objects.using(using).refuse_while_running([current], "seek")
+            if at is not None:
+                sequenced = Message.objects.using(using).filter(
+                    topic_id=self.topic_id, offset__isnull=False, published_at__gte=at
+                )
+                offset = sequenced.aggregate(first=models.Min("offset"))["first"]
+            # Read after the lookup: sequencing may have moved it on meanwhile.
+            heads = Topic.objects.using(using).values_list("next_offset", flat=True)
+            end: int = heads.get(pk=self.topic_id)
+            point: int = end if offset is None else offset
+            if point > end:
+                raise InvalidSeek(
+                    f"seek() offset {point} is past the end of topic {current.topic} "
+                    f"(its next message gets offset {end})"
+                )
+            mine = Delivery.objects.using(using).filter(subscription_id=self.pk)
+            waiting = mine.unfinished().filter(offset__lt=point, state__in=WAITING)
+            skipped = waiting.discard(now)
+            replayed = mine.filter(offset__gte=point, state__in=ENDED).run_again(now)
+            passed_over = 0
+            if point < position:
+                # Messages it has no delivery of yet (published before it began, or passed
+                # over by an earlier seek): created here, so the fan-out need not go back.
+                replayed += backend.create_deliveries(
+                    cursor, self.pk, self.topic_id, point, position, now
+                )
+            elif point > position:
+                # What the cursor jumps over with no delivery to show for it.
+                had = mine.filter(offset__gte=position, offset__lt=point).count()
+                passed_over = point - position - had
+                Subscription.objects.using(using).filter(pk=self.pk).update(
+                    position=point, updated_at=now
+                )
+                self.position = point
+        return Seek(point, replayed, skipped, passed_over)
+
+
+def _check_seek(offset: int | None, at: datetime | None) -> None:
+    if (offset is None) == (at is None):
+        raise InvalidSeek("seek() takes an offset or a time (at=), one of the two")
+    if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
+        raise InvalidSeek(f"seek() offset must be an int, not {offset!r}")
+    if offset is not None and offset < 0:
+        raise InvalidSeek(f"seek() offset must be 0 or more, not {offset}")
+    if at is not None and (
+        not isinstance(at, datetime) or timezone.is_aware(at) != settings.USE_TZ
+    ):
+        kind = "an aware" if settings.USE_TZ else "a naive"
+        raise InvalidSeek(f"seek() at= must be {kind} datetime (USE_TZ), not {at!r}")
+
+
+class Seek(NamedTuple):
+    """What Subscription.seek() did."""
+
+    offset: int  # where the subscription now starts
+    replayed: int  # deliveries from there on that had ended, pending again
+    skipped: int  # deliveries before it that still waited, now discarded
+    passed_over: int  # messages before it never fanned out to the subscription
