@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -134,42 +137,46 @@ def database_url() -> str:
 
 
 class PostgresServer:
-    """The local PostgreSQL cluster serving the test database, stopped and started for real
-    (Debian's pg_ctlcluster). Tests that use it are skipped where it cannot be controlled,
-    except under CI, where that is a failure."""
+    """A PostgreSQL server of the test's own, to stop and start for real: initdb into a
+    temporary folder, pg_ctl on a free loopback port, the test database pointed at it
+    (and migrated) for the length of the test. The shared server the suite runs on is
+    never stopped. Run as the ``postgres`` user when the tests run as root (initdb
+    refuses root). Skipped where PostgreSQL's programs are missing, except under CI."""
 
-    def __init__(self, version: str, name: str) -> None:
-        self.version, self.name = version, name
+    def __init__(self, folder: Path, port: int, bindir: Path) -> None:
+        self.folder, self.port, self.bindir = folder, port, bindir
+        self.data = folder / "data"
 
     @classmethod
-    def find(cls) -> PostgresServer:
+    def create(cls, folder: Path) -> PostgresServer:
         if connection.vendor != "postgresql":
             pytest.skip("PostgreSQL only")
-        port = str(connection.settings_dict.get("PORT") or 5432)
-        host = connection.settings_dict.get("HOST") or ""
-        reason = "needs a local PostgreSQL cluster controlled by pg_ctlcluster"
-        if host in ("", "127.0.0.1", "localhost"):
-            try:
-                listing = subprocess.run(
-                    ["pg_lsclusters", "--no-header"], capture_output=True, text=True, timeout=30
-                ).stdout
-            except OSError:
-                listing = ""
-            for line in listing.splitlines():
-                fields = line.split()
-                if len(fields) >= 3 and fields[2] == port:
-                    return cls(fields[0], fields[1])
-            reason += f" on port {port}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        bindir = _pg_bindir()
+        if bindir is None:
+            reason = "needs PostgreSQL's server programs (pg_config --bindir, initdb, pg_ctl)"
+            if os.environ.get("CI"):
+                pytest.fail(reason)
+            pytest.skip(reason)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = cls(folder, port, bindir)
+        if os.geteuid() == 0:
+            shutil.chown(folder, "postgres")
+        server._run("initdb", "-D", str(server.data), "-U", "postgres", "-A", "trust", "--no-sync")
+        server.start()
+        return server
+
+    def _run(self, program: str, *args: str) -> None:
+        command = [str(self.bindir / program), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
 
     def _ctl(self, action: str, *extra: str) -> None:
-        subprocess.run(
-            ["pg_ctlcluster", "--skip-systemctl-redirect", self.version, self.name, action, *extra],
-            check=True,
-            timeout=120,
-        )
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = str(self.folder / "server.log")
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", log, "-w", action, *extra)
 
     def stop(self) -> None:
         self._ctl("stop", "-m", "fast")
@@ -183,21 +190,47 @@ class PostgresServer:
         self._ctl("restart", "-m", "fast")
         connection.close()
 
-    def ensure_running(self) -> None:
-        status = subprocess.run(
-            ["pg_ctlcluster", self.version, self.name, "status"], capture_output=True, timeout=30
-        )
-        if status.returncode != 0:
-            self.start()
+    def destroy(self) -> None:
+        try:
+            self._ctl("stop", "-m", "immediate")
+        except subprocess.CalledProcessError:
+            pass  # stopped already
+
+
+def _pg_bindir() -> Path | None:
+    try:
+        found = subprocess.run(
+            ["pg_config", "--bindir"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    except OSError:
+        return None
+    bindir = Path(found)
+    if not all((bindir / name).exists() for name in ("initdb", "pg_ctl")):
+        return None
+    return bindir
 
 
 @pytest.fixture
-def postgres_server() -> Iterator[PostgresServer]:
-    server = PostgresServer.find()
+def postgres_server(transactional_db: None) -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server, migrated, that the default connection (and the
+    runpubsub subprocesses) use for the length of the test. Ask for it before runpubsub,
+    so the processes stop before the server does."""
+    from django.core.management import call_command
+
+    folder = Path(tempfile.mkdtemp(prefix="pubsub-pg-"))
+    server = PostgresServer.create(folder)
+    saved = dict(connection.settings_dict)
+    connection.close()
+    connection.settings_dict.update(HOST="127.0.0.1", PORT=str(server.port), NAME="postgres")
     try:
+        call_command("migrate", verbosity=0)
         yield server
     finally:
-        server.ensure_running()
+        connection.close()
+        connection.settings_dict.clear()
+        connection.settings_dict.update(saved)
+        server.destroy()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

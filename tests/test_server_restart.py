@@ -1,8 +1,9 @@
 """The PostgreSQL server itself restarted or down, with runpubsub as a real process.
 
-Invariants: a restart mid-run loses nothing, keeps order and re-establishes LISTEN; a
-dispatcher started while the server is down waits for it without busy-looping, answers
-SIGTERM meanwhile, and delivers once the server is up.
+The server is a throwaway one of the test's own (conftest.PostgresServer), never the one
+the suite shares. Invariants: a restart mid-run loses nothing, keeps order and
+re-establishes LISTEN; a dispatcher started while the server is down waits for it without
+busy-looping, answers SIGTERM meanwhile, and delivers once the server is up.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ SUBS = ("multi.a", "multi.b", "multi.ordered")
 
 
 def test_a_server_restart_mid_run_loses_nothing_and_listen_comes_back(
-    runpubsub: Any, postgres_server: PostgresServer, tmp_path: Path
+    postgres_server: PostgresServer, runpubsub: Any, tmp_path: Path
 ) -> None:
     log = tmp_path / "run.log"
     # A 5 s poll: a message handled within 1 s after the restart was woken by NOTIFY.
@@ -63,7 +64,7 @@ def test_a_server_restart_mid_run_loses_nothing_and_listen_comes_back(
 
 
 def test_a_dispatcher_started_while_the_server_is_down_waits_for_it(
-    runpubsub: Any, postgres_server: PostgresServer, tmp_path: Path
+    postgres_server: PostgresServer, runpubsub: Any, tmp_path: Path
 ) -> None:
     ids = publish_many("t.multi", [{"n": n} for n in range(10)])
     postgres_server.stop()
