@@ -13,6 +13,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from .retry import Backoff
+from .validation import is_positive_int, is_positive_number
 
 DEFAULTS: dict[str, Any] = {
     # Seconds between polls of the database when there is nothing to do.
@@ -54,20 +55,12 @@ DEFAULTS: dict[str, Any] = {
 START_CHOICES = ("latest", "earliest")
 
 
-def _positive_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and value > 0
-
-
-def _positive_int(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value > 0
-
-
 def _optional_positive_number(value: Any) -> bool:
-    return value is None or _positive_number(value)
+    return value is None or is_positive_number(value)
 
 
 def _optional_positive_int(value: Any) -> bool:
-    return value is None or _positive_int(value)
+    return value is None or is_positive_int(value)
 
 
 def _backoff(value: Any) -> bool:
@@ -85,20 +78,20 @@ def _module_name(value: Any) -> bool:
 
 
 VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "POLL_INTERVAL": (_positive_number, "a number of seconds > 0"),
-    "WORKERS": (_positive_int, "an integer > 0"),
-    "LEASE": (_positive_number, "a number of seconds > 0"),
+    "POLL_INTERVAL": (is_positive_number, "a number of seconds > 0"),
+    "WORKERS": (is_positive_int, "an integer > 0"),
+    "LEASE": (is_positive_number, "a number of seconds > 0"),
     "TIMEOUT": (_optional_positive_number, "a number of seconds > 0, or None"),
-    "MAX_ATTEMPTS": (_positive_int, "an integer > 0"),
+    "MAX_ATTEMPTS": (is_positive_int, "an integer > 0"),
     "MAX_INFLIGHT": (_optional_positive_int, "an integer > 0, or None"),
     "ORDERED": (lambda v: isinstance(v, bool), "True or False"),
     "START": (lambda v: v in START_CHOICES, '"latest" or "earliest"'),
     "BACKOFF": (_backoff, "a dict with base, factor, maximum and jitter"),
     "AUTODISCOVER_MODULE": (_module_name, "a dotted module name such as 'subscribers'"),
-    "BATCH_SIZE": (_positive_int, "an integer > 0"),
-    "HEARTBEAT_INTERVAL": (_positive_number, "a number of seconds > 0"),
-    "DISPATCHER_TIMEOUT": (_positive_number, "a number of seconds > 0"),
-    "SHUTDOWN_GRACE": (_positive_number, "a number of seconds > 0"),
+    "BATCH_SIZE": (is_positive_int, "an integer > 0"),
+    "HEARTBEAT_INTERVAL": (is_positive_number, "a number of seconds > 0"),
+    "DISPATCHER_TIMEOUT": (is_positive_number, "a number of seconds > 0"),
+    "SHUTDOWN_GRACE": (is_positive_number, "a number of seconds > 0"),
     "MONITORING_TOKEN": (
         lambda v: v is None or (isinstance(v, str) and len(v) >= 16),
         "None or a string of at least 16 characters",

@@ -15,7 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 from .conf import START_CHOICES
 from .exceptions import AlreadyRegistered, InvalidSubscriber
 from .retry import Backoff
-from .validation import NAME_RE, check_topic
+from .validation import NAME_RE, check_topic, is_positive_int, is_positive_number
 
 if TYPE_CHECKING:
     from .message import Message
@@ -46,8 +46,7 @@ _registry: dict[str, SubscriberSpec] = {}
 def _optional_positive(value: object, name: str, kind: type) -> None:
     if value is None:
         return
-    ok = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
-    if not ok or value <= 0:  # type: ignore[operator]
+    if not (is_positive_int(value) if kind is int else is_positive_number(value)):
         raise InvalidSubscriber(
             f"@subscriber {name} must be a positive number or None, not {value!r}."
         )

@@ -76,3 +76,12 @@ def _check_json(value: Any, where: str) -> None:
         f"{where} is a {type(value).__name__}, which is not JSON-serialisable; "
         f"publish JSON data (dict, list, str, int, float, bool, None) or bytes."
     )
+
+
+def is_positive_number(value: object) -> bool:
+    """An int or float above zero (not a bool): settings, @subscriber options, flags."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and value > 0
+
+
+def is_positive_int(value: object) -> bool:
+    return is_positive_number(value) and isinstance(value, int)
