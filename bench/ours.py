@@ -20,6 +20,8 @@ Figures:
   written to the same tables.
 - ``latency``: a runpubsub process runs; 600 messages are published one per transaction
   at 20/s; the time from each commit to its handler's start, p50 and p99 in ms.
+- ``idle_cpu``: a runpubsub process with nothing to do, after IDLE_WARMUP seconds: the CPU it
+  uses over N seconds (default 30), in percent of one core (user and system time).
 - ``memory``: runpubsub handles N (default 200,000) messages while its resident memory is
   sampled; growth is the largest sample after warm-up (the first fifth of the run) over
   the sample at the end of warm-up.
@@ -54,6 +56,7 @@ DEFAULT_N = {
     "dispatch_ordered": 20_000,
     "dispatch_history": 20_000,
     "latency": LATENCY_MESSAGES,
+    "idle_cpu": 30,
     "memory": 200_000,
 }
 SUBSCRIPTIONS = {
@@ -63,6 +66,7 @@ SUBSCRIPTIONS = {
     "dispatch_ordered": ("bench.ordered", ["bench.ordered"]),
     "memory": ("bench.one", ["bench.one"]),
 }
+IDLE_WARMUP = 5.0
 # Deadline for any one runpubsub process.
 RUN_TIMEOUT = 1800
 
@@ -310,6 +314,27 @@ def latency(db: str, n: int) -> dict[str, Any]:
     return {"value": cuts[49], "unit": "ms", "p50": cuts[49], "p99": cuts[98], "max": max(delays)}
 
 
+def idle_cpu(db: str, n: int) -> dict[str, Any]:
+    """The CPU an idle dispatcher uses: polls, heartbeats, wake-up watching."""
+    work = Path(tempfile.mkdtemp(prefix="bench-idle-"))
+    proc = start_runpubsub(["bench.latency"], db, work / "runpubsub.log")
+    try:
+        time.sleep(IDLE_WARMUP)
+        before, started = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(n)
+        used, elapsed = cpu_seconds(proc.pid) - before, time.monotonic() - started
+    finally:
+        stop(proc)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"value": used / elapsed * 100, "unit": "% of one core", "seconds": elapsed}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_until(condition: Any, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -388,6 +413,8 @@ def main() -> None:
         result = latency(args.db, n)
     elif args.figure == "memory":
         result = memory(args.db, n)
+    elif args.figure == "idle_cpu":
+        result = idle_cpu(args.db, n)
     else:
         result = dispatch(args.db, n, args.figure)
     print(json.dumps({"figure": args.figure, "db": args.db, "n": n, **result}))
