@@ -72,3 +72,22 @@ class Backoff:
             "maximum": self.maximum,
             "jitter": self.jitter,
         }
+
+
+class ErrorBackoff:
+    """How long to wait before trying again something that keeps failing (the database
+    away, a lost LISTEN connection): doubling from ``base`` up to ``maximum``, no jitter,
+    back to the start after a success. Not tied to the poll interval: a server restart
+    should be noticed in well under a second even where the dispatcher polls rarely."""
+
+    def __init__(self, base: float = 0.1, maximum: float = 5.0) -> None:
+        self._backoff = Backoff(base=base, factor=2, maximum=maximum, jitter=0)
+        self.failures = 0
+
+    def failed(self) -> float:
+        """Count a failure; the seconds to wait before the next try."""
+        self.failures += 1
+        return self._backoff.delay(self.failures + 1)
+
+    def succeeded(self) -> None:
+        self.failures = 0

@@ -17,9 +17,10 @@ import pytest
 from django.db import connection, transaction
 
 from django_pubsub import publish
-from django_pubsub.dispatcher import DispatchLoop, Stats
+from django_pubsub.dispatcher import Counts, DispatchLoop
 from django_pubsub.models import Delivery
 from tests.pubsub_app.models import HandlerRun
+from tests.pubsub_app.subscribers import GATE, Gate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,10 +50,21 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def dispatch() -> Callable[..., Stats]:
+def gate() -> Iterator[Gate]:
+    """The test app's gate, closed: handlers of messages published with ``"gate": True``
+    wait at it until the test opens it (it opens at the end of the test whatever happens)."""
+    GATE.reset()
+    try:
+        yield GATE
+    finally:
+        GATE.open()
+
+
+@pytest.fixture
+def dispatch() -> Callable[..., Counts]:
     """Run the dispatcher in-process until idle, for the named subscriptions only."""
 
-    def run(*subscriptions: str, **options: Any) -> Stats:
+    def run(*subscriptions: str, **options: Any) -> Counts:
         options.setdefault("poll_interval", 0.01)
         options.setdefault("until_idle", True)
         options.setdefault("handle_signals", False)

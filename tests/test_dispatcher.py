@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from django_pubsub import publish, publish_many, registry
+from django_pubsub import publish, publish_many, registry, signals
 from django_pubsub.backends import padded_ids
 from django_pubsub.dispatcher import MAX_HELD, DispatchLoop
 from django_pubsub.exceptions import HandlerImportError
@@ -19,6 +19,7 @@ from django_pubsub.models import Delivery, Dispatcher, Subscription, Topic
 from django_pubsub.registry import SubscriberSpec
 from django_pubsub.retry import Backoff
 from tests.conftest import FakeClock, runs, states, wait_for
+from tests.pubsub_app.subscribers import Gate
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -129,11 +130,9 @@ def test_an_expired_lease_is_delivered_again(dispatch: Any, clock: FakeClock) ->
     loop = DispatchLoop(
         subscriptions=["basic.one"], until_idle=True, handle_signals=False, clock=clock
     )
-    loop._prepare()
+    loop.start()
     try:
-        sub = loop._subs[Subscription.objects.get(name="basic.one").pk]
-        from django_pubsub.models import Topic
-
+        sub = loop.subscriptions[Subscription.objects.get(name="basic.one").pk]
         Topic.sequence_all(batch=10)
         Topic.fan_out(sub.topic_id, now=clock.now, batch=10)
         # Claimed by a dispatcher that then vanished: no handler runs, the lease stays.
@@ -142,17 +141,17 @@ def test_an_expired_lease_is_delivered_again(dispatch: Any, clock: FakeClock) ->
         )
     finally:
         loop.stop()
-        loop._shutdown()
+        loop.close()
     # While the lease holds: no second start, and --until-idle counts it as in flight.
     loop = DispatchLoop(
         subscriptions=["basic.one"], until_idle=True, handle_signals=False, clock=clock
     )
-    loop._prepare()
-    loop._pass()
+    loop.start()
+    loop.step()
     assert runs("basic.one") == []
-    assert not loop._idle()
+    assert not loop.idle()
     loop.stop()
-    loop._shutdown()
+    loop.close()
     clock.advance(31)
     dispatch("basic.one", clock=clock)
     assert [run.attempt for run in runs("basic.one")] == [2]
@@ -188,25 +187,28 @@ def test_a_dead_dispatchers_leases_are_taken_back_without_waiting(dispatch: Any)
     assert ghost.stopped_at is not None
 
 
-def test_shutdown_gives_back_claimed_work_that_never_started(clock: FakeClock) -> None:
-    publish_many("t.basic", [{"n": n} for n in range(3)])
+def test_shutdown_gives_back_claimed_work_that_never_started(clock: FakeClock, gate: Gate) -> None:
     loop = DispatchLoop(subscriptions=["basic.one"], workers=1, handle_signals=False, clock=clock)
-    loop._prepare()
-    gate = threading.Event()
-    loop._handlers = {pk: (lambda message: gate.wait(5)) for pk in loop._handlers}
-    loop._pass()  # claims one (one worker), which blocks on the gate
-    assert states("basic.one") == {"inflight": 1, "pending": 2}
-    # Hand the pool an extra claimed job no worker can take yet, then stop.
-    sub = next(iter(loop._subs.values()))
-    rows = Delivery.objects.claim(
-        sub, limit=1, now=clock.now, token="extra", dispatcher_id=loop.row.pk
-    )  # type: ignore[union-attr]
-    loop._submit(loop._jobs(sub, "extra", rows))
+    loop.start()
+    assert loop.parts is not None
+    pool = loop.parts.pool
+    # Quick ones first, one at a time: recorded, they let the next chunk (the one worker's
+    # share of a claim) grow past one. (The first opens the worker's connection: slow.)
+    for n in range(2):
+        publish("t.basic", {"n": f"quick {n}"})
+        loop.step()
+        wait_for(lambda: pool.busy_chunks == 0)
+        loop.step()
+    publish_many("t.basic", [{"n": n, "gate": True} for n in range(3)])
+    loop.step()  # one chunk for the one worker: the first runs, the rest waits behind it
+    wait_for(lambda: len(gate.started) == 1)
+    leased = states("basic.one")["inflight"]
+    assert leased >= 2
     loop.stop()
-    gate.set()
-    loop._shutdown()
-    assert loop.stats.given_back == 1
-    assert states("basic.one") == {"acked": 1, "pending": 2}
+    gate.open()
+    loop.close()
+    assert loop.counts.given_back == leased - 1
+    assert states("basic.one") == {"acked": 3, "pending": 2}
     assert (
         Delivery.objects.filter(state="pending").values_list("attempts", flat=True).distinct().get()
         == 0
@@ -224,16 +226,28 @@ def test_max_inflight_bounds_one_subscription() -> None:
         handle_signals=False,
         poll_interval=0.005,
     )
-    original = loop._claim
+    running = 0
+    lock = threading.Lock()
 
-    def watching(now: Any) -> int:
-        nonlocal peak
-        claimed = original(now)
-        peak = max(peak, Delivery.objects.filter(state="inflight").count())
-        return claimed
+    def started(**kwargs: Any) -> None:
+        nonlocal peak, running
+        with lock:
+            running += 1
+            peak = max(peak, running)
 
-    loop._claim = watching  # type: ignore[method-assign]
-    loop.run()
+    def done(**kwargs: Any) -> None:
+        nonlocal running
+        with lock:
+            running -= 1
+
+    # A slot is free again once its outcome is recorded, which is when success is signalled.
+    signals.delivery_started.connect(started)
+    signals.delivery_succeeded.connect(done)
+    try:
+        loop.run()
+    finally:
+        signals.delivery_started.disconnect(started)
+        signals.delivery_succeeded.disconnect(done)
     assert peak == 2
     assert states("slow.one") == {"acked": 8}
 
@@ -268,8 +282,8 @@ def test_a_named_subscription_whose_handler_does_not_import_stops_the_start() ->
     _break_handler("basic.one")
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False)
     with pytest.raises(HandlerImportError, match="does not import"):
-        # _load_subscriptions reads rows as they are; run() would first re-sync from code.
-        loop._load_subscriptions()
+        # load() reads rows as they are; run() would first re-sync from code.
+        loop.subscriptions.load()
 
 
 @contextmanager
@@ -307,7 +321,7 @@ def test_a_handler_that_does_not_import_leaves_its_deliveries_waiting(
         Subscription.objects.filter(name="basic.gone").update(
             handler="tests.pubsub_app.subscribers.basic_two"
         )
-        loop._next_import = 0.0
+        loop.subscriptions.retry_imports_soon()
         wait_for(lambda: states("basic.gone") == {"acked": 3})
 
 
@@ -318,16 +332,17 @@ def test_a_handler_module_that_raises_at_import_is_skipped_until_deactivated(
     broken = SubscriberSpec(name="basic.broken", topic="t.basic", handler=path)
     with caplog.at_level("ERROR", logger="django_pubsub"), _running_with(broken) as loop:
         # Retried imports raise again; the dispatcher keeps going.
-        loop._next_import = 0.0
-        wait_for(lambda: loop._next_import > 0.0)
+        retried = loop.subscriptions.imports_retried
+        loop.subscriptions.retry_imports_soon()
+        wait_for(lambda: loop.subscriptions.imports_retried > retried)
         publish("t.basic", {"n": 3})
         wait_for(lambda: states("basic.one") == {"acked": 4})
         assert "RuntimeError: settings for the mail server are missing" in caplog.text
         assert states("basic.broken") == {"pending": 4}
         # Deactivated meanwhile (a later deploy removed it): no more import attempts.
         Subscription.objects.filter(name="basic.broken").update(active=False)
-        loop._next_import = 0.0
-        wait_for(lambda: not loop._unloaded)
+        loop.subscriptions.retry_imports_soon()
+        wait_for(lambda: not loop.subscriptions.unloaded)
 
 
 def test_heartbeat_row_is_written_and_closed(dispatch: Any) -> None:
@@ -366,7 +381,7 @@ def test_a_database_error_part_way_through_recording_counts_nothing_twice(
 
     publish_many("t.basic", [{"n": 0, "fail_times": 1}, {"n": 1}])
     loop = DispatchLoop(subscriptions=["basic.one"], workers=2, handle_signals=False, clock=clock)
-    loop._prepare()
+    loop.start()
     try:
         ack = DeliveryQuerySet.ack
         calls = []
@@ -377,21 +392,22 @@ def test_a_database_error_part_way_through_recording_counts_nothing_twice(
                 raise OperationalError("connection lost")
             return ack(self, *args, **kwargs)
 
-        loop._pass()  # claims both; the workers run them
-        assert loop._pool is not None
-        wait_for(lambda: not loop._pool.busy)  # type: ignore[union-attr]
+        loop.step()  # claims both; the workers run them
+        assert loop.parts is not None
+        pool = loop.parts.pool
+        wait_for(lambda: not pool.busy_chunks)
         monkeypatch.setattr(DeliveryQuerySet, "ack", ack_once_failing)
         with pytest.raises(OperationalError):
-            loop._collect(clock.now)  # the failure is written, then the ack fails
-        loop._collect(clock.now)  # the ack again, and nothing else
+            loop.step()  # the failure is written, then the ack fails
+        loop.step()  # the ack again, and nothing else (the retry is not due)
         assert len(calls) == 2
-        assert (loop.stats.failed, loop.stats.retried, loop.stats.acked) == (1, 1, 1)
-        assert loop.stats.fenced == 0
-        assert sum(loop._inflight.values()) == 0
+        assert (loop.counts.failed, loop.counts.retried, loop.counts.acked) == (1, 1, 1)
+        assert loop.counts.fenced == 0
+        assert sum(loop.parts.claimer.in_flight.values()) == 0
         assert states("basic.one") == {"acked": 1, "retry": 1}
     finally:
         loop.stop()
-        loop._shutdown()
+        loop.close()
 
 
 def test_an_ordered_run_recovered_in_parts_charges_only_its_head(
@@ -406,15 +422,17 @@ def test_an_ordered_run_recovered_in_parts_charges_only_its_head(
     claimed = Delivery.objects.claim(sub, limit=10, now=clock.now, token="lost", dispatcher_id=None)
     assert [row.offset for row in claimed] == [1, 2, 3]
     loop = DispatchLoop(subscriptions=["ordered.one"], handle_signals=False, clock=clock)
-    loop._prepare()
+    loop.start()
+    assert loop.parts is not None
+    recovery = loop.parts.recovery
     try:
         with override_settings(PUBSUB={"BATCH_SIZE": 2}):  # the run is taken back in two parts
             for _ in range(2):
                 lost = Delivery.objects.inflight().filter(lease_token="lost").order_by("-offset")
-                loop._release(lost, clock.now, "lease expired before an ack", Q())
+                recovery.take_back(lost, clock.now, "lease expired before an ack", Q())
     finally:
         loop.stop()
-        loop._shutdown()
+        loop.close()
     rows = Delivery.objects.filter(subscription=sub).order_by("offset")
     assert [(row.offset, row.state, row.attempts) for row in rows] == [
         (0, "acked", 1),

@@ -3,7 +3,6 @@ one call sequences every topic, and on PostgreSQL a fan-out leases what it creat
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +15,7 @@ from django_pubsub.backends import Lease
 from django_pubsub.dispatcher import DispatchLoop
 from django_pubsub.models import Delivery, DeliveryQuerySet, Message, Subscription, Topic
 from tests.conftest import FakeClock, connection_lost, is_postgres, runs, states, wait_for
+from tests.pubsub_app.subscribers import Gate
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -109,15 +109,15 @@ def test_a_new_message_reaches_its_handler_through_the_fan_out_lease(
     clock: FakeClock, claimed: list[int]
 ) -> None:
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
-    loop._prepare()
+    loop.start()
     try:
-        loop._pass()  # settles in: nothing to do
+        loop.step()  # settles in: nothing to do
         publish("t.basic", {"n": 1})
-        loop._pass()
+        loop.step()
         wait_for(lambda: len(runs("basic.one")) == 1)
     finally:
         loop.stop()
-        loop._shutdown()
+        loop.close()
     assert states("basic.one") == {"acked": 1}
     assert [run.attempt for run in runs("basic.one")] == [1]
     # PostgreSQL: leased by the fan-out, no claim took anything. SQLite: a claim did.
@@ -129,43 +129,45 @@ def test_a_lease_whose_messages_were_not_read_is_given_back(clock: FakeClock) ->
     leases back, attempt and all, even when the first attempt to give back fails too."""
     publish_many("t.basic", [{"n": 1}, {"n": 2}])
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
-    loop._prepare()
-    real_jobs, real_give_back = loop._jobs, DeliveryQuerySet.give_back
-    loop._jobs = connection_lost  # type: ignore[method-assign]
+    loop.start()
+    assert loop.parts is not None
+    claimer = loop.parts.claimer
+    real_give_back = DeliveryQuerySet.give_back
+    claimer.jobs = connection_lost  # type: ignore[method-assign]
     DeliveryQuerySet.give_back = connection_lost  # type: ignore[method-assign]
     try:
         with pytest.raises(OperationalError):
-            loop._pass()
+            loop.step()
         # Leased to this live dispatcher, which could not give them back yet.
         leased = states("basic.one").get("inflight", 0)
         assert leased >= 1
-        loop._jobs = real_jobs  # type: ignore[method-assign]
+        del claimer.jobs  # the class's own again
         DeliveryQuerySet.give_back = real_give_back  # type: ignore[method-assign]
-        loop._pass()  # gives them back first, then claims them again
+        loop.step()  # gives them back first, then claims them again
         wait_for(lambda: len(runs("basic.one")) == 2)
-        loop._pass()
+        loop.step()
     finally:
         DeliveryQuerySet.give_back = real_give_back  # type: ignore[method-assign]
         loop.stop()
-        loop._shutdown()
+        loop.close()
     assert states("basic.one") == {"acked": 2}
     # The lost lease cost no attempt.
     assert [run.attempt for run in runs("basic.one")] == [1, 1]
-    assert loop.stats.given_back == leased
+    assert loop.counts.given_back == leased
 
 
 def test_an_ordered_subscription_is_never_leased_at_fan_out(
     clock: FakeClock, claimed: list[int]
 ) -> None:
     loop = DispatchLoop(subscriptions=["ordered.one"], handle_signals=False, clock=clock)
-    loop._prepare()
+    loop.start()
     try:
         publish("t.ordered", {"n": 1})
-        loop._pass()
+        loop.step()
         wait_for(lambda: len(runs("ordered.one")) == 1)
     finally:
         loop.stop()
-        loop._shutdown()
+        loop.close()
     assert sum(claimed) == 1  # claimed under its subscription's lock, as a run
 
 
@@ -195,51 +197,49 @@ def test_an_unordered_claim_whose_rows_were_not_read_is_given_back(clock: FakeCl
     Topic.sequence_all(batch=10)
     Topic.fan_out(topic.pk, now=clock.now, batch=10)  # no lease: the claim takes it
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
-    loop._prepare()
-    real_jobs = loop._jobs
-    loop._jobs = connection_lost  # type: ignore[method-assign]
+    loop.start()
+    assert loop.parts is not None
+    claimer = loop.parts.claimer
+    claimer.jobs = connection_lost  # type: ignore[method-assign]
     try:
         with pytest.raises(OperationalError):
-            loop._claim(clock.now)
+            claimer.claim(clock.now)
         assert states("basic.one") == {"pending": 1}
         assert set(Delivery.objects.values_list("attempts", flat=True)) == {0}
-        assert not loop._orphans
+        assert not claimer.orphans
     finally:
-        loop._jobs = real_jobs  # type: ignore[method-assign]
+        del claimer.jobs
         loop.stop()
-        loop._shutdown()
+        loop.close()
 
 
-def test_giving_back_leaves_what_a_worker_holds(clock: FakeClock) -> None:
-    publish_many("t.basic", [{"n": 1}, {"n": 2}])
+def test_giving_back_leaves_what_a_worker_holds(clock: FakeClock, gate: Gate) -> None:
+    publish_many("t.basic", [{"n": 1, "gate": True}, {"n": 2, "gate": True}])
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock, workers=1)
-    loop._prepare()
-    gate = threading.Event()
-    started: list[int] = []
-    loop._handlers = {
-        pk: (lambda m: (started.append(m.id), gate.wait(10))) for pk in loop._handlers
-    }
+    loop.start()
+    assert loop.parts is not None
+    parts = loop.parts
     try:
-        loop._pass()  # one worker: one delivery leased and running, the other pending
-        wait_for(lambda: len(started) == 1)
+        loop.step()  # one worker: one delivery leased and running, the other pending
+        wait_for(lambda: len(gate.started) == 1)
         sub = Subscription.objects.get(name="basic.one")
         assert loop.row is not None
         # Leased to this dispatcher by a claim whose rows never arrived.
         (orphan,) = Delivery.objects.claim(
             sub, limit=1, now=clock.now, token="lost", dispatcher_id=loop.row.pk
         )
-        loop._give_back_orphans()
-        running = Delivery.objects.get(message_id=started[0], subscription=sub)
+        parts.claimer.give_back_orphans()
+        running = Delivery.objects.get(message_id=gate.started[0][0], subscription=sub)
         assert running.state == "inflight"
         given = Delivery.objects.get(pk=orphan.delivery_id)
         assert (given.state, given.attempts) == ("pending", 0)
-        gate.set()
-        wait_for(lambda: loop._pool is not None and loop._pool.busy == 0)
-        loop._pass()
+        gate.open()
+        wait_for(lambda: parts.pool.busy_chunks == 0)
+        loop.step()
     finally:
-        gate.set()
+        gate.open()
         loop.stop()
-        loop._shutdown()
+        loop.close()
     assert states("basic.one").get("acked", 0) >= 1
 
 
@@ -263,14 +263,14 @@ def test_the_loop_compiles_no_statement_with_jit(clock: FakeClock) -> None:
     if not is_postgres():
         pytest.skip("PostgreSQL only")
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
-    loop._prepare()
+    loop.start()
     try:
         for _ in range(2):  # and again on a new connection, as after a lost one
-            loop._pass()
+            loop.step()
             with connection.cursor() as cursor:
                 cursor.execute("SHOW jit")
                 assert cursor.fetchone()[0] == "off"
-            loop._reset_connection()
+            connection.close()
     finally:
         loop.stop()
-        loop._shutdown()
+        loop.close()

@@ -9,41 +9,39 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection
 from django.utils import timezone
 
 from django_pubsub import publish, publish_many
 from django_pubsub.dispatcher import DispatchLoop
 from django_pubsub.models import Delivery
 from tests.conftest import FakeClock, connection_lost, is_postgres, runs, states, wait_for
+from tests.pubsub_app.subscribers import Gate
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_a_slow_pass_does_not_take_back_the_dispatchers_own_running_lease(
-    clock: FakeClock,
+    clock: FakeClock, gate: Gate
 ) -> None:
-    publish("t.slow", {"n": 1})  # slow.one: lease 1 s
+    message_id = publish("t.slow", {"n": 1, "gate": True})  # slow.one: lease 1 s
     loop = DispatchLoop(subscriptions=["slow.one"], handle_signals=False, clock=clock)
-    loop._prepare()
-    gate = threading.Event()
-    started = []
-    loop._handlers = {
-        pk: (lambda m: (started.append(m.attempt), gate.wait(10))) for pk in loop._handlers
-    }
-    loop._pass()
-    wait_for(lambda: started == [1])
+    loop.start()
+    assert loop.parts is not None
+    pool = loop.parts.pool
+    loop.step()
+    wait_for(lambda: gate.started == [(message_id, 1)])
     clock.advance(5)  # the database now says the lease expired: as after a long stall
-    loop._pass()
-    assert started == [1]  # not started a second time by its own dispatcher
+    loop.step()
+    assert gate.started == [(message_id, 1)]  # not started a second time by its dispatcher
     assert states("slow.one") == {"inflight": 1}
-    gate.set()
-    wait_for(lambda: loop._pool.busy == 0)  # type: ignore[union-attr]
-    loop._pass()
+    gate.open()
+    wait_for(lambda: pool.busy_chunks == 0)
+    loop.step()
     loop.stop()
-    loop._shutdown()
+    loop.close()
     assert states("slow.one") == {"acked": 1}
-    assert loop.stats.fenced == 0
+    assert loop.counts.fenced == 0
 
 
 def test_draining_keeps_the_leases_of_running_handlers() -> None:
@@ -58,7 +56,7 @@ def test_draining_keeps_the_leases_of_running_handlers() -> None:
     assert Delivery.objects.expired(timezone.now()).count() == 0
     thread.join(20)
     assert states("slow.one") == {"acked": 1}
-    assert loop.stats.fenced == 0
+    assert loop.counts.fenced == 0
 
 
 def test_the_dispatcher_survives_losing_its_connection() -> None:
@@ -85,13 +83,19 @@ def test_the_dispatcher_survives_losing_its_connection() -> None:
     assert states("basic.one") == {"acked": 40}
 
 
-def test_postgres_wakes_the_dispatcher_on_commit_not_on_the_next_poll() -> None:
-    if not is_postgres():
-        pytest.skip("SQLite has no LISTEN/NOTIFY: it polls")
+def test_a_commit_wakes_the_dispatcher_before_the_next_poll() -> None:
+    """PostgreSQL: NOTIFY, delivered at commit. SQLite: PRAGMA data_version, read when the
+    database's files change."""
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, poll_interval=5.0)
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
-    wait_for(lambda: loop._listener is not None and loop._listener.listening.is_set())
+    wait_for(
+        lambda: (
+            loop.parts is not None
+            and loop.parts.waker is not None
+            and loop.parts.waker.ready.is_set()
+        )
+    )
     time.sleep(0.3)  # let the loop settle into its 5 s wait
     latencies = []
     for n in range(3):
@@ -107,27 +111,26 @@ def test_postgres_wakes_the_dispatcher_on_commit_not_on_the_next_poll() -> None:
 
 
 def test_a_claim_whose_messages_cannot_be_read_is_rolled_back(clock: FakeClock) -> None:
-    from django.db import OperationalError
-
     publish_many("t.basic", [{"n": 1}, {"n": 2}])
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
-    loop._prepare()
-    real_jobs = loop._jobs
+    loop.start()
+    assert loop.parts is not None
+    claimer = loop.parts.claimer
 
     def connection_lost(*args: Any) -> Any:
         raise OperationalError("server closed the connection unexpectedly")
 
-    loop._jobs = connection_lost  # type: ignore[method-assign]
+    claimer.jobs = connection_lost  # type: ignore[method-assign]
     with pytest.raises(OperationalError):
-        loop._pass()
+        loop.step()
     # Not leased to a dispatcher that will never run them, and no attempt counted.
     assert states("basic.one") == {"pending": 2}
     assert set(Delivery.objects.values_list("attempts", flat=True)) == {0}
-    loop._jobs = real_jobs  # type: ignore[method-assign]
-    loop._pass()
+    del claimer.jobs  # the class's own again
+    loop.step()
     wait_for(lambda: len(runs("basic.one")) == 2)
     loop.stop()
-    loop._shutdown()
+    loop.close()
     assert states("basic.one") == {"acked": 2}
 
 
@@ -151,49 +154,48 @@ def test_a_host_clock_off_from_the_databases_is_warned_about(
 
 def test_passes_that_keep_failing_still_heartbeat(clock: FakeClock) -> None:
     """Or other dispatchers would presume this one dead and take back its running leases."""
-    from django.db import OperationalError
-
     from django_pubsub.models import Dispatcher, Topic
 
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
-    loop._prepare()
-    loop._pass()
+    loop.start()
+    loop.step()
     real = Topic.sequence_all
     Topic.sequence_all = connection_lost  # type: ignore[method-assign]
+    assert loop.row is not None
+    row = loop.row
     try:
         for _ in range(3):
-            clock.advance(10)  # past the 5 s heartbeat interval each time
+            clock.advance(10)  # past the heartbeat interval each time
             with pytest.raises(OperationalError):
-                loop._pass()
-            assert loop.row is not None
-            assert Dispatcher.objects.get(pk=loop.row.pk).last_seen == clock.now
+                loop.step()
+            # The heartbeat has a thread of its own: it beats while passes fail.
+            wait_for(lambda: Dispatcher.objects.get(pk=row.pk).last_seen == clock.now)
     finally:
         Topic.sequence_all = real  # type: ignore[method-assign]
         loop.stop()
-        loop._shutdown()
+        loop.close()
 
 
 def test_shutdown_gives_back_what_a_failed_claim_leased(clock: FakeClock) -> None:
-    from django_pubsub.models import Subscription
+    from django_pubsub.models import DeliveryQuerySet
 
     publish("t.basic", {"n": 1})
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
-    loop._prepare()
-    from django_pubsub.models import Topic
-
-    Topic.sequence_all(batch=10)
-    Topic.fan_out(Subscription.objects.get(name="basic.one").topic_id, now=clock.now, batch=10)
-    assert loop.row is not None
-    # As a claim whose rows were lost with the connection leaves it, the give-back failed.
-    Delivery.objects.claim(
-        Subscription.objects.get(name="basic.one"),
-        limit=1,
-        now=clock.now,
-        token="lost",
-        dispatcher_id=loop.row.pk,
-    )
-    loop._orphans = True
+    loop.start()
+    assert loop.parts is not None
+    claimer = loop.parts.claimer
+    # A claim whose rows were lost with the connection, and whose give-back failed too.
+    real_give_back = DeliveryQuerySet.give_back
+    claimer.jobs = connection_lost  # type: ignore[method-assign]
+    DeliveryQuerySet.give_back = connection_lost  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OperationalError):
+            loop.step()
+    finally:
+        DeliveryQuerySet.give_back = real_give_back  # type: ignore[method-assign]
+        del claimer.jobs
+    assert states("basic.one") == {"inflight": 1}
     loop.stop()
-    loop._shutdown()
+    loop.close()
     assert states("basic.one") == {"pending": 1}
     assert set(Delivery.objects.values_list("attempts", flat=True)) == {0}

@@ -33,15 +33,16 @@ def test_a_hung_handler_times_out_is_retried_and_its_late_ack_is_rejected() -> N
         # still gets workers: its messages are all handled while they hang.
         publish_many("t.basic", [{"n": n} for n in range(20)])
         wait_for(lambda: states("basic.one") == {"acked": 20}, timeout=HANG - 1)
-        assert loop.stats.timed_out == 2
+        assert loop.counts.timed_out == 2
         assert states("hang.one") == {"retry": 2}
-        pool = loop._pool
-        assert pool is not None and len(pool.stuck()) == 2
+        assert loop.parts is not None
+        pool = loop.parts.pool
+        assert len(pool.stuck()) == 2
         wait_for(lambda: Dispatcher.objects.get(pk=loop.row.pk).stuck == 2, timeout=2)  # type: ignore[union-attr]
         # The stuck runs hold hang.one's two slots (its max_inflight), so the retries wait
         # for them; then the late acks are fenced out and the retries succeed.
         wait_for(lambda: states("hang.one") == {"acked": 2}, timeout=HANG + 10)
-        wait_for(lambda: loop.stats.fenced == 2, timeout=5)
+        wait_for(lambda: loop.counts.fenced == 2, timeout=5)
     finally:
         loop.stop()
         thread.join(20)
@@ -51,7 +52,7 @@ def test_a_hung_handler_times_out_is_retried_and_its_late_ack_is_rejected() -> N
         assert error["error"].startswith("TimeoutError: handler still running after 0.3s")
         assert ", in record\n" in error["traceback"]  # the hung thread's stack: where it hung
     assert [run.attempt for run in runs("hang.one")] == [1, 1, 2, 2]
-    assert loop.stats.acked == 22
+    assert loop.counts.acked == 22
 
 
 def test_a_handler_that_always_hangs_is_dead_lettered_after_max_attempts() -> None:
@@ -98,8 +99,8 @@ def test_an_ordered_subscription_waits_for_its_timed_out_head_to_return() -> Non
 
 
 def test_a_slow_ack_of_an_ordered_run_is_no_timeout() -> None:
+    from django_pubsub.dispatcher.workers import Chunk, Job, WorkerPool
     from django_pubsub.message import Message as Snapshot
-    from django_pubsub.workers import Chunk, Job, WorkerPool
 
     acking, release = threading.Event(), threading.Event()
 
@@ -119,7 +120,7 @@ def test_a_slow_ack_of_an_ordered_run_is_no_timeout() -> None:
         assert acking.wait(5)
         time.sleep(0.1)  # past the handler's timeout, while its ack is being written
         assert pool.time_out() == [] and pool.stuck() == []
-        assert [j.delivery_id for j in pool.held_jobs()] == [1]  # still ours meanwhile
+        assert [j.delivery_id for j in pool.held()] == [1]  # still ours meanwhile
         release.set()
         wait_for(pool.has_outcomes)
         (outcome,) = pool.take_outcomes()

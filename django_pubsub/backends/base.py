@@ -9,6 +9,7 @@ migrations create them, and a test holds those names against the models.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -102,6 +103,9 @@ class FanOut(NamedTuple):
 class Waker(Protocol):
     """A thread that calls its wake function when another connection commits new
     messages; polling stays the safety net."""
+
+    # Set while it listens for commits.
+    ready: threading.Event
 
     def stop(self) -> None: ...
 

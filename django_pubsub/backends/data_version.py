@@ -46,7 +46,8 @@ class DataVersionWaker:
         self._wrapper = connection
         self._params = connection.get_connection_params()
         self._stop = threading.Event()
-        self.watching = threading.Event()
+        # Set while it watches.
+        self.ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pubsub-waker", daemon=True)
 
     @classmethod
@@ -71,7 +72,7 @@ class DataVersionWaker:
         try:
             cursor = raw.cursor()
             last = _data_version(cursor)
-            self.watching.set()
+            self.ready.set()
             while not self._stop.is_set():
                 if changes is not None:
                     changes.wait(IDLE_LOOK)

@@ -14,7 +14,7 @@ from typing import Any
 
 from django.db import connections
 
-from ..retry import Backoff
+from ..retry import ErrorBackoff
 
 logger = logging.getLogger("django_pubsub.backends.listen")
 
@@ -30,7 +30,8 @@ class Listener:
         self._wake = wake
         self._using = using
         self._stop = threading.Event()
-        self.listening = threading.Event()
+        # Set while it listens.
+        self.ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pubsub-listener", daemon=True)
 
     @classmethod
@@ -44,19 +45,17 @@ class Listener:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        backoff = Backoff(base=0.1, factor=2, maximum=MAX_RECONNECT_WAIT, jitter=0)
-        failures = 0
+        backoff = ErrorBackoff(maximum=MAX_RECONNECT_WAIT)
         while not self._stop.is_set():
             wait = 0.0
             try:
-                self._listen(reconnect=failures > 0)
-                failures = 0
+                self._listen(reconnect=backoff.failures > 0)
+                backoff.succeeded()
             except Exception:  # any failure: reconnect after a bounded wait
-                failures += 1
-                wait = backoff.delay(failures + 1)
+                wait = backoff.failed()
                 logger.warning("LISTEN connection lost, reconnecting in %.1fs", wait, exc_info=True)
             finally:
-                self.listening.clear()
+                self.ready.clear()
             # A wake-up after a reconnect: notifications sent meanwhile were lost.
             self._wake()
             self._stop.wait(wait)
@@ -67,7 +66,7 @@ class Listener:
         try:
             raw.autocommit = True
             raw.execute(f"LISTEN {CHANNEL}")
-            self.listening.set()
+            self.ready.set()
             if reconnect:
                 logger.info("listening again channel=%s", CHANNEL)
             while not self._stop.is_set():

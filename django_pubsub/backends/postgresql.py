@@ -33,7 +33,7 @@ from .base import (
 from .listen import CHANNEL, Listener
 
 # In a statement: lets its transaction commit without waiting for its WAL to reach the
-# disk (see PostgreSQLBackend.lazily).
+# disk (see PostgreSQLBackend.may_commit_lazily).
 LAZY_COMMIT = "set_config('synchronous_commit', 'off', true)"
 
 
@@ -48,7 +48,7 @@ class PostgreSQLBackend(Backend):
         self._kept: Any = None
         self._tuned: Any = None
 
-    def lazily(self) -> bool:
+    def may_commit_lazily(self) -> bool:
         """Whether a statement here may commit lazily (LAZY_COMMIT): only in a transaction
         of its own, which outside an atomic block a statement is.
 
@@ -117,7 +117,7 @@ class PostgreSQLBackend(Backend):
         with self.connection.wrap_database_errors, self.bound_cursor() as cursor:
             cursor.execute(
                 "SELECT topic_id, sequenced FROM django_pubsub_sequence(%s, %s, %s)",
-                [int(batch), self.lazily(), topic_id],
+                [int(batch), self.may_commit_lazily(), topic_id],
             )
             return {int(topic): int(count) for topic, count in cursor.fetchall()}
 
@@ -148,7 +148,7 @@ class PostgreSQLBackend(Backend):
         allows.) Their leases run from when the statement holds its locks.
         """
         connection = self.connection
-        lazy = f", {LAZY_COMMIT}" if self.lazily() else ""
+        lazy = f", {LAZY_COMMIT}" if self.may_commit_lazily() else ""
         at = connection.ops.adapt_datetimefield_value(now)
         params: list[Any] = [topic_id, topic_id, batch]
         moved = (
@@ -197,7 +197,7 @@ class PostgreSQLBackend(Backend):
         return (
             f"WITH {ctes}, claimed AS ({update}) SELECT c.id, c.attempts, m.id, m.{OFFSET}, "
             f"m.payload::text, m.payload_bytes, m.key, m.headers::text, m.published_at, "
-            f"{LAZY_COMMIT if self.lazily() else 'NULL'} "
+            f"{LAZY_COMMIT if self.may_commit_lazily() else 'NULL'} "
             f"FROM claimed c JOIN {MESSAGE} m ON m.id = c.message_id"
         )
 
@@ -221,11 +221,11 @@ class PostgreSQLBackend(Backend):
 
     def lazy_ack_sql(self, lazy: bool) -> str:
         """``lazy`` (outside a transaction): commit without waiting for the WAL flush, as
-        lazily() explains. The ack is visible to every other session at once and survives
-        the dispatcher's crash; only a crash of the database server itself may lose it,
-        and the message then runs again (guarantees 3). Evaluated for the row the primary
-        key finds, before the transaction commits."""
-        return f" AND {LAZY_COMMIT} IS NOT NULL" if lazy and self.lazily() else ""
+        may_commit_lazily() explains. The ack is visible to every other session at once
+        and survives the dispatcher's crash; only a crash of the database server itself
+        may lose it, and the message then runs again (guarantees 3). Evaluated for the row
+        the primary key finds, before the transaction commits."""
+        return f" AND {LAZY_COMMIT} IS NOT NULL" if lazy and self.may_commit_lazily() else ""
 
     # -- locks -----------------------------------------------------------------------------
 

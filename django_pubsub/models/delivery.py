@@ -279,6 +279,20 @@ class Delivery(models.Model):
     def __str__(self) -> str:
         return f"delivery {self.pk} of message {self.message_id} to {self.subscription_id}"
 
+    def claimed(self) -> Claimed:
+        """This delivery as a claim returns it: what its handler gets of its message."""
+        m = self.message
+        return Claimed(
+            self.pk,
+            self.attempts,
+            m.pk,
+            self.offset,
+            m.body,
+            m.key,
+            m.headers or {},
+            m.published_at,
+        )
+
     def why(self, now: datetime) -> str:
         """A sentence for an operator: where this delivery stands and what it waits for."""
         sub = self.subscription

@@ -32,12 +32,13 @@ class DispatcherQuerySet(models.QuerySet["Dispatcher"]):
         recent = now - timedelta(seconds=pubsub_settings.dispatcher_timeout)
         return self.alive().filter(last_seen__gte=recent).order_by("id")
 
-    def presumed_dead(self, now: datetime, *, timeout: float, me: Dispatcher) -> list[Dispatcher]:
-        """Running rows whose process is gone: silent too long, or known gone on this host."""
+    def presumed_dead(self, *, silent_before: datetime, me: Dispatcher) -> list[Dispatcher]:
+        """Running rows whose process is gone: silent since before ``silent_before``, or
+        known gone on this host."""
         host, namespace = socket.gethostname(), pid_namespace()
         dead = []
         for row in self.alive().exclude(pk=me.pk):
-            if row.last_seen < now - timedelta(seconds=timeout):
+            if row.last_seen < silent_before:
                 dead.append(row)
             elif row.hostname == host and row.pid_namespace == namespace and namespace:
                 # Same pid space: a pid that is ours (reused) or no longer exists is gone.

@@ -55,6 +55,11 @@ class Subscription(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @classmethod
+    def behind(cls, using: str = "default") -> list[int]:
+        """Active subscriptions with sequenced messages not yet fanned out to them."""
+        return [sub for sub, _ in backends.get(using).subscriptions_behind()]
+
     @property
     def effective_ordered(self) -> bool:
         return pubsub_settings.ordered if self.ordered is None else self.ordered

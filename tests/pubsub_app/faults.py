@@ -59,7 +59,7 @@ def _kill_before(func: Callable[..., Any], when: Callable[..., bool]) -> Callabl
 
 
 def install(step: str) -> None:
-    from django_pubsub.dispatcher import DispatchLoop
+    from django_pubsub.dispatcher.workers import WorkerPool
     from django_pubsub.models import DeliveryQuerySet, Topic
 
     if step not in STEPS:
@@ -73,8 +73,9 @@ def install(step: str) -> None:
         fan_out = _kill_before_commit(Topic.fan_out.__func__, lambda fanned: fanned.created > 0)  # type: ignore[attr-defined]
         Topic.fan_out = classmethod(fan_out)  # type: ignore[assignment]
     elif step == "after_claim":
-        DispatchLoop._submit = _kill_before(  # type: ignore[method-assign]
-            DispatchLoop._submit, lambda self, jobs: bool(jobs)
+        # Every claimed chunk reaches the pool through submit(), after its claim committed.
+        WorkerPool.submit = _kill_before(  # type: ignore[method-assign]
+            WorkerPool.submit, lambda self, chunk: bool(chunk.jobs)
         )
     elif step == "before_ack":
         DeliveryQuerySet.ack = _kill_before(  # type: ignore[method-assign]

@@ -12,6 +12,10 @@ class HandlerRun(models.Model):
     attempt = models.PositiveIntegerField()
     pid = models.PositiveIntegerField()
     payload = models.JSONField(null=True)
+    # time.time() when the handler began and ended, for payloads with "span": true (to
+    # check that runs which must not overlap did not).
+    started = models.FloatField(null=True)
+    ended = models.FloatField(null=True)
 
     def __str__(self) -> str:
         return f"{self.subscription} offset {self.offset} attempt {self.attempt}"

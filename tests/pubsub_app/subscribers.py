@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from django_pubsub import Message, subscriber
@@ -14,21 +15,55 @@ class Planned(Exception):
     """Raised by a handler because its payload asked it to fail."""
 
 
+class Gate:
+    """Handlers whose payload has ``"gate": true`` wait here (10 s at most) until a test
+    opens it: dispatchers in the test's own process only. ``started`` lists the (message
+    id, attempt) of each that reached it."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.started: list[tuple[int, int]] = []
+
+    def reset(self) -> None:
+        self.opened.clear()
+        self.started.clear()
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+GATE = Gate()
+
+
 def record(message: Message) -> None:
     payload = message.payload if not isinstance(message.payload, bytes) else None
-    HandlerRun.objects.create(
+    span = isinstance(payload, dict) and payload.get("span")
+    run = HandlerRun.objects.create(
         subscription=message.subscription,
         message_id=message.id,
         offset=message.offset,
         attempt=message.attempt,
         pid=os.getpid(),
         payload=payload,
+        started=time.time() if span else None,
     )
+    try:
+        _act_on(message, payload)
+    finally:
+        if span:
+            HandlerRun.objects.filter(pk=run.pk).update(ended=time.time())
+
+
+def _act_on(message: Message, payload: object) -> None:
+    """Do what the payload asks: die, wait, sleep, fail."""
     if isinstance(payload, dict):
         if payload.get("kill") == message.subscription and message.attempt == 1:
             from .faults import die
 
             die()
+        if payload.get("gate"):
+            GATE.started.append((message.id, message.attempt))
+            GATE.opened.wait(10)
         if payload.get("sleep"):
             time.sleep(payload["sleep"])
         if payload.get("sleep_first") and message.attempt == 1:
@@ -129,6 +164,22 @@ def hang_ordered(message: Message) -> None:
 
 
 # t.scale: five subscriptions on one topic for the scale-out test.
+# t.lock: short leases, for dispatchers held up by a lock while their handlers run.
+@subscriber("t.lock", name="lock.ordered", ordered=True, lease=1.0)
+def lock_ordered(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.lock", name="lock.unordered", lease=1.0)
+def lock_unordered(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.lock", name="lock.backlog")
+def lock_backlog(message: Message) -> None:
+    record(message)
+
+
 @subscriber("t.scale", name="scale.a")
 def scale_a(message: Message) -> None:
     record(message)

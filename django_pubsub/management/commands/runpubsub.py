@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_pubsub.dispatcher import DispatchLoop
 from django_pubsub.exceptions import PubSubError
+from django_pubsub.validation import is_positive_int
 
 LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
 
@@ -19,7 +20,7 @@ def positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
+    if not is_positive_int(value):
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
@@ -94,13 +95,13 @@ class Command(BaseCommand):
                 idle_wait=options["idle_wait"] or 0.0,
                 max_messages=options["max_messages"],
             )
-            stats = loop.run()
+            counts = loop.run()
         except (PubSubError, ValueError) as exc:
             raise CommandError(str(exc)) from exc
         if options["verbosity"] >= 1:
             self.stdout.write(
-                f"delivered={stats.acked} retried={stats.retried} dead={stats.dead} "
-                f"given_back={stats.given_back}"
+                f"delivered={counts.acked} retried={counts.retried} dead={counts.dead} "
+                f"given_back={counts.given_back}"
             )
 
     @staticmethod

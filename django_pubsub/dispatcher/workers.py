@@ -28,17 +28,22 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.db import close_old_connections, connections
 
-from . import signals
-from .message import Message
+from .. import signals
+from ..message import Message
 
-logger = logging.getLogger("django_pubsub.workers")
+logger = logging.getLogger("django_pubsub.dispatcher.workers")
+
+if TYPE_CHECKING:
+    from ..models import Claimed, Subscription
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -48,12 +53,38 @@ class Job:
     subscription_id: int
     message: Message
     handler: Callable[[Message], Any]
-    # time.monotonic() by which the dispatcher extends the lease again.
-    lease_expires: float = 0.0
+    # time.monotonic() when its lease runs out, as far as this process knows (the row's
+    # lease_expires_at is the database's word): the lease keeper extends it before then.
+    lease_deadline: float = 0.0
     # Seconds the handler may run (None: no limit), and time.monotonic() when it started.
     timeout: float | None = None
     started: float | None = None
     chunk: Chunk | None = None
+
+
+def handler_message(sub: Subscription, row: Claimed) -> Message:
+    """What the handler gets for a leased delivery of ``sub``."""
+    return Message(
+        id=row.message_id,
+        offset=row.offset,
+        topic=sub.topic.name,
+        payload=row.payload,
+        key=row.key,
+        headers=row.headers,
+        published_at=row.published_at,
+        attempt=row.attempt,
+        subscription=sub.name,
+        delivery_id=row.delivery_id,
+    )
+
+
+def by_token(items: Iterable[T], token: Callable[[T], str]) -> dict[str, list[T]]:
+    """``items`` grouped by the lease token they were claimed under: every statement that
+    changes leased rows names one token, which fences out any other holder."""
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        groups.setdefault(token(item), []).append(item)
+    return groups
 
 
 @dataclass(eq=False)
@@ -98,7 +129,6 @@ class Outcome:
 
 class WorkerPool:
     def __init__(self, size: int, on_done: Callable[[], None]) -> None:
-        self.size = size
         self._on_done = on_done
         self._lock = threading.Condition()
         self._queued: deque[Chunk] = deque()
@@ -130,8 +160,9 @@ class WorkerPool:
             logger.exception("could not start a worker thread; %s missing", self._missing)
 
     @property
-    def busy(self) -> int:
-        """Chunks handed over and not yet finished: running or about to run."""
+    def busy_chunks(self) -> int:
+        """Chunks handed over and not yet finished: running or about to run. (A chunk
+        holds one worker, so this counts the workers taken.)"""
         with self._lock:
             return len(self._active) + len(self._queued)
 
@@ -139,7 +170,7 @@ class WorkerPool:
         with self._lock:
             return list(self._stuck.values())
 
-    def held_jobs(self) -> list[Job]:
+    def held(self) -> list[Job]:
         """Jobs this process still answers for: queued, running, or finished but not yet
         recorded. Their leases are ours even if the database says they expired."""
         with self._lock:
@@ -150,9 +181,6 @@ class WorkerPool:
             held += self._acking.values()
             held += (o.job for o in self._outcomes if not o.late)
             return held
-
-    def held(self) -> list[int]:
-        return [job.delivery_id for job in self.held_jobs()]
 
     def time_out(self) -> list[Job]:
         """Fail the running jobs that outran their timeout; keep the pool at full strength.
@@ -308,7 +336,7 @@ class WorkerPool:
 
     @staticmethod
     def _run(job: Job) -> Outcome:
-        from .models import Subscription
+        from ..models import Subscription
 
         signals.send(signals.delivery_started, Subscription, message=job.message)
         started = time.monotonic()

@@ -1,0 +1,262 @@
+"""The claimer: what one dispatcher may take on (idle workers, each subscription's bound,
+--max-messages), how much at a time (chunks sized by handler time), and handing what it
+leased to the worker pool."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import Error
+
+from ..backends import Lease
+from ..conf import pubsub_settings
+from ..models import Claimed, Delivery, Dispatcher, Subscription, Topic
+from .counts import Counts
+from .subscriptions import Subscriptions
+from .workers import Chunk, Job, WorkerPool, by_token, handler_message
+
+logger = logging.getLogger("django_pubsub.dispatcher")
+
+Clock = Callable[[], datetime]
+# A chunk (the deliveries one worker runs in a row) grows, doubling from one, until it is
+# about this many seconds of handler time, and at most BATCH_SIZE deliveries.
+CHUNK_SECONDS = 0.05
+# Deliveries one process holds at most (all chunks of all workers): keeps every list of ids
+# in one statement under SQLite's default limit of 32,766 parameters.
+MAX_HELD = 20_000
+
+
+@dataclass
+class Budget:
+    """What one pass may still claim: idle workers, and deliveries left under
+    --max-messages (None: no such bound)."""
+
+    free: int
+    left: int | None
+    stuck: dict[int, int]
+    claimed: int = 0
+
+    @property
+    def spent(self) -> bool:
+        return self.free <= 0 or (self.left is not None and self.claimed >= self.left)
+
+
+class Claimer:
+    def __init__(
+        self,
+        *,
+        subscriptions: Subscriptions,
+        pool: WorkerPool,
+        row: Dispatcher,
+        counts: Counts,
+        workers: int,
+        max_messages: int | None,
+        clock: Clock,
+        stopping: Callable[[], bool],
+    ) -> None:
+        self.subscriptions = subscriptions
+        self.pool = pool
+        self.row = row
+        self.counts = counts
+        self.workers = workers
+        self.max_messages = max_messages
+        self.clock = clock
+        self.stopping = stopping
+        # Deliveries of each subscription in flight here, stuck ones included.
+        self.in_flight: dict[int, int] = defaultdict(int)
+        self._chunk_size: dict[int, int] = defaultdict(lambda: 1)
+        # A claim failed: deliveries may be leased here that no worker holds.
+        self.orphans = False
+
+    def budget(self) -> Budget | None:
+        """What this pass may claim; None if nothing."""
+        free = self.workers - self.pool.busy_chunks
+        left = None if self.max_messages is None else self.max_messages - self.counts.claimed
+        if free <= 0 or not self.subscriptions or left == 0 or self.stopping():
+            return None
+        stuck: dict[int, int] = defaultdict(int)
+        for job, _ in self.pool.stuck():
+            stuck[job.subscription_id] += 1
+        return Budget(free, left, stuck)
+
+    def limit(self, sub: Subscription, budget: Budget, chunks: int) -> int:
+        """How many deliveries of ``sub`` to claim now for ``chunks`` workers; 0: none."""
+        if sub.effective_ordered and self.in_flight[sub.pk]:
+            # Its head is running here, or a timed-out run of it is still stuck in a
+            # thread: nothing behind it (nor its own retry) may start until that ends.
+            return 0
+        limit = chunks * self._chunk_size[sub.pk]
+        bound = sub.effective_max_inflight
+        if bound is not None:
+            limit = min(limit, bound - self.in_flight[sub.pk])
+        elif budget.stuck[sub.pk] >= self.workers:
+            return 0  # hung runs already hold a pool's worth of threads: no more
+        if budget.left is not None:
+            limit = min(limit, budget.left - budget.claimed)
+        return max(0, limit)
+
+    def fan_out(self, topic_id: int, now: datetime, batch: int) -> int:
+        """Fan the topic out; where the database can, lease the first new deliveries of
+        its unordered subscriptions in the same statement, a chunk for each idle worker.
+        Returns how many deliveries were created."""
+        budget = self.budget()
+        leases: list[Lease] = []
+        promised = 0
+        if budget is not None and Topic.leases_at_fan_out():
+            for sub in self.subscriptions.rotated(advance=False):
+                if sub.topic_id != topic_id or sub.effective_ordered:
+                    continue  # an ordered run is claimed under its subscription's lock
+                limit = self.limit(sub, budget, 1)
+                if budget.left is not None:
+                    limit = min(limit, budget.left - promised)
+                if limit > 0 and len(leases) < budget.free:
+                    expires = self.clock() + timedelta(seconds=sub.effective_lease)
+                    leases.append(Lease(sub.pk, limit, uuid.uuid4().hex, expires))
+                    promised += limit
+        sent = time.monotonic()
+        try:
+            fanned = Topic.fan_out(
+                topic_id, now=now, batch=batch, leases=leases, dispatcher_id=self.row.pk
+            )
+            jobs = [
+                self.jobs(self.subscriptions[lease.subscription_id], lease.token, rows, sent)
+                for lease in leases
+                if (rows := fanned.leased.get(lease.subscription_id))
+            ]
+        except BaseException:
+            self._failed_claim()
+            raise
+        for sub_jobs in jobs:
+            assert budget is not None  # leased only with a budget
+            self._hand_out(sub_jobs, 1, budget)
+        return fanned.created
+
+    def claim(self, now: datetime) -> int:
+        """Claim for the idle workers, round robin over the subscriptions; how many."""
+        budget = self.budget()
+        if budget is None:
+            return 0
+        for sub in self.subscriptions.rotated():
+            ordered = sub.effective_ordered
+            chunks = 1 if ordered else budget.free  # an ordered run goes to one thread
+            limit = self.limit(sub, budget, chunks)
+            if limit <= 0:
+                continue
+            token = uuid.uuid4().hex
+            sent = time.monotonic()
+            try:
+                rows = Delivery.objects.claim(
+                    sub, limit=limit, now=now, token=token, dispatcher_id=self.row.pk
+                )
+                jobs = self.jobs(sub, token, rows, sent)
+            except BaseException:
+                self._failed_claim()
+                raise
+            self._hand_out(jobs, chunks, budget)
+            if budget.spent:
+                break
+        return budget.claimed
+
+    def jobs(self, sub: Subscription, token: str, rows: list[Claimed], sent: float) -> list[Job]:
+        """The handlers' jobs for deliveries leased by a statement sent at ``sent``
+        (time.monotonic()): their leases run out no sooner than a lease after that."""
+        deadline = sent + sub.effective_lease
+        handler, timeout = self.subscriptions.handler(sub.pk), sub.effective_timeout
+        return [
+            Job(
+                row.delivery_id,
+                token,
+                sub.pk,
+                handler_message(sub, row),
+                handler,
+                deadline,
+                timeout,
+            )
+            for row in rows
+        ]
+
+    def _failed_claim(self) -> None:
+        """A claim commits on its own: if it, or reading what it leased, failed (a lost
+        connection, even after the statement ran), deliveries may be leased to this live
+        dispatcher that no worker here will run. Give them back now, or in the next pass."""
+        self.orphans = True
+        self.give_back_orphans(quietly=True)
+
+    def _hand_out(self, jobs: list[Job], chunks: int, budget: Budget) -> None:
+        """Hand claimed jobs to the pool, spread over as many idle workers as there are
+        deliveries, up to ``chunks``; an ordered run goes to one worker whole.
+
+        Only after the claim committed: none runs on a lease that rolled back."""
+        if not jobs:
+            return
+        sub = self.subscriptions[jobs[0].subscription_id]
+        parts = 1 if sub.effective_ordered else min(chunks, len(jobs))
+        for part in range(parts):
+            chunk = jobs[part::parts]
+            self.in_flight[sub.pk] += len(chunk)
+            self.counts.claimed += len(chunk)
+            # An ordered run acks message n before n + 1 starts, even across a crash.
+            self.pool.submit(Chunk(chunk, ack=self._ack_one if sub.effective_ordered else None))
+        budget.free -= parts
+        budget.claimed += len(jobs)
+        # Let the workers start now. They need the interpreter's lock to run a handler,
+        # and would otherwise wait for this thread's next query to release it.
+        time.sleep(0)
+
+    def _ack_one(self, job: Job) -> bool:
+        """Ack one delivery from its worker thread, on that thread's connection."""
+        ids, token, now = [job.delivery_id], job.token, self.clock()
+        return bool(Delivery.objects.ack(ids, token=token, now=now, lazy=True))
+
+    def give_back_orphans(self, *, quietly: bool = False) -> None:
+        """Give back, attempt and all, what is leased to this dispatcher and held by no
+        worker here: what a failed claim may have left. ``quietly``: a database error
+        leaves that for the next pass instead of raising."""
+        try:
+            held = {(job.delivery_id, job.token) for job in self.pool.held()}
+            leased = Delivery.objects.inflight().filter(dispatcher=self.row)
+            rows = leased.values_list("id", "lease_token")
+            orphans = [
+                (delivery_id, token)
+                for delivery_id, token in rows
+                if token is not None and (delivery_id, token) not in held
+            ]
+            self.give_back_leases(orphans, self.clock())
+        except Error:
+            if not quietly:
+                raise
+            logger.warning("could not give back a failed claim's leases yet", exc_info=True)
+            return
+        self.orphans = False
+
+    def give_back(self, jobs: list[Job]) -> None:
+        """Return jobs no worker started, attempt and all, and free their slots."""
+        self.give_back_leases(((job.delivery_id, job.token) for job in jobs), self.clock())
+        for job in jobs:
+            self.in_flight[job.subscription_id] -= 1
+
+    def give_back_leases(self, leases: Iterable[tuple[int, str]], now: datetime) -> None:
+        """Return claimed deliveries, given as (delivery id, lease token), whose handler
+        never started, attempt and all."""
+        for token, pairs in by_token(leases, lambda pair: pair[1]).items():
+            ids = [delivery_id for delivery_id, _ in pairs]
+            self.counts.given_back += Delivery.objects.give_back(ids, token=token, now=now)
+
+    def ran(self, sub_id: int, durations: list[float]) -> None:
+        """Size the subscription's next chunks from how long its handlers just took:
+        doubling while a chunk stays under CHUNK_SECONDS of handler time.
+
+        Chunks start at one delivery: a fresh process (after a crash, say) claims little at
+        a time, so a delivery that kills the process is soon alone in its claim.
+        """
+        per_message = max(sum(durations) / len(durations), 1e-6)
+        fits = max(1, int(CHUNK_SECONDS / per_message))
+        cap = max(1, MAX_HELD // self.workers)
+        size = min(2 * self._chunk_size[sub_id], fits, pubsub_settings.batch_size, cap)
+        self._chunk_size[sub_id] = max(1, size)

@@ -1,0 +1,327 @@
+"""The dispatch loop: one polling dispatcher for every subscription, a bounded worker pool.
+
+Each step (a pass): fail handlers past their timeout and record what the workers finished
+(ack in one statement per claim, retry or dead-letter), give back what a failed claim left,
+sequence new messages, fan them out, claim as many due deliveries as there are idle
+workers, then take back leases nobody keeps. The heartbeat and the lease keeper run on
+their own thread; wake-ups (a commit of new messages) on another.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import DatabaseError, Error, connections
+from django.utils import timezone
+
+from .. import backends
+from ..backends import Waker
+from ..conf import pubsub_settings
+from ..models import Dispatcher, Topic
+from ..retry import ErrorBackoff, Random
+from ..sync import sync_subscriptions
+from .claimer import Claimer
+from .counts import Counts
+from .heartbeat import Heartbeat, Keeping
+from .leases import LeaseKeeper, Recovery
+from .outcomes import OutcomeRecorder
+from .stopping import on_stop
+from .subscriptions import Subscriptions
+from .workers import WorkerPool
+
+logger = logging.getLogger("django_pubsub.dispatcher")
+
+Clock = Callable[[], datetime]
+
+
+@dataclass
+class Parts:
+    """What a started loop is made of; each part owns its own state."""
+
+    row: Dispatcher
+    pool: WorkerPool
+    claimer: Claimer
+    outcomes: OutcomeRecorder
+    recovery: Recovery
+    keeping: Keeping
+    waker: Waker | None
+
+
+class DispatchLoop:
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        poll_interval: float | None = None,
+        subscriptions: Sequence[str] | None = None,
+        until_idle: bool = False,
+        idle_wait: float = 0.0,
+        max_messages: int | None = None,
+        shutdown_grace: float | None = None,
+        clock: Clock = timezone.now,
+        rand: Random = random.random,
+        handle_signals: bool = True,
+    ) -> None:
+        self.workers = workers or pubsub_settings.workers
+        self.poll_interval = poll_interval or pubsub_settings.poll_interval
+        self.until_idle = until_idle
+        self.idle_wait = idle_wait
+        self.max_messages = max_messages
+        self.shutdown_grace = (
+            pubsub_settings.shutdown_grace if shutdown_grace is None else shutdown_grace
+        )
+        self.clock = clock
+        self.rand = rand
+        self.handle_signals = handle_signals
+        self.counts = Counts()
+        self.subscriptions = Subscriptions(subscriptions)
+        self.parts: Parts | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._errors = ErrorBackoff()
+        # Whether the last step fanned out only the topics it had just sequenced.
+        self._fanned_out_only_sequenced = False
+
+    @property
+    def row(self) -> Dispatcher | None:
+        return self.parts.row if self.parts else None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> Counts:
+        """Start, step until stopped (or idle, or --max-messages), close."""
+        with on_stop(self.stop) if self.handle_signals else nullcontext():
+            try:
+                if self.start():
+                    self._steps()
+            finally:
+                self.close()
+        return self.counts
+
+    def stop(self) -> None:
+        """Stop claiming; running handlers get the shutdown grace to finish."""
+        self._stop.set()
+        self._wake.set()
+
+    def start(self) -> bool:
+        """Register and start the parts; False if stopped before the database could be
+        reached. The database may be down at first (a host booting, a failover): wait for
+        it with bounded backoff, answering stop() meanwhile."""
+        while True:
+            try:
+                sync_subscriptions()
+                self.subscriptions.load()
+                row = Dispatcher.register(self.clock())
+                break
+            except Error as exc:
+                delay = self._errors.failed()
+                logger.error(
+                    "database unavailable at start, retrying in %.1fs failures=%s: %s",
+                    delay,
+                    self._errors.failures,
+                    exc,
+                )
+                _reset_connection()
+                if self._stop.wait(delay):
+                    return False
+        self._errors.succeeded()
+        self.parts = self._assemble(row)
+        logger.info(
+            "dispatcher started id=%s workers=%s subscriptions=%s",
+            row.pk,
+            self.workers,
+            ",".join(sub.name for sub in self.subscriptions),
+        )
+        return True
+
+    def _assemble(self, row: Dispatcher) -> Parts:
+        subs, counts, clock = self.subscriptions, self.counts, self.clock
+        pool = WorkerPool(self.workers, on_done=self._wake.set)
+        claimer = Claimer(
+            subscriptions=subs,
+            pool=pool,
+            row=row,
+            counts=counts,
+            workers=self.workers,
+            max_messages=self.max_messages,
+            clock=clock,
+            stopping=self._stop.is_set,
+        )
+        outcomes = OutcomeRecorder(
+            subscriptions=subs,
+            pool=pool,
+            claimer=claimer,
+            counts=counts,
+            rand=self.rand,
+            clock=clock,
+        )
+        heartbeat = Heartbeat(row, pool)
+        recovery = Recovery(
+            subscriptions=subs,
+            pool=pool,
+            row=row,
+            counts=counts,
+            silent_before=heartbeat.silent_before,
+        )
+        keeping = Keeping(heartbeat, LeaseKeeper(subs, pool), clock)
+        keeping.start()
+        waker = backends.get().start_waker(self._wake.set)
+        return Parts(row, pool, claimer, outcomes, recovery, keeping, waker)
+
+    def step(self) -> bool:
+        """One pass; True if it did something (so the next should follow at once)."""
+        parts = self._parts()
+        # The loop keeps one connection whatever CONN_MAX_AGE says (closing it every pass
+        # would reconnect several times a second); a broken one is replaced after an error.
+        backends.get().tune_loop_connection()
+        now = self.clock()
+        self._time_out(parts)
+        progressed = parts.outcomes.record_finished(now) > 0
+        if parts.claimer.orphans:
+            parts.claimer.give_back_orphans()
+        self.subscriptions.retry_imports()
+        batch = pubsub_settings.batch_size
+        sequenced = Topic.sequence_all(batch=batch)
+        progressed |= bool(sequenced)
+        for topic_id in self._topics_to_fan_out(sequenced):
+            progressed |= parts.claimer.fan_out(topic_id, now, batch) > 0
+        progressed |= parts.claimer.claim(self.clock()) > 0
+        # Recovery comes last: first in a pass woken by a commit, it would stand between
+        # that commit and its handler.
+        progressed |= parts.recovery.run(self.clock()) > 0
+        return progressed
+
+    def _topics_to_fan_out(self, sequenced: dict[int, int]) -> list[int]:
+        """The topics just sequenced, or every topic with a subscription behind.
+
+        Looking for every subscription that is behind costs a round trip on the way from a
+        commit to its handler, and a pass that sequenced is followed at once by another.
+        So such a pass fans out just its topics, and the next one looks; never two passes
+        running, or a steady stream of messages would starve a subscription further
+        behind (or one whose topic another dispatcher sequenced).
+        """
+        only = bool(sequenced) and not self._fanned_out_only_sequenced
+        self._fanned_out_only_sequenced = only
+        return list(sequenced) if only else Topic.behind()
+
+    def _time_out(self, parts: Parts) -> None:
+        """Fail handlers that outran their subscription's timeout; report their threads."""
+        for job in parts.pool.time_out():
+            self.counts.timed_out += 1
+            logger.error(
+                "delivery id=%s subscription=%s attempt=%s timed out after %gs; its worker "
+                "thread stays busy until the handler returns, a new thread takes its place "
+                "stuck=%s",
+                job.delivery_id,
+                job.message.subscription,
+                job.message.attempt,
+                job.timeout,
+                len(parts.pool.stuck()),
+            )
+
+    def idle(self) -> bool:
+        """Nothing running here (stuck handlers included), nothing in flight anywhere,
+        nothing due within idle_wait."""
+        pool = self._parts().pool
+        if pool.busy_chunks or pool.has_outcomes() or pool.stuck():
+            return False  # a timed-out handler still running counts: it may still finish
+        horizon = self.clock() + timedelta(seconds=self.idle_wait)
+        return not self.subscriptions.work_due(horizon)
+
+    def _steps(self) -> None:
+        while not self._stop.is_set():
+            # Cleared before the pass, not after the wait: a wake-up that arrives during the
+            # pass makes the next wait return at once instead of being lost.
+            self._wake.clear()
+            try:
+                progressed = self.step()
+                idle = self.until_idle and not progressed and self.idle()
+            except Error:
+                # A lost connection or a restarted server must not end the dispatcher:
+                # back off (bounded), reconnect on the next pass, keep what is unrecorded.
+                delay = self._errors.failed()
+                logger.exception(
+                    "database error, retrying in %.1fs failures=%s", delay, self._errors.failures
+                )
+                _reset_connection()
+                self._stop.wait(delay)
+                continue
+            self._errors.succeeded()
+            if self._reached_max_messages():
+                return
+            if idle:
+                logger.info("idle, exiting")
+                return
+            if not progressed:
+                self._wake.wait(self.poll_interval)
+
+    def _reached_max_messages(self) -> bool:
+        """Claimed --max-messages deliveries and recorded all of them (acked, failed, or
+        fenced out because the lease was lost)."""
+        if self.max_messages is None or self.counts.claimed < self.max_messages:
+            return False
+        pool = self._parts().pool
+        return not pool.busy_chunks and not pool.has_outcomes()
+
+    def close(self) -> None:
+        """Drain and stop: unstarted work goes back, running handlers get the shutdown
+        grace, leases are kept until then, the row is marked stopped."""
+        parts = self.parts
+        try:
+            if parts is not None:
+                self._drain(parts)
+                if parts.waker is not None:
+                    parts.waker.stop()
+                parts.keeping.stop()
+                parts.row.stop(self.clock())
+        except DatabaseError:
+            logger.exception("database error during shutdown; leases left will expire")
+        finally:
+            _reset_connection()
+        logger.info(
+            "dispatcher stopped acked=%s retried=%s dead=%s",
+            self.counts.acked,
+            self.counts.retried,
+            self.counts.dead,
+        )
+
+    def _drain(self, parts: Parts) -> None:
+        """Give back unstarted work; let running handlers finish within the grace."""
+        pool, claimer = parts.pool, parts.claimer
+        claimer.give_back(pool.take_unstarted())
+        deadline = time.monotonic() + self.shutdown_grace
+        while (pool.busy_chunks or claimer.orphans) and time.monotonic() < deadline:
+            if claimer.orphans:
+                claimer.give_back_orphans(quietly=True)  # if the database is back
+            if not (pool.busy_chunks or claimer.orphans):
+                break
+            self._wake.wait(min(0.05, self.poll_interval))
+            self._wake.clear()
+            try:
+                self._time_out(parts)
+                parts.outcomes.record_finished(self.clock())
+            except Error:
+                logger.exception("database error while draining; retrying")
+                _reset_connection()
+        outcomes, still_running = pool.close()
+        parts.outcomes.record(outcomes, self.clock())
+        parts.outcomes.abandon(still_running)
+
+    def _parts(self) -> Parts:
+        if self.parts is None:
+            raise RuntimeError("the dispatch loop is not started: call start() first")
+        return self.parts
+
+
+def _reset_connection() -> None:
+    try:
+        connections["default"].close()
+    except Error:
+        pass
