@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from datetime import datetime
 from typing import Any
 
@@ -51,33 +52,41 @@ class ActionsAdmin(ReadOnlyAdmin):
         targets: QuerySet[Any],
         change: Callable[[Any, datetime], int],
         done: str,
+        *,
+        hold: str = "",
     ) -> None:
-        """Run ``change`` on ``targets`` (the selected rows it applies to) in one
-        transaction, log each row it changed, and tell the operator how many.
+        """Run ``change`` on ``targets`` (the selected rows it applies to), log each row it
+        changed, and tell the operator how many.
 
-        It runs in slices of ids that stay below SQLite's limit of parameters a statement,
-        however many rows were selected. A row it changed carries the action's time in
-        ``updated_at`` (and stays locked until the transaction commits): that is how the
-        log knows which rows it changed, and not those a dispatcher moved on meanwhile.
+        It works in slices of ids, each in a transaction of its own with its log entries:
+        below SQLite's limit of parameters a statement however many rows were selected,
+        and holding up no dispatcher for longer than a slice. A row it changed carries the
+        action's time in ``updated_at`` (and stays locked until its slice commits): that is
+        how the log knows which rows it changed, and not those a dispatcher moved on
+        meanwhile. ``hold`` (deliveries only): the action's name, for one that makes
+        earlier messages due again; ordered subscriptions are refused while they run and
+        held for its length (DeliveryQuerySet.holding).
         """
         now = timezone.now()
-        changed: list[Any] = []
+        ids = list(targets.order_by("pk").values_list("pk", flat=True))
+        count = 0
         try:
-            with transaction.atomic():
-                ids = list(targets.order_by("pk").values_list("pk", flat=True))
+            with targets.holding(hold, now) if hold else nullcontext():  # type: ignore[attr-defined]
                 for part in _slices(ids, ACT_SLICE):
-                    rows = targets.model.objects.filter(pk__in=part)
-                    change(rows, now)
-                    changed += rows.filter(updated_at=now)
-                if changed:
-                    LogEntry.objects.log_actions(
-                        _user_id(request), changed, CHANGE, change_message=done
-                    )
+                    with transaction.atomic():
+                        rows = targets.model.objects.filter(pk__in=part)
+                        change(rows, now)
+                        changed = list(rows.filter(updated_at=now))
+                        if changed:
+                            LogEntry.objects.log_actions(
+                                _user_id(request), changed, CHANGE, change_message=done
+                            )
+                    count += len(changed)
         except ActionRefused as refused:
             self.message_user(request, str(refused), messages.ERROR)
             return
-        level = messages.SUCCESS if changed else messages.WARNING
-        self.message_user(request, f"{done}: {len(changed)} of {len(ids)} selected.", level)
+        level = messages.SUCCESS if count else messages.WARNING
+        self.message_user(request, f"{done}: {count} of {len(ids)} selected.", level)
 
     def has_change_deliveries_permission(self, request: HttpRequest) -> bool:
         """For actions that change deliveries from another model's page."""
@@ -86,7 +95,8 @@ class ActionsAdmin(ReadOnlyAdmin):
         )
 
 
-# Rows changed a statement: below SQLite's 32,766 parameters, and small enough to log.
+# Rows changed a transaction: below SQLite's 32,766 parameters a statement, and small
+# enough to log and to hold no dispatcher up for long.
 ACT_SLICE = 10_000
 
 
@@ -163,7 +173,7 @@ class SubscriptionAdmin(ActionsAdmin):
     @admin.action(description="Replay all dead letters", permissions=["change_deliveries"])
     def replay_dead(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
         dead = Delivery.objects.filter(subscription__in=queryset, state=Delivery.State.DEAD)
-        self.act(request, dead, lambda rows, now: rows.replay(now), "Replayed")
+        self.act(request, dead, lambda rows, now: rows.replay(now), "Replayed", hold="replay")
 
     @admin.action(
         description="Seek to an offset or a time (deliver again from there)",
@@ -262,7 +272,7 @@ class DeliveryAdmin(ActionsAdmin):
     @admin.action(description="Replay (dead letters)", permissions=["change"])
     def replay(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
         dead = queryset.filter(state=Delivery.State.DEAD)
-        self.act(request, dead, lambda rows, now: rows.replay(now), "Replayed")
+        self.act(request, dead, lambda rows, now: rows.replay(now), "Replayed", hold="replay")
 
     @admin.action(
         description="Discard (pending, retry or dead): do not run them", permissions=["change"]

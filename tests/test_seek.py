@@ -231,3 +231,93 @@ def test_select_all_acts_on_more_rows_than_a_statement_takes_parameters(
     assert f"Discarded: {count} of {count} selected".encode() in response.content
     assert states("basic.one") == {"discarded": count}
     assert LogEntry.objects.count() == count
+
+
+@pytest.fixture
+def batches_seen(monkeypatch: pytest.MonkeyPatch, settings: Any) -> list[tuple[int, bool]]:
+    """Each batch a seek or a replay makes due again: (its size, whether ordered.one was
+    paused while it ran), with batches of 3."""
+    from django_pubsub.models import DeliveryQuerySet
+
+    settings.PUBSUB = {**settings.PUBSUB, "BATCH_SIZE": 3}
+    seen: list[tuple[int, bool]] = []
+    real = DeliveryQuerySet.run_again
+
+    def run_again(self: DeliveryQuerySet, now: datetime) -> int:
+        changed = real(self, now)
+        seen.append((changed, sub("ordered.one").paused))
+        return changed
+
+    monkeypatch.setattr(DeliveryQuerySet, "run_again", run_again)
+    return seen
+
+
+def test_a_seek_works_a_batch_at_a_time_and_holds_an_ordered_subscription(
+    dispatch: Any, batches_seen: list[tuple[int, bool]]
+) -> None:
+    publish_many("t.ordered", [{"n": n} for n in range(8)])
+    dispatch("ordered.one")
+    done = sub("ordered.one").seek(offset=0)
+    assert done.replayed == 8
+    # In batches of 3, no claim could start any of them before all were due again.
+    assert batches_seen == [(3, True), (3, True), (2, True)]
+    assert not sub("ordered.one").paused  # the hold ended with the seek
+    dispatch("ordered.one")
+    assert offsets_run("ordered.one")[8:] == list(range(8))
+
+
+def test_an_operators_pause_during_a_hold_stands(
+    dispatch: Any, batches_seen: list[tuple[int, bool]]
+) -> None:
+    publish_many("t.ordered", [{"n": n, "fail_times": 9} for n in range(4)])
+    dispatch("ordered.one", idle_wait=2)  # each dead in turn
+    assert states("ordered.one") == {"dead": 4}
+    from django_pubsub.models import DeliveryQuerySet
+
+    run_again = DeliveryQuerySet.run_again
+
+    def paused_by_an_operator_meanwhile(self: DeliveryQuerySet, now: datetime) -> int:
+        sub("ordered.one").pause()
+        return run_again(self, now)
+
+    DeliveryQuerySet.run_again = paused_by_an_operator_meanwhile  # type: ignore[method-assign]
+    try:
+        assert Delivery.objects.filter(subscription__name="ordered.one").replay(timezone.now()) == 4
+    finally:
+        DeliveryQuerySet.run_again = run_again  # type: ignore[method-assign]
+    assert [paused for _, paused in batches_seen] == [True, True]
+    assert sub("ordered.one").paused  # the operator's pause, not the hold's end, decides
+    assert states("ordered.one") == {"pending": 4}
+
+
+def test_a_seek_interrupted_half_way_is_finished_by_the_same_seek_again(
+    dispatch: Any, batches_seen: list[tuple[int, bool]]
+) -> None:
+    from django.db import OperationalError
+
+    from django_pubsub.models import DeliveryQuerySet
+
+    publish_many("t.ordered", [{"n": n} for n in range(8)])
+    dispatch("ordered.one")
+    real = DeliveryQuerySet.run_again
+    calls = 0
+
+    def dies_at_the_second_batch(self: DeliveryQuerySet, now: datetime) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OperationalError("the process doing the seek died")
+        return real(self, now)
+
+    DeliveryQuerySet.run_again = dies_at_the_second_batch  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OperationalError):
+            sub("ordered.one").seek(offset=0)
+    finally:
+        DeliveryQuerySet.run_again = real  # type: ignore[method-assign]
+    assert states("ordered.one") == {"pending": 3, "acked": 5}
+    done = sub("ordered.one").seek(offset=0)
+    assert (done.replayed, states("ordered.one")) == (5, {"pending": 8})
+    assert not sub("ordered.one").paused
+    dispatch("ordered.one")
+    assert offsets_run("ordered.one")[8:] == list(range(8))

@@ -7,7 +7,8 @@ token, so a transition that lost a race changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,6 +19,7 @@ from django.utils import timezone
 from .. import backends
 from ..backends import Claimed, padded_ids
 from ..backends.base import INFLIGHT_SQL, SUBSCRIPTION, UNFINISHED_SQL
+from ..conf import pubsub_settings
 from ..exceptions import ActionRefused
 from ..states import ENDED, UNFINISHED, WAITING, DeliveryState
 from .dispatcher import Dispatcher
@@ -142,26 +144,63 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         )
         return state if updated else None
 
-    # Operator actions. Each is one UPDATE of the rows still in the state it applies to, so
+    # Operator actions. Each is UPDATEs of the rows still in the state it applies to, so
     # one that races with the dispatcher (a retry that became due and was claimed
     # meanwhile, say) changes nothing of those rows; each returns how many it changed.
+    # They work a batch at a time (in_batches), so that however many rows they change,
+    # no claim, ack or fan-out waits on them for more than one batch.
+
+    def in_batches(self, change: Callable[[DeliveryQuerySet], int], *, by: str = "id") -> int:
+        """Apply ``change`` to these rows BATCH_SIZE at a time, in the order of ``by`` (a
+        unique column, or message_id within one subscription, whose unique index then
+        serves), each batch in a transaction of its own (inside a caller's transaction, in
+        that one); how many rows it changed."""
+        size, changed = pubsub_settings.batch_size, 0
+        rows = self.order_by(by)
+        while True:
+            keys = list(rows.values_list(by, flat=True)[:size])
+            if not keys:
+                return changed
+            with transaction.atomic(using=self.db):
+                changed += change(self.filter(**{f"{by}__in": keys}))
+            if len(keys) < size:
+                return changed
+            rows = self.order_by(by).filter(**{f"{by}__gt": keys[-1]})
 
     def retry_now(self, now: datetime) -> int:
         """Make deliveries waiting for a retry due at once."""
-        return self.filter(state=DeliveryState.RETRY).update(available_at=now, updated_at=now)
+        waiting = self.filter(state=DeliveryState.RETRY)
+        return waiting.in_batches(lambda rows: rows.update(available_at=now, updated_at=now))
 
     def replay(self, now: datetime) -> int:
         """Dead letters run again, due now, with ``max_attempts`` fresh attempts. Their
         error history stays. Refused (ActionRefused) for an ordered subscription while any
-        of its deliveries runs: the replayed one would start beside it."""
+        of its deliveries runs: the replayed one would start beside it; and an ordered
+        subscription is held while they are made due (see ``holding``)."""
         dead = self.filter(state=DeliveryState.DEAD)
+        with dead.holding("replay", now):
+            return dead.in_batches(lambda rows: rows.run_again(now))
+
+    @contextmanager
+    def holding(self, action: str, now: datetime) -> Iterator[None]:
+        """For an operator action that makes earlier messages due again a batch at a
+        time: refuse (ActionRefused) if an ordered subscription of these deliveries has
+        deliveries running, then hold those subscriptions (paused, no signal: see
+        Subscription.hold) until the block ends, so that no claim starts a run before the
+        action has made all of it due."""
         using = self._db or router.db_for_write(Delivery)  # type: ignore[attr-defined]
         # The model, without importing it: its module imports this one.
         subscription: Any = Delivery._meta.get_field("subscription").related_model
         with transaction.atomic(using=using):
-            subs = subscription.objects.using(using).filter(pk__in=dead.values("subscription_id"))
-            Delivery.objects.using(using).refuse_while_running(list(subs), "replay")
-            return dead.run_again(now)
+            ids = self.values("subscription_id")
+            subs = list(subscription.objects.using(using).filter(pk__in=ids))
+            Delivery.objects.using(using).refuse_while_running(subs, action)
+            held = [sub for sub in subs if sub.effective_ordered and sub.hold(now, using=using)]
+        try:
+            yield
+        finally:
+            for sub in held:
+                sub.release(now, using=using)
 
     def run_again(self, now: datetime) -> int:
         """Back to pending, due now, with fresh attempts (the error history stays): what
@@ -175,13 +214,16 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
             updated_at=now,
         )
 
-    def discard(self, now: datetime) -> int:
+    def discard(self, now: datetime, *, by: str = "id") -> int:
         """Give up on deliveries that wait (pending, retry) or are dead: they end
         ``discarded`` and do not run (unless a seek goes back before them). Inflight ones
-        are left to their handler."""
+        are left to their handler. ``by``: as in_batches()."""
         waiting_or_dead = (DeliveryState.PENDING, DeliveryState.RETRY, DeliveryState.DEAD)
-        return self.filter(state__in=waiting_or_dead).update(
-            state=DeliveryState.DISCARDED, finished_at=now, updated_at=now
+        return self.filter(state__in=waiting_or_dead).in_batches(
+            lambda rows: rows.update(
+                state=DeliveryState.DISCARDED, finished_at=now, updated_at=now
+            ),
+            by=by,
         )
 
     def refuse_while_running(self, subscriptions: Sequence[Subscription], action: str) -> None:

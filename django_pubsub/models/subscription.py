@@ -6,6 +6,7 @@ out* sequenced messages past it into ``Delivery`` rows.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import NamedTuple
 
@@ -21,6 +22,8 @@ from ..retry import Backoff
 from ..states import ENDED, WAITING
 from .delivery import Delivery
 from .log import Message, Topic
+
+logger = logging.getLogger("django_pubsub.models")
 
 
 class Subscription(models.Model):
@@ -98,11 +101,34 @@ class Subscription(models.Model):
 
         rows = Subscription.objects.filter(pk=self.pk, paused=not paused)
         changed = rows.update(paused=paused, updated_at=now) == 1
+        if not changed and paused:
+            # Paused already, maybe held by a seek or replay: the operator's pause is what
+            # the row says now, and the hold's end must leave it paused (release()).
+            Subscription.objects.filter(pk=self.pk, paused=True).update(updated_at=now)
         self.paused = paused
         if changed:
             signal = signals.subscription_paused if paused else signals.subscription_resumed
             signals.send(signal, Subscription, subscription=self)
         return changed
+
+    def hold(self, now: datetime, *, using: str = "default") -> bool:
+        """Pause it while an operator's action works in batches (a seek, a replay): no
+        claim starts part of the action's work before the rest is done. Not an operator's
+        pause (no signal), and False, with nothing to release, if it is paused already."""
+        rows = Subscription.objects.using(using).filter(pk=self.pk, paused=False)
+        return rows.update(paused=True, updated_at=now) == 1
+
+    def release(self, now: datetime, *, using: str = "default") -> bool:
+        """End a hold taken at ``now``, unless the row changed since (an operator paused or
+        resumed it, a deploy changed its options): then it stays as they left it."""
+        rows = Subscription.objects.using(using).filter(pk=self.pk, paused=True, updated_at=now)
+        released = rows.update(paused=False, updated_at=timezone.now()) == 1
+        if not released:
+            logger.warning(
+                "subscription %s changed while an operator's action held it; left as it is",
+                self.name,
+            )
+        return released
 
     def seek(
         self,
@@ -123,6 +149,12 @@ class Subscription(models.Model):
         Seeking to the topic's end (its next offset) skips everything. An ordered
         subscription is refused while any of its deliveries runs (pause it first), or one
         of the two would run beside the other. Bad arguments raise InvalidSeek.
+
+        The cursor moves in one short transaction under the subscription's row lock; the
+        deliveries change a batch at a time after it, so that a seek over a long backlog
+        holds up no claim or fan-out for more than a batch. An ordered subscription is
+        held (paused) meanwhile. Interrupted half way (the process died), the same seek
+        again finishes it, and an ordered subscription stays paused until then.
         """
         _check_seek(offset, at)
         now = now or timezone.now()
@@ -137,32 +169,11 @@ class Subscription(models.Model):
                 raise ActionRefused(f"subscription {self.pk} no longer exists")
             position = current.position
             Delivery.objects.using(using).refuse_while_running([current], "seek")
-            if at is not None:
-                sequenced = Message.objects.using(using).filter(
-                    topic_id=self.topic_id, offset__isnull=False, published_at__gte=at
-                )
-                offset = sequenced.aggregate(first=models.Min("offset"))["first"]
-            # Read after the lookup: sequencing may have moved it on meanwhile.
-            heads = Topic.objects.using(using).values_list("next_offset", flat=True)
-            end: int = heads.get(pk=self.topic_id)
-            point: int = end if offset is None else offset
-            if point > end:
-                raise InvalidSeek(
-                    f"seek() offset {point} is past the end of topic {current.topic} "
-                    f"(its next message gets offset {end})"
-                )
-            mine = Delivery.objects.using(using).filter(subscription_id=self.pk)
-            waiting = mine.unfinished().filter(offset__lt=point, state__in=WAITING)
-            skipped = waiting.discard(now)
-            replayed = mine.filter(offset__gte=point, state__in=ENDED).run_again(now)
+            point = _seek_point(current, offset, at, using)
+            held = current.effective_ordered and current.hold(now, using=using)
             passed_over = 0
-            if point < position:
-                # Messages it has no delivery of yet (published before it began, or passed
-                # over by an earlier seek): created here, so the fan-out need not go back.
-                replayed += backend.create_deliveries(
-                    cursor, self.pk, self.topic_id, point, position, now
-                )
-            elif point > position:
+            mine = Delivery.objects.using(using).filter(subscription_id=self.pk)
+            if point > position:
                 # What the cursor jumps over with no delivery to show for it.
                 had = mine.filter(offset__gte=position, offset__lt=point).count()
                 passed_over = point - position - had
@@ -170,7 +181,43 @@ class Subscription(models.Model):
                     position=point, updated_at=now
                 )
                 self.position = point
+        try:
+            waiting = mine.unfinished().filter(offset__lt=point, state__in=WAITING)
+            skipped = waiting.discard(now, by="message_id")
+            ended = mine.filter(offset__gte=point, state__in=ENDED)
+            replayed = ended.in_batches(lambda rows: rows.run_again(now), by="message_id")
+            # Messages it has no delivery of yet (published before it began, or passed over
+            # by an earlier seek): created here, so the fan-out need not go back.
+            batch = pubsub_settings.batch_size
+            for low in range(point, position, batch):
+                high = min(low + batch, position)
+                with transaction.atomic(using=using), backend.connection.cursor() as cursor:
+                    replayed += backend.create_deliveries(
+                        cursor, self.pk, self.topic_id, low, high, now
+                    )
+        finally:
+            if held:
+                current.release(now, using=using)
         return Seek(point, replayed, skipped, passed_over)
+
+
+def _seek_point(sub: Subscription, offset: int | None, at: datetime | None, using: str) -> int:
+    """The offset a seek goes to: ``offset``, or that of the first message published at or
+    after ``at`` (the topic's end if none was)."""
+    if at is not None:
+        sequenced = Message.objects.using(using).filter(
+            topic_id=sub.topic_id, offset__isnull=False, published_at__gte=at
+        )
+        offset = sequenced.aggregate(first=models.Min("offset"))["first"]
+    # Read after the lookup: sequencing may have moved it on meanwhile.
+    end: int = Topic.objects.using(using).values_list("next_offset", flat=True).get(pk=sub.topic_id)
+    point = end if offset is None else offset
+    if point > end:
+        raise InvalidSeek(
+            f"seek() offset {point} is past the end of topic {sub.topic} "
+            f"(its next message gets offset {end})"
+        )
+    return point
 
 
 def _check_seek(offset: int | None, at: datetime | None) -> None:
