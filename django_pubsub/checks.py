@@ -11,7 +11,7 @@ from django.db import DatabaseError
 from django.db.models import Q
 from django.utils.module_loading import import_string
 
-from . import conf, registry
+from . import backends, conf, registry
 
 SETTINGS_HINT = "See docs/reference/settings.md for every PUBSUB key and its default."
 
@@ -96,16 +96,7 @@ def check_sqlite(databases: Sequence[str] | None = None, **kwargs: Any) -> list[
 
 def sqlite_warnings(db: dict[str, Any]) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
-    if "sqlite3" not in db.get("ENGINE", ""):
-        return messages
-    options = db.get("OPTIONS", {})
-    missing = []
-    if str(options.get("transaction_mode", "")).upper() != "IMMEDIATE":
-        missing.append('"transaction_mode": "IMMEDIATE"')
-    if "journal_mode=wal" not in str(options.get("init_command", "")).lower().replace(" ", ""):
-        missing.append('"init_command": "PRAGMA journal_mode=WAL;"')
-    if float(options.get("timeout", 5)) < 5:
-        missing.append('"timeout": 20')
+    missing = backends.missing_options(db)
     if missing:
         messages.append(
             Warning(

@@ -16,7 +16,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.utils.module_loading import import_string
 
-from .base import Backend, Claimed, FanOut, Lease, Waker, padded_ids
+from .base import Backend
+from .rows import Claimed, FanOut, Lease, Waker, padded_ids
 
 __all__ = [
     "BACKENDS",
@@ -56,3 +57,14 @@ def for_connection(connection: Any) -> Backend:
 
 def get(using: str = "default") -> Backend:
     return for_connection(connections[using])
+
+
+def missing_options(database: dict[str, Any]) -> list[str]:
+    """What a database's settings (an entry of DATABASES) lack for a dispatcher and
+    handlers to write at the same time, as the options to add; read from the settings
+    alone, without connecting (for check W001)."""
+    if "sqlite3" in str(database.get("ENGINE", "")):
+        from .sqlite import SQLiteBackend
+
+        return SQLiteBackend.missing_options(database.get("OPTIONS", {}))
+    return []

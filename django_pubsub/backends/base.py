@@ -1,6 +1,6 @@
 """The interface every database backend offers, and what the backends share: the tables'
-names, the shapes of what a claim and a fan-out return, lists of ids of few shapes, and
-the statements that read the same on every database.
+names and the statements that read the same on every database (the claim, the ack, a
+new delivery).
 
 Nothing here imports the models (they import this): the tables are named as the
 migrations create them, and a test holds those names against the models.
@@ -9,16 +9,16 @@ migrations create them, and a test holds those names against the models.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 from django.db import transaction
 
 from ..states import ENDED, DeliveryState
+from .rows import Claimed, FanOut, Lease, Waker, in_list
 
 # Quoted as PostgreSQL and SQLite both quote names.
 TOPIC = '"django_pubsub_topic"'
@@ -52,94 +52,6 @@ INFLIGHT = DeliveryState.INFLIGHT.value
 TAKEN = (INFLIGHT, *(state.value for state in ENDED))
 
 
-def decode_body(payload: str | None, payload_bytes: bytes | memoryview | None) -> Any:
-    """A message's payload as published, from its columns as the database returns them:
-    bytes for binary payloads, JSON data decoded from its text otherwise."""
-    if payload_bytes is not None:
-        return bytes(payload_bytes)
-    return None if payload is None else json.loads(payload)
-
-
-class Claimed(NamedTuple):
-    """A delivery just leased, with what its handler needs of its message."""
-
-    delivery_id: int
-    attempt: int
-    message_id: int
-    offset: int
-    payload: Any
-    key: str | None
-    headers: dict[str, str]
-    published_at: datetime
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> Claimed:
-        """From the columns delivery id, attempt, message id, offset, payload as JSON
-        text, payload bytes, key, headers as JSON text, published at."""
-        payload = decode_body(row[4], row[5])
-        return cls(
-            row[0], row[1], row[2], row[3], payload, row[6], json.loads(row[7]) or {}, row[8]
-        )
-
-
-class Lease(NamedTuple):
-    """What a fan-out may lease of the deliveries it creates for one unordered
-    subscription: up to ``limit`` of them, to ``token`` until ``expires`` (counted from
-    when the fan-out holds its locks)."""
-
-    subscription_id: int
-    limit: int
-    token: str
-    expires: datetime
-
-
-class FanOut(NamedTuple):
-    # Deliveries created.
-    created: int
-    # Those leased as they were created, by subscription id.
-    leased: dict[int, list[Claimed]]
-
-
-class Waker(Protocol):
-    """A thread that calls its wake function when another connection commits new
-    messages; polling stays the safety net."""
-
-    # Set while it listens for commits.
-    ready: threading.Event
-
-    def stop(self) -> None: ...
-
-
-PADDED_STEP = 1024
-
-
-def padded_ids(ids: Iterable[int]) -> list[int]:
-    """``ids`` with negative ids (which no row has) added up to the next power of two, or
-    past 1,024 to the next multiple of 1,024; an empty list stays empty (no query at all).
-
-    The dispatcher's statements that list ids would otherwise take a new shape for every
-    count, and each shape is a statement the database driver prepares and keeps: on
-    SQLite a hundred and twenty-eight of them a connection, about 10 MB more memory in a
-    busy dispatcher before that cache is full. So a few shapes serve every count, and a
-    list of the most a dispatcher holds stays under SQLite's 32,766 parameters a
-    statement. (Distinct fillers: the ORM drops repeated values from an IN list.)
-    """
-    found = list(ids)
-    count = len(found)
-    if count <= 1:
-        return found
-    size = 1 << (count - 1).bit_length()
-    if size > PADDED_STEP:
-        size = -(-count // PADDED_STEP) * PADDED_STEP
-    return found + list(range(-1, count - size - 1, -1))
-
-
-def in_list(ids: Sequence[int]) -> tuple[str, list[Any]]:
-    """``IN (...)`` for ``ids``, padded to few shapes, and its parameters."""
-    params = padded_ids(ids)
-    return f"IN ({', '.join(['%s'] * len(params))})", params
-
-
 class Backend:
     """What differs per database, for one Django connection (``for_connection()`` keeps
     one per connection, so per thread). The models call it; nothing else decides by the
@@ -148,6 +60,10 @@ class Backend:
     vendor = ""
     # Whether fan_out() can lease the deliveries it creates (a claim's round trip saved).
     leases_at_fan_out = False
+    # Whether an unordered claim skips rows other claims hold (rather than wait for them).
+    skip_locked = False
+    # How the claim's UPDATE finds the picked rows by primary key.
+    in_picked = "IN (SELECT picked_id FROM picked)"
 
     def __init__(self, connection: Any) -> None:
         self.connection = connection
@@ -273,41 +189,8 @@ class Backend:
         another claim holds.
         """
         started = time.monotonic()
-        if ordered:
-            # While the head is inflight or waiting for a retry, nothing behind it starts.
-            ctes = (
-                f"head AS MATERIALIZED (SELECT id, {OFFSET} AS o, state, available_at "
-                f"FROM {DELIVERY} WHERE subscription_id = %s AND {UNFINISHED_SQL} "
-                f"AND state IN (%s, %s, %s) ORDER BY {OFFSET} LIMIT %s), "
-                f"picked AS MATERIALIZED (SELECT id AS picked_id FROM head WHERE o < COALESCE("
-                f"(SELECT MIN(o) FROM head WHERE state = %s OR available_at > %s), o + 1) "
-                f"AND {NOT_PAUSED_SQL})"
-            )
-            cte_params: list[Any] = [subscription_id, PENDING, RETRY, INFLIGHT, limit]
-            cte_params += [INFLIGHT, now, subscription_id]
-        else:
-            skip = " FOR UPDATE SKIP LOCKED" if self.skip_locked else ""
-            # MATERIALIZED: PostgreSQL may otherwise rescan a LIMIT ... SKIP LOCKED subquery
-            # as part of a join and lease more rows than asked for.
-            ctes = (
-                f"picked AS MATERIALIZED (SELECT id AS picked_id FROM {DELIVERY} "
-                f"WHERE subscription_id = %s AND {UNFINISHED_SQL} AND state IN (%s, %s) "
-                f"AND available_at <= %s AND {NOT_PAUSED_SQL} "
-                f"ORDER BY {OFFSET} LIMIT %s{skip})"
-            )
-            cte_params = [subscription_id, PENDING, RETRY, now, subscription_id, limit]
-        # Each picked row by its primary key. Statistics of a table of acked rows say
-        # "about one unfinished row", so a join with the picked rows, or a state test the
-        # partial index answers, gets planned as a scan of all unfinished rows compared
-        # with each picked one: quadratic, 0.5 s a claim behind a backlog of 20,000. The
-        # state is re-checked (a concurrent ack or claim may have changed it) in a form
-        # that index cannot answer.
-        update = (
-            f"UPDATE {DELIVERY} SET state = %s, attempts = attempts + 1, lease_token = %s, "
-            f"lease_expires_at = %s, dispatcher_id = %s, updated_at = %s "
-            f"WHERE id {self.in_picked} AND state NOT IN (%s, %s, %s, %s) AND available_at <= %s "
-            f"RETURNING id, attempts, message_id"
-        )
+        ctes, cte_params = _picked(subscription_id, ordered, limit, now, self.skip_locked)
+        update = _claim_update(self.in_picked)
         sql = self.claim_sql(ctes, update)
         with self.claiming(ordered) as cursor:
             if ordered:
@@ -321,11 +204,6 @@ class Backend:
             claimed = self.claimed_rows(cursor)
         claimed.sort(key=lambda row: row.offset)
         return claimed
-
-    # How the claim's UPDATE finds the picked rows by primary key.
-    in_picked = "IN (SELECT picked_id FROM picked)"
-    # Whether an unordered claim skips rows other claims hold (rather than wait for them).
-    skip_locked = False
 
     def claim_sql(self, ctes: str, update: str) -> str:
         return f"WITH {ctes} {update}"
@@ -423,3 +301,50 @@ class Backend:
     def bound_cursor(self, *, keep: bool = False) -> AbstractContextManager[Any]:
         """A cursor that sends parameters apart from the SQL where the driver can."""
         return self.connection.cursor()  # type: ignore[no-any-return]
+
+
+def _picked(
+    subscription_id: int, ordered: bool, limit: int, now: datetime, skip_locked: bool
+) -> tuple[str, list[Any]]:
+    """The CTEs that pick what a claim leases (``picked``), and their parameters."""
+    if ordered:
+        # A run from the head of the log: the lowest unfinished offsets, up to the first
+        # one that is inflight or not yet due. While the head is inflight or waiting for a
+        # retry, nothing behind it starts.
+        ctes = (
+            f"head AS MATERIALIZED (SELECT id, {OFFSET} AS o, state, available_at "
+            f"FROM {DELIVERY} WHERE subscription_id = %s AND {UNFINISHED_SQL} "
+            f"AND state IN (%s, %s, %s) ORDER BY {OFFSET} LIMIT %s), "
+            f"picked AS MATERIALIZED (SELECT id AS picked_id FROM head WHERE o < COALESCE("
+            f"(SELECT MIN(o) FROM head WHERE state = %s OR available_at > %s), o + 1) "
+            f"AND {NOT_PAUSED_SQL})"
+        )
+        params: list[Any] = [subscription_id, PENDING, RETRY, INFLIGHT, limit]
+        return ctes, [*params, INFLIGHT, now, subscription_id]
+    skip = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
+    # MATERIALIZED: PostgreSQL may otherwise rescan a LIMIT ... SKIP LOCKED subquery as part
+    # of a join and lease more rows than asked for.
+    ctes = (
+        f"picked AS MATERIALIZED (SELECT id AS picked_id FROM {DELIVERY} "
+        f"WHERE subscription_id = %s AND {UNFINISHED_SQL} AND state IN (%s, %s) "
+        f"AND available_at <= %s AND {NOT_PAUSED_SQL} "
+        f"ORDER BY {OFFSET} LIMIT %s{skip})"
+    )
+    return ctes, [subscription_id, PENDING, RETRY, now, subscription_id, limit]
+
+
+def _claim_update(in_picked: str) -> str:
+    """The claim's UPDATE of the picked rows, each found by its primary key (``in_picked``).
+
+    Statistics of a table of acked rows say "about one unfinished row", so a join with the
+    picked rows, or a state test the partial index answers, gets planned as a scan of all
+    unfinished rows compared with each picked one: quadratic, 0.5 s a claim behind a
+    backlog of 20,000. The state is re-checked (a concurrent ack or claim may have changed
+    it) in a form that index cannot answer.
+    """
+    return (
+        f"UPDATE {DELIVERY} SET state = %s, attempts = attempts + 1, lease_token = %s, "
+        f"lease_expires_at = %s, dispatcher_id = %s, updated_at = %s "
+        f"WHERE id {in_picked} AND state NOT IN (%s, %s, %s, %s) AND available_at <= %s "
+        f"RETURNING id, attempts, message_id"
+    )

@@ -26,11 +26,9 @@ from .base import (
     TOPIC,
     UNFINISHED_SQL,
     Backend,
-    Claimed,
-    FanOut,
-    Lease,
 )
 from .listen import CHANNEL, Listener
+from .rows import Claimed, FanOut, Lease
 
 # In a statement: lets its transaction commit without waiting for its WAL to reach the
 # disk (see PostgreSQLBackend.may_commit_lazily).

@@ -16,12 +16,9 @@ from .base import (
     SUBSCRIPTION,
     TOPIC,
     Backend,
-    Claimed,
-    FanOut,
-    Lease,
-    in_list,
 )
 from .data_version import DataVersionWaker
+from .rows import Claimed, FanOut, Lease, in_list
 
 # The message columns a claim's handlers get, as the ORM would read them.
 _MESSAGE_FIELDS = ("id", "offset", "payload", "payload_bytes", "key", "headers", "published_at")
@@ -32,6 +29,21 @@ _READ_MESSAGES = 'SELECT {} FROM {} WHERE {}."id" '.format(
 
 class SQLiteBackend(Backend):
     vendor = "sqlite"
+
+    @staticmethod
+    def missing_options(options: dict[str, Any]) -> list[str]:
+        """The OPTIONS without which writers can fail with "database is locked": each
+        transaction takes the write lock up front (IMMEDIATE), readers do not block the
+        writer (WAL), and a writer waits its turn long enough (timeout)."""
+        missing = []
+        if str(options.get("transaction_mode", "")).upper() != "IMMEDIATE":
+            missing.append('"transaction_mode": "IMMEDIATE"')
+        init = str(options.get("init_command", "")).lower().replace(" ", "")
+        if "journal_mode=wal" not in init:
+            missing.append('"init_command": "PRAGMA journal_mode=WAL;"')
+        if float(options.get("timeout", 5)) < 5:
+            missing.append('"timeout": 20')
+        return missing
 
     # -- publishing ------------------------------------------------------------------------
 
