@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from typing import Any
 
@@ -53,7 +53,7 @@ class ActionsAdmin(ReadOnlyAdmin):
         change: Callable[[Any, datetime], int],
         done: str,
         *,
-        hold: str = "",
+        hold: Callable[[Any, datetime], AbstractContextManager[None]] | None = None,
     ) -> None:
         """Run ``change`` on ``targets`` (the selected rows it applies to), log each row it
         changed, and tell the operator how many.
@@ -63,15 +63,15 @@ class ActionsAdmin(ReadOnlyAdmin):
         and holding up no dispatcher for longer than a slice. A row it changed carries the
         action's time in ``updated_at`` (and stays locked until its slice commits): that is
         how the log knows which rows it changed, and not those a dispatcher moved on
-        meanwhile. ``hold`` (deliveries only): the action's name, for one that makes
-        earlier messages due again; ordered subscriptions are refused while they run and
-        held for its length (DeliveryQuerySet.holding).
+        meanwhile. ``hold`` (deliveries only): what holds their subscriptions for the
+        length of the action (DeliveryQuerySet.holding), where a claim between two slices
+        would run part of its work before the rest is done.
         """
         now = timezone.now()
         ids = list(targets.order_by("pk").values_list("pk", flat=True))
         count = 0
         try:
-            with targets.holding(hold, now) if hold else nullcontext():  # type: ignore[attr-defined]
+            with hold(targets, now) if hold else nullcontext():
                 for part in _slices(ids, ACT_SLICE):
                     with transaction.atomic():
                         rows = targets.model.objects.filter(pk__in=part)
@@ -164,7 +164,8 @@ class SubscriptionAdmin(ActionsAdmin):
 
     @admin.action(description="Pause: claim nothing more of it", permissions=["change"])
     def pause(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
-        self.act(request, queryset.filter(paused=False), _each(Subscription.pause), "Paused")
+        # Paused ones too: one held by a seek or replay then stays paused when it ends.
+        self.act(request, queryset, _each(Subscription.pause), "Paused")
 
     @admin.action(description="Resume", permissions=["change"])
     def resume(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
@@ -173,7 +174,7 @@ class SubscriptionAdmin(ActionsAdmin):
     @admin.action(description="Replay all dead letters", permissions=["change_deliveries"])
     def replay_dead(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
         dead = Delivery.objects.filter(subscription__in=queryset, state=Delivery.State.DEAD)
-        self.act(request, dead, lambda rows, now: rows.replay(now), "Replayed", hold="replay")
+        self.act(request, dead, _replay, "Replayed", hold=_holding_replay)
 
     @admin.action(
         description="Seek to an offset or a time (deliver again from there)",
@@ -208,6 +209,22 @@ class SubscriptionAdmin(ActionsAdmin):
             LogEntry.objects.log_actions(_user_id(request), [sub], CHANGE, change_message=what)
             self.message_user(request, f"{sub}: {what}.", messages.SUCCESS)
         return None
+
+
+def _replay(rows: QuerySet[Delivery], now: datetime) -> int:
+    return rows.replay(now)  # type: ignore[attr-defined,no-any-return]
+
+
+def _discard(rows: QuerySet[Delivery], now: datetime) -> int:
+    return rows.discard(now)  # type: ignore[attr-defined,no-any-return]
+
+
+def _holding_replay(rows: Any, now: datetime) -> AbstractContextManager[None]:
+    return rows.holding("replay", now)  # type: ignore[no-any-return]
+
+
+def _holding_discard(rows: Any, now: datetime) -> AbstractContextManager[None]:
+    return rows.holding("discard", now, refuse=False, every=True)  # type: ignore[no-any-return]
 
 
 def _each(
@@ -272,14 +289,14 @@ class DeliveryAdmin(ActionsAdmin):
     @admin.action(description="Replay (dead letters)", permissions=["change"])
     def replay(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
         dead = queryset.filter(state=Delivery.State.DEAD)
-        self.act(request, dead, lambda rows, now: rows.replay(now), "Replayed", hold="replay")
+        self.act(request, dead, _replay, "Replayed", hold=_holding_replay)
 
     @admin.action(
         description="Discard (pending, retry or dead): do not run them", permissions=["change"]
     )
     def discard(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
         waiting = queryset.filter(state__in=[*Delivery.WAITING, Delivery.State.DEAD])
-        self.act(request, waiting, lambda rows, now: rows.discard(now), "Discarded")
+        self.act(request, waiting, _discard, "Discarded", hold=_holding_discard)
 
     @admin.display(description="attempts that failed")
     def error_history(self, obj: Delivery) -> str:

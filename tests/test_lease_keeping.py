@@ -1,5 +1,5 @@
 """A dispatcher held up by a lock keeps its leases: two real runpubsub processes with 1 s
-leases and 2 s handlers, while a pass of each waits on a lock for longer than a lease.
+leases and 1.5 s handlers, while a pass of each waits on a lock for longer than a lease.
 
 Invariants: no delivery runs twice (no crash explains one), none is lost, an ordered
 subscription's runs never overlap.
@@ -21,9 +21,10 @@ from django_pubsub import publish, publish_many
 from django_pubsub.models import Delivery, Subscription, Topic
 from tests.conftest import is_postgres, runs, states, wait_for
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Minutes, not seconds: an ordered subscription runs every message one after the other.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(600)]
 RUN = ("lock.ordered", "lock.unordered")  # lease 1 s each
-HANDLER = {"sleep": 2.0, "span": True}
+HANDLER = {"sleep": 1.5, "span": True}
 
 
 def _two_dispatchers(runpubsub: Any, tmp_path: Path) -> list[Any]:

@@ -8,6 +8,8 @@ import signal
 import statistics
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -155,15 +157,36 @@ def test_a_second_sigint_exits_at_once(runpubsub: Any, tmp_path: Path) -> None:
     assert "stopped; lease taken back" in delivery.errors[0]["error"]
 
 
+@contextmanager
+def _writer_lock_held() -> Iterator[None]:
+    """On SQLite, hold the one writer lock for a moment. A process frozen while it holds it
+    would stop every other one until it runs again (SQLite cannot take a lock back from a
+    living process): freezing it inside this block freezes it between two writes."""
+    if connection.vendor != "sqlite":
+        yield
+        return
+    import sqlite3
+
+    raw = sqlite3.connect(connection.settings_dict["NAME"], timeout=30, isolation_level=None)
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+        yield
+        raw.execute("ROLLBACK")
+    finally:
+        raw.close()
+
+
 def test_a_paused_dispatchers_late_ack_is_rejected(runpubsub: Any, tmp_path: Path) -> None:
     # slow.one: lease 1 s. The first attempt sleeps 3 s; A is frozen while it runs.
     publish_many("t.slow", [{"sleep_first": 3}])
     log_a = tmp_path / "a.log"
     a = runpubsub("--subscriptions", "slow.one", "--poll-interval", "0.02", "-v", "2", log=log_a)
     wait_for(lambda: len(runs("slow.one")) == 1)
-    a.send_signal(signal.SIGSTOP)
+    with _writer_lock_held():  # A is not frozen inside a write transaction of its own
+        a.send_signal(signal.SIGSTOP)
     try:
-        # B sees the lease expire (A is alive, just frozen), takes over and delivers.
+        # B sees A silent for DISPATCHER_TIMEOUT (A is alive, just frozen), takes over and
+        # delivers.
         b = runpubsub(
             "--subscriptions",
             "slow.one",

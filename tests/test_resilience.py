@@ -199,3 +199,68 @@ def test_shutdown_gives_back_what_a_failed_claim_leased(clock: FakeClock) -> Non
     loop.close()
     assert states("basic.one") == {"pending": 1}
     assert set(Delivery.objects.values_list("attempts", flat=True)) == {0}
+
+
+def test_a_heartbeat_that_fails_once_beats_on(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever goes wrong in a tick, the heartbeat's thread lives on: if it died, others
+    would take this dispatcher's leases while its handlers run."""
+    from django_pubsub.dispatcher.leases import LeaseKeeper
+    from django_pubsub.models import Dispatcher
+
+    real, failures = LeaseKeeper.extend, []
+
+    def fails_once(self: LeaseKeeper, now: Any) -> int:
+        if not failures:
+            failures.append(now)
+            raise RuntimeError("a bug in a tick")
+        return real(self, now)
+
+    monkeypatch.setattr(LeaseKeeper, "extend", fails_once)
+    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
+    loop.start()
+    try:
+        assert loop.row is not None
+        row = loop.row
+        wait_for(lambda: bool(failures))
+        clock.advance(10)
+        wait_for(lambda: Dispatcher.objects.get(pk=row.pk).last_seen == clock.now)
+    finally:
+        loop.stop()
+        loop.close()
+
+
+def test_a_loop_that_stops_moving_stops_the_heartbeat_too(settings: Any) -> None:
+    """A signal receiver that never returns stalls the loop, which then records nothing its
+    handlers do: the dispatcher falls silent, so that others take its work over."""
+    from django_pubsub import signals
+    from django_pubsub.models import Dispatcher
+
+    settings.PUBSUB = {**settings.PUBSUB, "HEARTBEAT_INTERVAL": 0.1, "DISPATCHER_TIMEOUT": 1.0}
+    stalled, release = threading.Event(), threading.Event()
+
+    def stall(**kwargs: Any) -> None:
+        stalled.set()
+        release.wait(10)
+
+    signals.delivery_succeeded.connect(stall)
+    loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, poll_interval=0.01)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: loop.row is not None)
+        publish("t.basic", {"n": 1})
+        assert stalled.wait(10)
+        time.sleep(1.5)  # past DISPATCHER_TIMEOUT
+        assert loop.row is not None
+        silent_since = Dispatcher.objects.get(pk=loop.row.pk).last_seen
+        time.sleep(0.5)
+        assert Dispatcher.objects.get(pk=loop.row.pk).last_seen == silent_since
+        release.set()
+        wait_for(lambda: Dispatcher.objects.get(pk=loop.row.pk).last_seen > silent_since)
+    finally:
+        release.set()
+        signals.delivery_succeeded.disconnect(stall)
+        loop.stop()
+        thread.join(20)

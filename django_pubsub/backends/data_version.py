@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..retry import ErrorBackoff
+
 logger = logging.getLogger("django_pubsub.backends.data_version")
 
 # Seconds between looks where no file events are to be had, and between two looks at most
@@ -31,6 +33,8 @@ logger = logging.getLogger("django_pubsub.backends.data_version")
 # microseconds.
 POLL = 0.002
 IDLE_LOOK = 0.1
+# Longest wait before watching again after a failure.
+MAX_REOPEN_WAIT = 5.0
 # Changes closer together than this are looked at once: under load the files change
 # thousands of times a second, and a wake-up is already on its way.
 SETTLE = 0.0005
@@ -63,11 +67,27 @@ class DataVersionWaker:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        try:
-            raw = self._wrapper.get_new_connection(self._params)
-        except Exception:
-            logger.warning("cannot watch the SQLite database; polling only", exc_info=True)
-            return
+        backoff = ErrorBackoff(maximum=MAX_REOPEN_WAIT)
+        while not self._stop.is_set():
+            wait = 0.0
+            try:
+                self._watch()
+            except Exception:  # any failure: watch again after a bounded wait
+                wait = backoff.failed()
+                logger.warning(
+                    "watching the SQLite database failed, again in %.1fs", wait, exc_info=True
+                )
+                # A commit may have gone unnoticed meanwhile.
+                self._wake()
+            else:
+                backoff.succeeded()
+            finally:
+                self.ready.clear()
+            self._stop.wait(wait)
+
+    def _watch(self) -> None:
+        """Until stop(): look at data_version whenever the files change."""
+        raw = self._wrapper.get_new_connection(self._params)
         changes = _FileChanges.watch(Path(str(self._params["database"])))
         try:
             cursor = raw.cursor()
@@ -84,8 +104,6 @@ class DataVersionWaker:
                     last = version
                     if _unsequenced(cursor):
                         self._wake()
-        except Exception:
-            logger.warning("stopped watching the SQLite database; polling only", exc_info=True)
         finally:
             if changes is not None:
                 changes.close()

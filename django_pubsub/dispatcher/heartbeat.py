@@ -44,6 +44,8 @@ class Heartbeat:
         # When this dispatcher's own beats were written (its row's too, at registration).
         self._beats: deque[datetime] = deque([row.last_seen], maxlen=BEATS_KEPT)
         self._lock = threading.Lock()
+        # Set when the dispatcher stops: a beat then must not mark its row alive again.
+        self.stopping = False
 
     def beat(self, now: datetime) -> None:
         """Write the row when a beat is due (every HEARTBEAT_INTERVAL)."""
@@ -51,7 +53,9 @@ class Heartbeat:
             return
         self._check_clock(now)
         inflight, stuck = len(self.pool.held()), len(self.pool.stuck())
-        self.row.beat(now, inflight=inflight, stuck=stuck)
+        alive = self.row.beat(now, inflight=inflight, stuck=stuck, revive=not self.stopping)
+        if not alive and self.stopping:
+            return  # stopped meanwhile: left stopped
         with self._lock:
             self._beats.append(now)
         self._next_beat = now + timedelta(seconds=pubsub_settings.heartbeat_interval)
@@ -97,27 +101,60 @@ class Heartbeat:
 
 class Keeping:
     """The thread that runs the heartbeat and the lease keeper, each tick: often enough to
-    extend the shortest lease in time, at least every HEARTBEAT_INTERVAL."""
+    extend the shortest lease in time, at least every HEARTBEAT_INTERVAL.
 
-    def __init__(self, heartbeat: Heartbeat, keeper: LeaseKeeper, clock: Clock) -> None:
+    It keeps them up only while the loop makes progress (``progress`` returns the
+    time.monotonic() of its last): a loop stuck for DISPATCHER_TIMEOUT (a signal receiver
+    that never returns, say) records nothing its handlers do, so the dispatcher falls
+    silent and other dispatchers take its work over, as they would if it had died."""
+
+    def __init__(
+        self,
+        heartbeat: Heartbeat,
+        keeper: LeaseKeeper,
+        clock: Clock,
+        progress: Callable[[], float],
+    ) -> None:
         self.heartbeat = heartbeat
         self.keeper = keeper
         self.clock = clock
+        self.progress = progress
         self._stop = threading.Event()
+        self._stuck_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="pubsub-heartbeat", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop after the current tick; the thread closes its connection."""
+        """Stop after the current tick (a beat written after it does not make the row
+        alive again); the thread closes its connection."""
+        self.heartbeat.stopping = True
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=30)
 
     def tick(self) -> None:
+        if not self._loop_alive():
+            return
         # Leases first: they are what other dispatchers would take.
         self.keeper.extend(self.clock())
         self.heartbeat.beat(self.clock())
+
+    def _loop_alive(self) -> bool:
+        stalled = time.monotonic() - self.progress()
+        if stalled < pubsub_settings.dispatcher_timeout:
+            if self._stuck_since is not None:
+                logger.warning("the dispatch loop moves again; heartbeats resume")
+                self._stuck_since = None
+            return True
+        if self._stuck_since is None:
+            self._stuck_since = time.monotonic()
+            logger.error(
+                "the dispatch loop has not finished a pass for %.0fs; no more heartbeats or "
+                "lease renewals until it does, so that other dispatchers take its work over",
+                stalled,
+            )
+        return False
 
     def _interval(self) -> float:
         lease = self.keeper.shortest_lease() / 4
@@ -130,6 +167,7 @@ class Keeping:
             while not self._stop.wait(wait):
                 try:
                     self.tick()
+                    wait = self._interval()
                 except Exception as exc:  # the thread must live on, whatever went wrong
                     wait = backoff.failed()
                     logger.warning(
@@ -142,7 +180,6 @@ class Keeping:
                     _close_quietly()
                     continue
                 backoff.succeeded()
-                wait = self._interval()
         finally:
             connections.close_all()  # this thread's own
 

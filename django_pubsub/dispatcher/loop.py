@@ -18,7 +18,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db import DatabaseError, Error, connections
+from django.db import Error, connections
 from django.utils import timezone
 
 from .. import backends
@@ -32,7 +32,7 @@ from .counts import Counts
 from .heartbeat import Heartbeat, Keeping
 from .leases import LeaseKeeper, Recovery
 from .outcomes import OutcomeRecorder
-from .stopping import on_stop
+from .stopping import drain, on_stop
 from .subscriptions import Subscriptions
 from .workers import WorkerPool
 
@@ -88,6 +88,9 @@ class DispatchLoop:
         self._errors = ErrorBackoff()
         # Whether the last step fanned out only the topics it had just sequenced.
         self._fanned_out_only_sequenced = False
+        # time.monotonic() when the loop last began a pass (or a round of draining): the
+        # heartbeat stops when the loop stops moving.
+        self._progress = time.monotonic()
 
     @property
     def row(self) -> Dispatcher | None:
@@ -143,6 +146,7 @@ class DispatchLoop:
 
     def _assemble(self, row: Dispatcher) -> Parts:
         subs, counts, clock = self.subscriptions, self.counts, self.clock
+        self._progress = time.monotonic()  # waiting for the database at start is no stall
         pool = WorkerPool(self.workers, on_done=self._wake.set)
         claimer = Claimer(
             subscriptions=subs,
@@ -170,7 +174,7 @@ class DispatchLoop:
             counts=counts,
             silent_before=heartbeat.silent_before,
         )
-        keeping = Keeping(heartbeat, LeaseKeeper(subs, pool), clock)
+        keeping = Keeping(heartbeat, LeaseKeeper(subs, pool), clock, lambda: self._progress)
         keeping.start()
         waker = backends.get().start_waker(self._wake.set)
         return Parts(row, pool, claimer, outcomes, recovery, keeping, waker)
@@ -178,11 +182,12 @@ class DispatchLoop:
     def step(self) -> bool:
         """One pass; True if it did something (so the next should follow at once)."""
         parts = self._parts()
+        self._progress = time.monotonic()
         # The loop keeps one connection whatever CONN_MAX_AGE says (closing it every pass
         # would reconnect several times a second); a broken one is replaced after an error.
         backends.get().tune_loop_connection()
         now = self.clock()
-        self._time_out(parts)
+        parts.outcomes.time_out()
         progressed = parts.outcomes.record_finished(now) > 0
         if parts.claimer.orphans:
             parts.claimer.give_back_orphans()
@@ -210,21 +215,6 @@ class DispatchLoop:
         only = bool(sequenced) and not self._fanned_out_only_sequenced
         self._fanned_out_only_sequenced = only
         return list(sequenced) if only else Topic.behind()
-
-    def _time_out(self, parts: Parts) -> None:
-        """Fail handlers that outran their subscription's timeout; report their threads."""
-        for job in parts.pool.time_out():
-            self.counts.timed_out += 1
-            logger.error(
-                "delivery id=%s subscription=%s attempt=%s timed out after %gs; its worker "
-                "thread stays busy until the handler returns, a new thread takes its place "
-                "stuck=%s",
-                job.delivery_id,
-                job.message.subscription,
-                job.message.attempt,
-                job.timeout,
-                len(parts.pool.stuck()),
-            )
 
     def idle(self) -> bool:
         """Nothing running here (stuck handlers included), nothing in flight anywhere,
@@ -272,16 +262,27 @@ class DispatchLoop:
 
     def close(self) -> None:
         """Drain and stop: unstarted work goes back, running handlers get the shutdown
-        grace, leases are kept until then, the row is marked stopped."""
+        grace, leases are kept until then, the threads stop, the row is marked stopped.
+        The threads stop whatever failed before, or a loop used in-process would leave
+        its heartbeat keeping leases of a dispatcher that is gone."""
         parts = self.parts
         try:
             if parts is not None:
-                self._drain(parts)
-                if parts.waker is not None:
-                    parts.waker.stop()
-                parts.keeping.stop()
+                try:
+                    drain(
+                        parts.pool,
+                        parts.claimer,
+                        parts.outcomes,
+                        grace=self.shutdown_grace,
+                        pause=self._drain_pause,
+                        clock=self.clock,
+                    )
+                finally:
+                    if parts.waker is not None:
+                        parts.waker.stop()
+                    parts.keeping.stop()
                 parts.row.stop(self.clock())
-        except DatabaseError:
+        except Error:
             logger.exception("database error during shutdown; leases left will expire")
         finally:
             _reset_connection()
@@ -292,27 +293,11 @@ class DispatchLoop:
             self.counts.dead,
         )
 
-    def _drain(self, parts: Parts) -> None:
-        """Give back unstarted work; let running handlers finish within the grace."""
-        pool, claimer = parts.pool, parts.claimer
-        claimer.give_back(pool.take_unstarted())
-        deadline = time.monotonic() + self.shutdown_grace
-        while (pool.busy_chunks or claimer.orphans) and time.monotonic() < deadline:
-            if claimer.orphans:
-                claimer.give_back_orphans(quietly=True)  # if the database is back
-            if not (pool.busy_chunks or claimer.orphans):
-                break
-            self._wake.wait(min(0.05, self.poll_interval))
-            self._wake.clear()
-            try:
-                self._time_out(parts)
-                parts.outcomes.record_finished(self.clock())
-            except Error:
-                logger.exception("database error while draining; retrying")
-                _reset_connection()
-        outcomes, still_running = pool.close()
-        parts.outcomes.record(outcomes, self.clock())
-        parts.outcomes.abandon(still_running)
+    def _drain_pause(self) -> None:
+        """While draining: wait a moment, less if a worker finishes meanwhile."""
+        self._progress = time.monotonic()
+        self._wake.wait(min(0.05, self.poll_interval))
+        self._wake.clear()
 
     def _parts(self) -> Parts:
         if self.parts is None:

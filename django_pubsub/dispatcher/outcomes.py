@@ -39,6 +39,22 @@ class OutcomeRecorder:
         self.rand = rand
         self.clock = clock
 
+    def time_out(self) -> None:
+        """Fail handlers that outran their subscription's timeout (their failures are
+        recorded with what the workers finished); report their threads."""
+        for job in self.pool.time_out():
+            self.counts.timed_out += 1
+            logger.error(
+                "delivery id=%s subscription=%s attempt=%s timed out after %gs; its worker "
+                "thread stays busy until the handler returns, a new thread takes its place "
+                "stuck=%s",
+                job.delivery_id,
+                job.message.subscription,
+                job.message.attempt,
+                job.timeout,
+                len(self.pool.stuck()),
+            )
+
     def record_finished(self, now: datetime) -> int:
         """Record what the workers finished; keep what could not be, for the next pass.
         Returns how much of it is a reason to pass again at once."""

@@ -1,5 +1,6 @@
-"""SIGINT and SIGTERM for runpubsub: the first stops claiming and drains, a second exits
-at once; the handlers that were there before come back when the dispatcher stops."""
+"""Stopping: SIGINT and SIGTERM for runpubsub (the first stops claiming and drains, a
+second exits at once; the handlers that were there before come back when the dispatcher
+stops), and the drain itself."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from types import FrameType
+
+from django.db import Error, connections
+
+from .claimer import Claimer
+from .outcomes import OutcomeRecorder
+from .workers import WorkerPool
 
 logger = logging.getLogger("django_pubsub.dispatcher")
 
@@ -40,3 +49,39 @@ def on_stop(stop: Callable[[], None]) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def drain(
+    pool: WorkerPool,
+    claimer: Claimer,
+    outcomes: OutcomeRecorder,
+    *,
+    grace: float,
+    pause: Callable[[], None],
+    clock: Callable[[], datetime],
+) -> None:
+    """Give back unstarted work, attempt and all; let running handlers finish within
+    ``grace`` seconds, recording what they do (``pause`` waits a moment, less if one
+    finishes); then fail the attempts of those still running. Their leases are kept
+    meanwhile by the lease keeper, or another dispatcher would start them a second time
+    while they finish here."""
+    claimer.give_back(pool.take_unstarted())
+    deadline = time.monotonic() + grace
+    while (pool.busy_chunks or claimer.orphans) and time.monotonic() < deadline:
+        if claimer.orphans:
+            claimer.give_back_orphans(quietly=True)  # a failed claim's, if the database is back
+        if not (pool.busy_chunks or claimer.orphans):
+            break
+        pause()
+        try:
+            outcomes.time_out()
+            outcomes.record_finished(clock())
+        except Error:
+            logger.exception("database error while draining; retrying")
+            try:
+                connections["default"].close()
+            except Error:
+                pass
+    finished, still_running = pool.close()
+    outcomes.record(finished, clock())
+    outcomes.abandon(still_running)

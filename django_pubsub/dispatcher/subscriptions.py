@@ -42,7 +42,9 @@ class Subscriptions:
         self._rotation = 0
 
     def __iter__(self) -> Iterator[Subscription]:
-        return iter(self._rows.values())
+        # A copy, made in one step: the heartbeat's thread iterates while the loop's may
+        # load a handler that imports at last.
+        return iter(tuple(self._rows.values()))
 
     def __len__(self) -> int:
         return len(self._rows)

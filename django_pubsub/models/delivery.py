@@ -147,8 +147,9 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
     # Operator actions. Each is UPDATEs of the rows still in the state it applies to, so
     # one that races with the dispatcher (a retry that became due and was claimed
     # meanwhile, say) changes nothing of those rows; each returns how many it changed.
-    # They work a batch at a time (in_batches), so that however many rows they change,
-    # no claim, ack or fan-out waits on them for more than one batch.
+    # Replay and discard work a batch at a time (in_batches), so that however many rows
+    # they change, no claim, ack or fan-out waits on them for more than one batch; the
+    # subscriptions whose claims could otherwise slip in between batches are held.
 
     def in_batches(self, change: Callable[[DeliveryQuerySet], int], *, by: str = "id") -> int:
         """Apply ``change`` to these rows BATCH_SIZE at a time, in the order of ``by`` (a
@@ -168,39 +169,17 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
             rows = self.order_by(by).filter(**{f"{by}__gt": keys[-1]})
 
     def retry_now(self, now: datetime) -> int:
-        """Make deliveries waiting for a retry due at once."""
-        waiting = self.filter(state=DeliveryState.RETRY)
-        return waiting.in_batches(lambda rows: rows.update(available_at=now, updated_at=now))
+        """Make deliveries waiting for a retry due at once (in any order: no batches)."""
+        return self.filter(state=DeliveryState.RETRY).update(available_at=now, updated_at=now)
 
     def replay(self, now: datetime) -> int:
         """Dead letters run again, due now, with ``max_attempts`` fresh attempts. Their
         error history stays. Refused (ActionRefused) for an ordered subscription while any
         of its deliveries runs: the replayed one would start beside it; and an ordered
-        subscription is held while they are made due (see ``holding``)."""
+        subscription is held while they are made due, so that they run in offset order."""
         dead = self.filter(state=DeliveryState.DEAD)
         with dead.holding("replay", now):
             return dead.in_batches(lambda rows: rows.run_again(now))
-
-    @contextmanager
-    def holding(self, action: str, now: datetime) -> Iterator[None]:
-        """For an operator action that makes earlier messages due again a batch at a
-        time: refuse (ActionRefused) if an ordered subscription of these deliveries has
-        deliveries running, then hold those subscriptions (paused, no signal: see
-        Subscription.hold) until the block ends, so that no claim starts a run before the
-        action has made all of it due."""
-        using = self._db or router.db_for_write(Delivery)  # type: ignore[attr-defined]
-        # The model, without importing it: its module imports this one.
-        subscription: Any = Delivery._meta.get_field("subscription").related_model
-        with transaction.atomic(using=using):
-            ids = self.values("subscription_id")
-            subs = list(subscription.objects.using(using).filter(pk__in=ids))
-            Delivery.objects.using(using).refuse_while_running(subs, action)
-            held = [sub for sub in subs if sub.effective_ordered and sub.hold(now, using=using)]
-        try:
-            yield
-        finally:
-            for sub in held:
-                sub.release(now, using=using)
 
     def run_again(self, now: datetime) -> int:
         """Back to pending, due now, with fresh attempts (the error history stays): what
@@ -217,14 +196,45 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
     def discard(self, now: datetime, *, by: str = "id") -> int:
         """Give up on deliveries that wait (pending, retry) or are dead: they end
         ``discarded`` and do not run (unless a seek goes back before them). Inflight ones
-        are left to their handler. ``by``: as in_batches()."""
+        are left to their handler. Their subscriptions are held while it works, or a claim
+        between two batches would run what was about to be discarded. ``by``: as
+        in_batches()."""
         waiting_or_dead = (DeliveryState.PENDING, DeliveryState.RETRY, DeliveryState.DEAD)
-        return self.filter(state__in=waiting_or_dead).in_batches(
-            lambda rows: rows.update(
-                state=DeliveryState.DISCARDED, finished_at=now, updated_at=now
-            ),
-            by=by,
-        )
+        rows = self.filter(state__in=waiting_or_dead)
+        with rows.holding("discard", now, refuse=False, every=True):
+            return rows.in_batches(
+                lambda batch: batch.update(
+                    state=DeliveryState.DISCARDED, finished_at=now, updated_at=now
+                ),
+                by=by,
+            )
+
+    @contextmanager
+    def holding(
+        self, action: str, now: datetime, *, refuse: bool = True, every: bool = False
+    ) -> Iterator[None]:
+        """Hold the subscriptions of these deliveries (paused, no signal: see
+        Subscription.hold) while an operator's action changes them a batch at a time, so
+        that no claim starts part of the action's work before all of it is done: the
+        ordered ones, or ``every`` one. ``refuse``: first refuse (ActionRefused) if an
+        ordered one has deliveries running. Nothing is held when the rows fit one batch,
+        which one transaction changes at once."""
+        using = self._db or router.db_for_write(Delivery)  # type: ignore[attr-defined]
+        # The model, without importing it: its module imports this one.
+        subscription: Any = Delivery._meta.get_field("subscription").related_model
+        one_batch = not self[pubsub_settings.batch_size : pubsub_settings.batch_size + 1]
+        with transaction.atomic(using=using):
+            ids = self.values("subscription_id")
+            subs = list(subscription.objects.using(using).filter(pk__in=ids).order_by("pk"))
+            if refuse:
+                Delivery.objects.using(using).refuse_while_running(subs, action)
+            wanted = [] if one_batch else [s for s in subs if every or s.effective_ordered]
+            held = [sub for sub in wanted if sub.hold(now, using=using)]
+        try:
+            yield
+        finally:
+            for sub in held:
+                sub.release(now, using=using)
 
     def refuse_while_running(self, subscriptions: Sequence[Subscription], action: str) -> None:
         """Take the row lock of each ordered subscription (as its claims do) and raise

@@ -88,11 +88,14 @@ class Dispatcher(models.Model):
             last_seen=now,
         )
 
-    def beat(self, now: datetime, *, inflight: int, stuck: int = 0) -> bool:
-        """Record that we are alive; False if another dispatcher had presumed us dead."""
+    def beat(self, now: datetime, *, inflight: int, stuck: int = 0, revive: bool = True) -> bool:
+        """Record that we are alive; False if the row says stopped (another dispatcher
+        had presumed us dead, or we stopped). ``revive``: then mark it alive again."""
         mine = Dispatcher.objects.filter(pk=self.pk)
         fields = {"last_seen": now, "inflight": inflight, "stuck": stuck}
         alive = bool(mine.filter(stopped_at__isnull=True).update(**fields))
+        if not alive and not revive:
+            return False
         if not alive:
             # Our leases were taken back: results of handlers running now will be fenced out.
             # Count as alive again so nobody takes the leases we claim from here on.

@@ -15,6 +15,7 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from .. import backends
+from ..backends import padded_ids
 from ..backends.base import SUBSCRIPTION
 from ..conf import START_CHOICES, pubsub_settings
 from ..exceptions import ActionRefused, InvalidSeek
@@ -152,9 +153,10 @@ class Subscription(models.Model):
 
         The cursor moves in one short transaction under the subscription's row lock; the
         deliveries change a batch at a time after it, so that a seek over a long backlog
-        holds up no claim or fan-out for more than a batch. An ordered subscription is
-        held (paused) meanwhile. Interrupted half way (the process died), the same seek
-        again finishes it, and an ordered subscription stays paused until then.
+        holds up no claim or fan-out for more than a batch. The subscription is held
+        (paused, see hold()) meanwhile, so none of it runs before the seek is done, and
+        released after. Interrupted half way (the process died), it stays paused: the
+        same seek again finishes the work; then resume it.
         """
         _check_seek(offset, at)
         now = now or timezone.now()
@@ -169,10 +171,12 @@ class Subscription(models.Model):
                 raise ActionRefused(f"subscription {self.pk} no longer exists")
             position = current.position
             Delivery.objects.using(using).refuse_while_running([current], "seek")
-            point = _seek_point(current, offset, at, using)
-            held = current.effective_ordered and current.hold(now, using=using)
+            point, end = _seek_point(current, offset, at, using)
+            held = current.hold(now, using=using)
             passed_over = 0
             mine = Delivery.objects.using(using).filter(subscription_id=self.pk)
+            # Left to their dispatcher: acked meanwhile, they are not run again.
+            running = list(mine.inflight().filter(offset__gte=point).values_list("id", flat=True))
             if point > position:
                 # What the cursor jumps over with no delivery to show for it.
                 had = mine.filter(offset__gte=position, offset__lt=point).count()
@@ -184,7 +188,8 @@ class Subscription(models.Model):
         try:
             waiting = mine.unfinished().filter(offset__lt=point, state__in=WAITING)
             skipped = waiting.discard(now, by="message_id")
-            ended = mine.filter(offset__gte=point, state__in=ENDED)
+            ended = mine.filter(offset__gte=point, offset__lt=end, state__in=ENDED)
+            ended = ended.exclude(id__in=padded_ids(running))
             replayed = ended.in_batches(lambda rows: rows.run_again(now), by="message_id")
             # Messages it has no delivery of yet (published before it began, or passed over
             # by an earlier seek): created here, so the fan-out need not go back.
@@ -201,9 +206,11 @@ class Subscription(models.Model):
         return Seek(point, replayed, skipped, passed_over)
 
 
-def _seek_point(sub: Subscription, offset: int | None, at: datetime | None, using: str) -> int:
-    """The offset a seek goes to: ``offset``, or that of the first message published at or
-    after ``at`` (the topic's end if none was)."""
+def _seek_point(
+    sub: Subscription, offset: int | None, at: datetime | None, using: str
+) -> tuple[int, int]:
+    """The offset a seek goes to (``offset``, or that of the first message published at
+    or after ``at``, the topic's end if none was), and the topic's end."""
     if at is not None:
         sequenced = Message.objects.using(using).filter(
             topic_id=sub.topic_id, offset__isnull=False, published_at__gte=at
@@ -217,7 +224,7 @@ def _seek_point(sub: Subscription, offset: int | None, at: datetime | None, usin
             f"seek() offset {point} is past the end of topic {sub.topic} "
             f"(its next message gets offset {end})"
         )
-    return point
+    return point, end
 
 
 def _check_seek(offset: int | None, at: datetime | None) -> None:
