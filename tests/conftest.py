@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,27 @@ def connection_lost(*args: Any, **kwargs: Any) -> Any:
     from django.db import OperationalError
 
     raise OperationalError("server closed the connection unexpectedly")
+
+
+@contextmanager
+def claims_lost(loop: DispatchLoop, *, give_back_fails: bool = False) -> Iterator[None]:
+    """Inside the block, the loop's claims (and fan-out leases) commit, and then the
+    connection is lost before their rows are read; ``give_back_fails``: giving those
+    leases back fails the same way. Through the public names the claimer and the model
+    offer: Claimer.jobs and DeliveryQuerySet.give_back."""
+    from django_pubsub.models import DeliveryQuerySet
+
+    assert loop.parts is not None
+    claimer = loop.parts.claimer
+    real_give_back = DeliveryQuerySet.give_back
+    claimer.jobs = connection_lost  # type: ignore[method-assign]
+    if give_back_fails:
+        DeliveryQuerySet.give_back = connection_lost  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DeliveryQuerySet.give_back = real_give_back  # type: ignore[method-assign]
+        del claimer.jobs  # the class's own again
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:

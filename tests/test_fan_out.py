@@ -14,7 +14,7 @@ from django_pubsub import publish, publish_many
 from django_pubsub.backends import Lease
 from django_pubsub.dispatcher import DispatchLoop
 from django_pubsub.models import Delivery, DeliveryQuerySet, Message, Subscription, Topic
-from tests.conftest import FakeClock, connection_lost, is_postgres, runs, states, wait_for
+from tests.conftest import FakeClock, claims_lost, is_postgres, runs, states, wait_for
 from tests.pubsub_app.subscribers import Gate
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -130,24 +130,16 @@ def test_a_lease_whose_messages_were_not_read_is_given_back(clock: FakeClock) ->
     publish_many("t.basic", [{"n": 1}, {"n": 2}])
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
     loop.start()
-    assert loop.parts is not None
-    claimer = loop.parts.claimer
-    real_give_back = DeliveryQuerySet.give_back
-    claimer.jobs = connection_lost  # type: ignore[method-assign]
-    DeliveryQuerySet.give_back = connection_lost  # type: ignore[method-assign]
     try:
-        with pytest.raises(OperationalError):
+        with claims_lost(loop, give_back_fails=True), pytest.raises(OperationalError):
             loop.step()
         # Leased to this live dispatcher, which could not give them back yet.
         leased = states("basic.one").get("inflight", 0)
         assert leased >= 1
-        del claimer.jobs  # the class's own again
-        DeliveryQuerySet.give_back = real_give_back  # type: ignore[method-assign]
         loop.step()  # gives them back first, then claims them again
         wait_for(lambda: len(runs("basic.one")) == 2)
         loop.step()
     finally:
-        DeliveryQuerySet.give_back = real_give_back  # type: ignore[method-assign]
         loop.stop()
         loop.close()
     assert states("basic.one") == {"acked": 2}
@@ -200,15 +192,13 @@ def test_an_unordered_claim_whose_rows_were_not_read_is_given_back(clock: FakeCl
     loop.start()
     assert loop.parts is not None
     claimer = loop.parts.claimer
-    claimer.jobs = connection_lost  # type: ignore[method-assign]
     try:
-        with pytest.raises(OperationalError):
+        with claims_lost(loop), pytest.raises(OperationalError):
             claimer.claim(clock.now)
         assert states("basic.one") == {"pending": 1}
         assert set(Delivery.objects.values_list("attempts", flat=True)) == {0}
         assert not claimer.orphans
     finally:
-        del claimer.jobs
         loop.stop()
         loop.close()
 

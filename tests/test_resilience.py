@@ -15,7 +15,15 @@ from django.utils import timezone
 from django_pubsub import publish, publish_many
 from django_pubsub.dispatcher import DispatchLoop
 from django_pubsub.models import Delivery
-from tests.conftest import FakeClock, connection_lost, is_postgres, runs, states, wait_for
+from tests.conftest import (
+    FakeClock,
+    claims_lost,
+    connection_lost,
+    is_postgres,
+    runs,
+    states,
+    wait_for,
+)
 from tests.pubsub_app.subscribers import Gate
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -114,19 +122,11 @@ def test_a_claim_whose_messages_cannot_be_read_is_rolled_back(clock: FakeClock) 
     publish_many("t.basic", [{"n": 1}, {"n": 2}])
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
     loop.start()
-    assert loop.parts is not None
-    claimer = loop.parts.claimer
-
-    def connection_lost(*args: Any) -> Any:
-        raise OperationalError("server closed the connection unexpectedly")
-
-    claimer.jobs = connection_lost  # type: ignore[method-assign]
-    with pytest.raises(OperationalError):
+    with claims_lost(loop), pytest.raises(OperationalError):
         loop.step()
     # Not leased to a dispatcher that will never run them, and no attempt counted.
     assert states("basic.one") == {"pending": 2}
     assert set(Delivery.objects.values_list("attempts", flat=True)) == {0}
-    del claimer.jobs  # the class's own again
     loop.step()
     wait_for(lambda: len(runs("basic.one")) == 2)
     loop.stop()
@@ -177,23 +177,12 @@ def test_passes_that_keep_failing_still_heartbeat(clock: FakeClock) -> None:
 
 
 def test_shutdown_gives_back_what_a_failed_claim_leased(clock: FakeClock) -> None:
-    from django_pubsub.models import DeliveryQuerySet
-
     publish("t.basic", {"n": 1})
     loop = DispatchLoop(subscriptions=["basic.one"], handle_signals=False, clock=clock)
     loop.start()
-    assert loop.parts is not None
-    claimer = loop.parts.claimer
     # A claim whose rows were lost with the connection, and whose give-back failed too.
-    real_give_back = DeliveryQuerySet.give_back
-    claimer.jobs = connection_lost  # type: ignore[method-assign]
-    DeliveryQuerySet.give_back = connection_lost  # type: ignore[method-assign]
-    try:
-        with pytest.raises(OperationalError):
-            loop.step()
-    finally:
-        DeliveryQuerySet.give_back = real_give_back  # type: ignore[method-assign]
-        del claimer.jobs
+    with claims_lost(loop, give_back_fails=True), pytest.raises(OperationalError):
+        loop.step()
     assert states("basic.one") == {"inflight": 1}
     loop.stop()
     loop.close()
