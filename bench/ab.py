@@ -3,8 +3,10 @@
     python bench/ab.py --rev 8effc41 --rev HEAD --db postgres --figure dispatch [--rounds 3]
 
 Each revision is checked out into a temporary git worktree (``--rev .`` is this checkout as
-it stands, uncommitted changes included); then, round after round, bench/ours.py measures
-the figure once per revision, in turn, so that the machine's drift (these machines are
+it stands, uncommitted changes included), and gets this checkout's harness (bench/ours.py,
+raw.py, benchapp and benchproject), so that every revision is measured the same way and
+figures added since are there too. Then, round after round, bench/ours.py measures the
+figure once per revision, in turn, so that the machine's drift (these machines are
 noisy: the disk's commit time changes by a factor of two within minutes) falls on every
 revision alike. It prints each round's values and each revision's median and its ratio
 to the first revision's, round by round, and writes them to bench/results/ab-*.json.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +28,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+HARNESS = ("ours.py", "raw.py", "benchapp", "benchproject")
+
+
 def checkout(rev: str, into: Path) -> Path:
     if rev == ".":
         return ROOT
@@ -32,6 +38,13 @@ def checkout(rev: str, into: Path) -> Path:
     subprocess.run(
         ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(path), rev], check=True
     )
+    for name in HARNESS:
+        source, target = ROOT / "bench" / name, path / "bench" / name
+        if source.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target)
+        else:
+            shutil.copy2(source, target)
     return path
 
 
@@ -74,7 +87,7 @@ def main() -> None:
                 flush=True,
             )
     finally:
-        for rev, tree in trees.items():
+        for tree in trees.values():
             if tree != ROOT:
                 subprocess.run(
                     ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
