@@ -47,14 +47,26 @@ def run(name: str, database_url: str | None, args: list[str], soak: bool = False
         args = [*SOAK_TESTS, "-s", "--timeout=0", *args]
         name = f"soak-{name}"
     env.pop("DATABASE_URL", None)
+    # A test database of this run's own: two runs at once (a soak beside the suite, two
+    # checkouts) must not drop or share each other's.
+    env.setdefault(
+        "PUBSUB_TEST_SQLITE", str(ROOT / ".test-results" / f"test_pubsub_{os.getpid()}.sqlite3")
+    )
     if database_url:
         env["DATABASE_URL"] = database_url
+        env.setdefault("PUBSUB_TEST_PG_NAME", f"test_django_pubsub_{os.getpid()}")
     report = ROOT / ".test-results" / f"{name}.xml"
     report.parent.mkdir(exist_ok=True)
     report.unlink(missing_ok=True)
     print(f"\n=== django-pubsub {name} ===", flush=True)
     command = [sys.executable, "-m", "pytest", f"--junitxml={report}", *args]
-    return subprocess.call(command, cwd=ROOT, env=env)
+    try:
+        return subprocess.call(command, cwd=ROOT, env=env)
+    finally:
+        # What SQLite leaves beside a test database that was dropped (-wal, -shm).
+        for leftover in ROOT.glob(".test-results/test_pubsub_*.sqlite3*"):
+            if leftover.name.startswith(f"test_pubsub_{os.getpid()}."):
+                leftover.unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:

@@ -23,7 +23,7 @@ if _default["ENGINE"].endswith("sqlite3"):
         )
     }
 else:
-    # Another name lets a second run (a soak) share the server with the suite.
+    # runtests.py gives each run a name of its own, so runs can share the server.
     _default["TEST"] = {"NAME": os.environ.get("PUBSUB_TEST_PG_NAME", "test_django_pubsub")}
 
 PUBSUB = {
