@@ -38,6 +38,11 @@ MAX_REOPEN_WAIT = 5.0
 # Changes closer together than this are looked at once: under load the files change
 # thousands of times a second, and a wake-up is already on its way.
 SETTLE = 0.0005
+# After a look that found commits but no new message (a busy dispatcher's own acks and
+# claims), the next look waits this long: a busy dispatcher's writes cost the watcher a
+# few hundred looks a second, not one per commit, and the interpreter's lock is left to
+# the handlers.
+QUIET = 0.002
 _INOTIFY_MASK = 0x2 | 0x100 | 0x80  # IN_MODIFY | IN_CREATE | IN_MOVED_TO
 _EVENT = struct.Struct("iIII")
 
@@ -104,6 +109,8 @@ class DataVersionWaker:
                     last = version
                     if _unsequenced(cursor):
                         self._wake()
+                    else:
+                        self._stop.wait(QUIET)
         finally:
             if changes is not None:
                 changes.close()
