@@ -22,6 +22,7 @@ from django.urls import URLPattern, path
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from .conf import pubsub_settings
 from .exceptions import ActionRefused, InvalidSeek
 from .forms import SeekForm
 from .models import Delivery, Dispatcher, Message, Subscription, Topic
@@ -220,11 +221,21 @@ def _discard(rows: QuerySet[Delivery], now: datetime) -> int:
 
 
 def _holding_replay(rows: Any, now: datetime) -> AbstractContextManager[None]:
-    return rows.holding("replay", now)  # type: ignore[no-any-return]
+    return rows.holding("replay", now, size=_transaction_rows())  # type: ignore[no-any-return]
 
 
 def _holding_discard(rows: Any, now: datetime) -> AbstractContextManager[None]:
-    return rows.holding("discard", now, refuse=False, every=True)  # type: ignore[no-any-return]
+    waiting = rows.filter(state__in=Delivery.WAITING)  # what a claim could take meanwhile
+    held = waiting.holding(
+        "discard", now, refuse=False, every=True, beside=rows, size=_transaction_rows()
+    )
+    return held  # type: ignore[no-any-return]
+
+
+def _transaction_rows() -> int:
+    """Most rows an action changes in one transaction: its slice, or a batch of the model
+    method it calls."""
+    return min(ACT_SLICE, pubsub_settings.batch_size)
 
 
 def _each(

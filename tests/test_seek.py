@@ -321,3 +321,89 @@ def test_a_seek_interrupted_half_way_is_finished_by_the_same_seek_again(
     assert not sub("ordered.one").paused
     dispatch("ordered.one")
     assert offsets_run("ordered.one")[8:] == list(range(8))
+
+
+def test_a_seek_runs_again_only_what_had_ended_when_it_began(dispatch: Any) -> None:
+    """A claim already under way when the seek's hold began may lease and ack a delivery
+    meanwhile: the seek must not make it pending again (it would run twice)."""
+    publish_many("t.basic", [{"n": n} for n in range(3)])
+    dispatch("basic.one")
+    began = timezone.now()
+    later = sub_deliveries("basic.one").order_by("offset").last()
+    assert later is not None
+    # As if handled after the seek began.
+    Delivery.objects.filter(pk=later.pk).update(finished_at=began + timedelta(seconds=1))
+    done = sub("basic.one").seek(offset=0, now=began)
+    assert done.replayed == 2
+    assert Delivery.objects.get(pk=later.pk).state == "acked"
+
+
+def sub_deliveries(name: str) -> Any:
+    return Delivery.objects.filter(subscription__name=name)
+
+
+def test_a_replay_of_one_batch_keeps_the_ordered_subscriptions_row_lock(
+    dispatch: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused while a run is in flight, a replay must make the dead letter due before any
+    claim can start a run behind it: in the same transaction, under the row lock."""
+    import threading
+
+    from django.db import OperationalError, connection
+
+    from django_pubsub.models import DeliveryQuerySet
+
+    publish_many("t.ordered", [{"n": 0, "fail_times": 9}, {"n": 1}])
+    dispatch("ordered.one", idle_wait=2)
+    assert states("ordered.one") == {"dead": 1, "acked": 1}
+    ordered = sub("ordered.one")
+    locked_out: list[bool] = []
+    real = DeliveryQuerySet.run_again
+
+    def try_a_claim_meanwhile(self: DeliveryQuerySet, now: datetime) -> int:
+        def claim() -> None:
+            from django.db import connection as theirs
+
+            try:
+                with theirs.cursor() as cursor:
+                    if theirs.vendor == "postgresql":
+                        cursor.execute("SET lock_timeout = '200ms'")
+                        cursor.execute("BEGIN")
+                        cursor.execute(
+                            "SELECT 1 FROM django_pubsub_subscription WHERE id = %s "
+                            "FOR NO KEY UPDATE",
+                            [ordered.pk],
+                        )
+                        cursor.execute("ROLLBACK")
+                    else:
+                        theirs.connection.execute("PRAGMA busy_timeout = 200")
+                        cursor.execute("BEGIN IMMEDIATE")
+                        cursor.execute("ROLLBACK")
+                locked_out.append(False)
+            except OperationalError:
+                locked_out.append(True)
+            finally:
+                theirs.close()
+
+        thread = threading.Thread(target=claim)
+        thread.start()
+        thread.join(10)
+        return real(self, now)
+
+    monkeypatch.setattr(DeliveryQuerySet, "run_again", try_a_claim_meanwhile)
+    assert Delivery.objects.filter(subscription=ordered).replay(timezone.now()) == 1
+    assert locked_out == [True]
+    assert not sub("ordered.one").paused  # one batch: nothing held, nothing to release
+    assert connection.vendor in ("postgresql", "sqlite")
+
+
+def test_a_seek_inside_a_transaction_is_that_transactions(dispatch: Any) -> None:
+    from django.db import transaction
+
+    publish_many("t.basic", [{"n": n} for n in range(3)])
+    dispatch("basic.one")
+    with transaction.atomic():
+        done = sub("basic.one").seek(offset=1)
+        assert not sub("basic.one").paused  # no hold: it would show only at commit
+    assert (done.replayed, states("basic.one")) == (2, {"acked": 1, "pending": 2})
+    assert not sub("basic.one").paused

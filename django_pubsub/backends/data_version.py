@@ -76,7 +76,7 @@ class DataVersionWaker:
         while not self._stop.is_set():
             wait = 0.0
             try:
-                self._watch()
+                self._watch(backoff)
             except Exception:  # any failure: watch again after a bounded wait
                 wait = backoff.failed()
                 logger.warning(
@@ -84,20 +84,20 @@ class DataVersionWaker:
                 )
                 # A commit may have gone unnoticed meanwhile.
                 self._wake()
-            else:
-                backoff.succeeded()
             finally:
                 self.ready.clear()
             self._stop.wait(wait)
 
-    def _watch(self) -> None:
+    def _watch(self, backoff: ErrorBackoff) -> None:
         """Until stop(): look at data_version whenever the files change."""
         raw = self._wrapper.get_new_connection(self._params)
-        changes = _FileChanges.watch(Path(str(self._params["database"])))
+        changes = None
         try:
+            changes = _FileChanges.watch(Path(str(self._params["database"])))
             cursor = raw.cursor()
             last = _data_version(cursor)
             self.ready.set()
+            backoff.succeeded()
             while not self._stop.is_set():
                 if changes is not None:
                     changes.wait(IDLE_LOOK)

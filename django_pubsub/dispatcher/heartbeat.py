@@ -103,10 +103,11 @@ class Keeping:
     """The thread that runs the heartbeat and the lease keeper, each tick: often enough to
     extend the shortest lease in time, at least every HEARTBEAT_INTERVAL.
 
-    It keeps them up only while the loop makes progress (``progress`` returns the
-    time.monotonic() of its last): a loop stuck for DISPATCHER_TIMEOUT (a signal receiver
-    that never returns, say) records nothing its handlers do, so the dispatcher falls
-    silent and other dispatchers take its work over, as they would if it had died."""
+    It keeps them up whatever the loop does, so that a pass waiting for a lock, however
+    long, never costs running handlers their leases. A loop that has not begun a pass for
+    DISPATCHER_TIMEOUT (``progress`` returns the time.monotonic() of its last) is
+    reported as an error, and again when it moves: its work waits meanwhile, neither lost
+    nor run twice, until it moves or the process is restarted."""
 
     def __init__(
         self,
@@ -134,27 +135,26 @@ class Keeping:
         self._thread.join(timeout=30)
 
     def tick(self) -> None:
-        if not self._loop_alive():
-            return
+        self._watch_loop()
         # Leases first: they are what other dispatchers would take.
         self.keeper.extend(self.clock())
         self.heartbeat.beat(self.clock())
 
-    def _loop_alive(self) -> bool:
+    def _watch_loop(self) -> None:
         stalled = time.monotonic() - self.progress()
         if stalled < pubsub_settings.dispatcher_timeout:
             if self._stuck_since is not None:
-                logger.warning("the dispatch loop moves again; heartbeats resume")
+                logger.warning("the dispatch loop moves again")
                 self._stuck_since = None
-            return True
+            return
         if self._stuck_since is None:
             self._stuck_since = time.monotonic()
             logger.error(
-                "the dispatch loop has not finished a pass for %.0fs; no more heartbeats or "
-                "lease renewals until it does, so that other dispatchers take its work over",
+                "the dispatch loop has not begun a pass for %.0fs: it waits for a lock, or a "
+                "signal receiver has not returned; its deliveries wait with it (restart the "
+                "process if it never moves again)",
                 stalled,
             )
-        return False
 
     def _interval(self) -> float:
         lease = self.keeper.shortest_lease() / 4

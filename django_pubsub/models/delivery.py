@@ -196,12 +196,13 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
     def discard(self, now: datetime, *, by: str = "id") -> int:
         """Give up on deliveries that wait (pending, retry) or are dead: they end
         ``discarded`` and do not run (unless a seek goes back before them). Inflight ones
-        are left to their handler. Their subscriptions are held while it works, or a claim
-        between two batches would run what was about to be discarded. ``by``: as
-        in_batches()."""
+        are left to their handler. The subscriptions of those that wait are held while it
+        works, or a claim between two batches would run what was about to be discarded.
+        ``by``: as in_batches()."""
         waiting_or_dead = (DeliveryState.PENDING, DeliveryState.RETRY, DeliveryState.DEAD)
         rows = self.filter(state__in=waiting_or_dead)
-        with rows.holding("discard", now, refuse=False, every=True):
+        claimable = rows.filter(state__in=WAITING)
+        with claimable.holding("discard", now, refuse=False, every=True, beside=rows):
             return rows.in_batches(
                 lambda batch: batch.update(
                     state=DeliveryState.DISCARDED, finished_at=now, updated_at=now
@@ -211,24 +212,43 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
 
     @contextmanager
     def holding(
-        self, action: str, now: datetime, *, refuse: bool = True, every: bool = False
+        self,
+        action: str,
+        now: datetime,
+        *,
+        refuse: bool = True,
+        every: bool = False,
+        beside: DeliveryQuerySet | None = None,
+        size: int | None = None,
     ) -> Iterator[None]:
         """Hold the subscriptions of these deliveries (paused, no signal: see
-        Subscription.hold) while an operator's action changes them a batch at a time, so
+        Subscription.hold) while an operator's action changes rows a batch at a time, so
         that no claim starts part of the action's work before all of it is done: the
         ordered ones, or ``every`` one. ``refuse``: first refuse (ActionRefused) if an
-        ordered one has deliveries running. Nothing is held when the rows fit one batch,
-        which one transaction changes at once."""
+        ordered one has deliveries running.
+
+        When the action's rows (these, or ``beside``) fit one batch (``size``, BATCH_SIZE
+        unless given), nothing is held: the block runs inside the transaction that
+        refused, under the ordered subscriptions' row locks, and changes them at once.
+        Inside a caller's transaction nothing is held either (a hold would show only when
+        that commits): the action is that transaction's, as its locks are.
+        """
         using = self._db or router.db_for_write(Delivery)  # type: ignore[attr-defined]
         # The model, without importing it: its module imports this one.
         subscription: Any = Delivery._meta.get_field("subscription").related_model
-        one_batch = not self[pubsub_settings.batch_size : pubsub_settings.batch_size + 1]
+        size = size or pubsub_settings.batch_size
+        work = self if beside is None else beside
+        inside = transaction.get_connection(using).in_atomic_block
+        at_once = inside or not work[size : size + 1]
         with transaction.atomic(using=using):
             ids = self.values("subscription_id")
             subs = list(subscription.objects.using(using).filter(pk__in=ids).order_by("pk"))
             if refuse:
                 Delivery.objects.using(using).refuse_while_running(subs, action)
-            wanted = [] if one_batch else [s for s in subs if every or s.effective_ordered]
+            if at_once:
+                yield
+                return
+            wanted = [sub for sub in subs if every or sub.effective_ordered]
             held = [sub for sub in wanted if sub.hold(now, using=using)]
         try:
             yield

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from django.conf import settings
 from django.db import models, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from .. import backends
@@ -122,13 +123,20 @@ class Subscription(models.Model):
     def release(self, now: datetime, *, using: str = "default") -> bool:
         """End a hold taken at ``now``, unless the row changed since (an operator paused or
         resumed it, a deploy changed its options): then it stays as they left it."""
+        from .. import signals
+
         rows = Subscription.objects.using(using).filter(pk=self.pk, paused=True, updated_at=now)
         released = rows.update(paused=False, updated_at=timezone.now()) == 1
         if not released:
-            logger.warning(
-                "subscription %s changed while an operator's action held it; left as it is",
-                self.name,
-            )
+            current = Subscription.objects.using(using).filter(pk=self.pk).first()
+            if current is not None and current.paused:
+                logger.warning(
+                    "subscription %s changed while an operator's action held it: it stays "
+                    "paused until an operator resumes it",
+                    self.name,
+                )
+                # Paused from now on by nobody's explicit act: tell who watches pauses.
+                signals.send(signals.subscription_paused, Subscription, subscription=current)
         return released
 
     def seek(
@@ -154,13 +162,19 @@ class Subscription(models.Model):
         The cursor moves in one short transaction under the subscription's row lock; the
         deliveries change a batch at a time after it, so that a seek over a long backlog
         holds up no claim or fan-out for more than a batch. The subscription is held
-        (paused, see hold()) meanwhile, so none of it runs before the seek is done, and
-        released after. Interrupted half way (the process died), it stays paused: the
-        same seek again finishes the work; then resume it.
+        (paused, see hold()) meanwhile, so no claim that begins after the seek starts any
+        of it, and released after; what ended (acked, dead, discarded) after the seek began
+        is not run again. Interrupted half way (the process died), it stays paused: the
+        same seek again finishes the work; then resume it. Inside a caller's transaction
+        it is that transaction's: nothing is held, and the row lock holds up the topic's
+        fan-out until the caller commits.
         """
         _check_seek(offset, at)
         now = now or timezone.now()
         backend = backends.get(using)
+        # Inside a caller's transaction a hold would show only once that commits: the
+        # seek is then that transaction's, under the row lock until it commits.
+        inside = backend.connection.in_atomic_block
         with transaction.atomic(using=using), backend.connection.cursor() as cursor:
             # The fan-out's and the ordered claim's lock: neither runs while we move it. Read
             # after it, the row is the latest committed one.
@@ -172,7 +186,7 @@ class Subscription(models.Model):
             position = current.position
             Delivery.objects.using(using).refuse_while_running([current], "seek")
             point, end = _seek_point(current, offset, at, using)
-            held = current.hold(now, using=using)
+            held = not inside and current.hold(now, using=using)
             passed_over = 0
             mine = Delivery.objects.using(using).filter(subscription_id=self.pk)
             # Left to their dispatcher: acked meanwhile, they are not run again.
@@ -188,7 +202,10 @@ class Subscription(models.Model):
         try:
             waiting = mine.unfinished().filter(offset__lt=point, state__in=WAITING)
             skipped = waiting.discard(now, by="message_id")
+            # What had ended when the seek began: not what a claim under way when the hold
+            # began (it read the row before) leased and acked meanwhile.
             ended = mine.filter(offset__gte=point, offset__lt=end, state__in=ENDED)
+            ended = ended.filter(Q(finished_at__lte=now) | Q(finished_at__isnull=True))
             ended = ended.exclude(id__in=padded_ids(running))
             replayed = ended.in_batches(lambda rows: rows.run_again(now), by="message_id")
             # Messages it has no delivery of yet (published before it began, or passed over
