@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from .retry import Backoff
-from .validation import is_positive_int, is_positive_number
+from .validation import COUNT, SECONDS, is_positive_int, is_positive_number
 
 DEFAULTS: dict[str, Any] = {
     # Seconds between polls of the database when there is nothing to do.
@@ -50,9 +50,18 @@ DEFAULTS: dict[str, Any] = {
     # Seconds the oldest unhandled message may wait before the health view reports
     # unhealthy (None: only whether a dispatcher is alive counts).
     "HEALTH_MAX_AGE": None,
+    # Largest payload publish() accepts, in bytes: bytes as given, JSON data as its text.
+    "MAX_PAYLOAD_BYTES": 1024 * 1024,
 }
 
+# Rows far larger strain both databases (PostgreSQL's jsonb stops at 256 MiB).
+MAX_PAYLOAD_CEILING = 64 * 1024 * 1024
+
 START_CHOICES = ("latest", "earliest")
+# Handler threads of one process: far more would only contend for the same connections.
+MAX_WORKERS = 1024
+# Rows of one batch: larger ones hold locks for seconds.
+MAX_BATCH = 100_000
 
 
 def _optional_positive_number(value: Any) -> bool:
@@ -64,11 +73,8 @@ def _optional_positive_int(value: Any) -> bool:
 
 
 def _backoff(value: Any) -> bool:
-    try:
-        Backoff.coerce(value)
-    except ImproperlyConfigured:
-        return False
-    return value is not None
+    """Raises ImproperlyConfigured naming the value that is wrong."""
+    return Backoff.coerce(value) is not None
 
 
 def _module_name(value: Any) -> bool:
@@ -78,25 +84,29 @@ def _module_name(value: Any) -> bool:
 
 
 VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "POLL_INTERVAL": (is_positive_number, "a number of seconds > 0"),
-    "WORKERS": (is_positive_int, "an integer > 0"),
-    "LEASE": (is_positive_number, "a number of seconds > 0"),
-    "TIMEOUT": (_optional_positive_number, "a number of seconds > 0, or None"),
-    "MAX_ATTEMPTS": (is_positive_int, "an integer > 0"),
-    "MAX_INFLIGHT": (_optional_positive_int, "an integer > 0, or None"),
+    "POLL_INTERVAL": (is_positive_number, SECONDS),
+    "WORKERS": (lambda v: is_positive_int(v, MAX_WORKERS), f"an integer from 1 to {MAX_WORKERS}"),
+    "LEASE": (is_positive_number, SECONDS),
+    "TIMEOUT": (_optional_positive_number, f"{SECONDS}, or None"),
+    "MAX_ATTEMPTS": (is_positive_int, COUNT),
+    "MAX_INFLIGHT": (_optional_positive_int, f"{COUNT}, or None"),
     "ORDERED": (lambda v: isinstance(v, bool), "True or False"),
     "START": (lambda v: v in START_CHOICES, '"latest" or "earliest"'),
     "BACKOFF": (_backoff, "a dict with base, factor, maximum and jitter"),
     "AUTODISCOVER_MODULE": (_module_name, "a dotted module name such as 'subscribers'"),
-    "BATCH_SIZE": (is_positive_int, "an integer > 0"),
-    "HEARTBEAT_INTERVAL": (is_positive_number, "a number of seconds > 0"),
-    "DISPATCHER_TIMEOUT": (is_positive_number, "a number of seconds > 0"),
-    "SHUTDOWN_GRACE": (is_positive_number, "a number of seconds > 0"),
+    "BATCH_SIZE": (lambda v: is_positive_int(v, MAX_BATCH), f"an integer from 1 to {MAX_BATCH}"),
+    "HEARTBEAT_INTERVAL": (is_positive_number, SECONDS),
+    "DISPATCHER_TIMEOUT": (is_positive_number, SECONDS),
+    "SHUTDOWN_GRACE": (is_positive_number, SECONDS),
     "MONITORING_TOKEN": (
         lambda v: v is None or (isinstance(v, str) and len(v) >= 16),
         "None or a string of at least 16 characters",
     ),
-    "HEALTH_MAX_AGE": (_optional_positive_number, "a number of seconds > 0, or None"),
+    "HEALTH_MAX_AGE": (_optional_positive_number, f"{SECONDS}, or None"),
+    "MAX_PAYLOAD_BYTES": (
+        lambda v: is_positive_int(v, MAX_PAYLOAD_CEILING),
+        f"an integer of bytes from 1 to {MAX_PAYLOAD_CEILING:,}",
+    ),
 }
 
 
@@ -114,9 +124,9 @@ def validate() -> list[tuple[str, str]]:
     ]
     for key, value in raw.items():
         if key in VALIDATORS:
-            check, expected = VALIDATORS[key]
-            if not check(value):
-                problems.append((key, f"PUBSUB[{key!r}] must be {expected}, not {value!r}."))
+            problem = _problem(key, value)
+            if problem:
+                problems.append((key, problem))
     if not problems:
         merged = {**DEFAULTS, **raw}
         if merged["DISPATCHER_TIMEOUT"] <= merged["HEARTBEAT_INTERVAL"]:
@@ -135,10 +145,21 @@ def get(key: str) -> Any:
     if not isinstance(raw, dict):
         raise ImproperlyConfigured(f"PUBSUB must be a dict, not {type(raw).__name__}.")
     value = raw.get(key, DEFAULTS[key])
-    check, expected = VALIDATORS[key]
-    if not check(value):
-        raise ImproperlyConfigured(f"PUBSUB[{key!r}] must be {expected}, not {value!r}.")
+    problem = _problem(key, value)
+    if problem:
+        raise ImproperlyConfigured(problem)
     return value
+
+
+def _problem(key: str, value: Any) -> str | None:
+    """What is wrong with one setting's value, or None."""
+    check, expected = VALIDATORS[key]
+    try:
+        if check(value):
+            return None
+    except ImproperlyConfigured as exc:  # a validator that can say more: which part
+        return f"PUBSUB[{key!r}]: {exc}"
+    return f"PUBSUB[{key!r}] must be {expected}, not {value!r}."
 
 
 class PubSubSettings:
@@ -213,6 +234,10 @@ class PubSubSettings:
     def health_max_age(self) -> float | None:
         value = get("HEALTH_MAX_AGE")
         return None if value is None else float(value)
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return int(get("MAX_PAYLOAD_BYTES"))
 
 
 pubsub_settings = PubSubSettings()

@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from . import backends, signals
 from .backends.base import INSERT_BATCH
+from .conf import pubsub_settings
 from .exceptions import InvalidPayload
 from .validation import check_headers, check_key, check_payload, check_topic
 
@@ -30,7 +31,8 @@ def publish(
     check_topic(topic)
     key = check_key(key)
     header_dict = check_headers(headers)
-    return _write(topic, [check_payload(payload)], key, header_dict)[0]
+    body = check_payload(payload, pubsub_settings.max_payload_bytes)
+    return _write(topic, [body], key, header_dict)[0]
 
 
 def publish_many(
@@ -52,9 +54,10 @@ def publish_many(
             f"{type(payloads).__name__}."
         )
     checked = []
+    max_bytes = pubsub_settings.max_payload_bytes
     for index, payload in enumerate(payloads):
         try:
-            checked.append(check_payload(payload))
+            checked.append(check_payload(payload, max_bytes))
         except InvalidPayload as exc:
             raise InvalidPayload(f"payloads[{index}]: {exc}") from None
     if not checked:
@@ -63,9 +66,10 @@ def publish_many(
 
 
 def _write(
-    topic: str, checked: list[Any], key: str | None, header_dict: dict[str, str]
+    topic: str, checked: list[str | bytes | None], key: str | None, header_dict: dict[str, str]
 ) -> list[int]:
-    """Insert checked payloads; tell the receivers of message_published."""
+    """Insert checked payloads (as check_payload() returns them: JSON text, bytes or None);
+    tell the receivers of message_published."""
     from .models import Message
 
     now = timezone.now()

@@ -6,6 +6,7 @@ synced from it by ``sync.py``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -15,7 +16,14 @@ from django.core.exceptions import ImproperlyConfigured
 from .conf import START_CHOICES
 from .exceptions import AlreadyRegistered, InvalidSubscriber
 from .retry import Backoff
-from .validation import NAME_RE, check_topic, is_positive_int, is_positive_number
+from .validation import (
+    COUNT,
+    NAME_RE,
+    SECONDS,
+    check_topic,
+    is_positive_int,
+    is_positive_number,
+)
 
 if TYPE_CHECKING:
     from .message import Message
@@ -47,20 +55,48 @@ def _optional_positive(value: object, name: str, kind: type) -> None:
     if value is None:
         return
     if not (is_positive_int(value) if kind is int else is_positive_number(value)):
-        raise InvalidSubscriber(
-            f"@subscriber {name} must be a positive number or None, not {value!r}."
-        )
+        expected = COUNT if kind is int else SECONDS
+        raise InvalidSubscriber(f"@subscriber {name} must be {expected}, or None; not {value!r}.")
 
 
 def handler_path(func: Callable[..., Any]) -> str:
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
-    if not module or not qualname or "<" in qualname or module == "__main__":
+    # A dotted qualname is a method or a staticmethod: import_string() cannot find it.
+    if not module or not qualname or "<" in qualname or "." in qualname or module == "__main__":
         raise InvalidSubscriber(
             f"@subscriber needs a module-level function that can be imported by its dotted "
             f"path; {func!r} cannot be (define it at the top level of an app module)."
         )
     return f"{module}.{qualname}"
+
+
+def check_handler(func: Any) -> None:
+    """Refuse at declaration what could not run as a handler: what is not a function of
+    one message, and async functions, whose body a thread would never run."""
+    if isinstance(func, staticmethod | classmethod) or not callable(func):
+        raise InvalidSubscriber(f"@subscriber must decorate a module-level function, not {func!r}.")
+    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+        raise InvalidSubscriber(
+            f"@subscriber cannot take {handler_name(func)}: it is an async function, and "
+            f"handlers run in worker threads, where its body would never run. Write it with "
+            f"def (call async code from it with asgiref.sync.async_to_sync)."
+        )
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # no signature to read (some builtins): let it be
+        return
+    try:
+        signature.bind(object())
+    except TypeError:
+        raise InvalidSubscriber(
+            f"@subscriber handlers are called with one argument, the message; "
+            f"{handler_name(func)}{signature} cannot be."
+        ) from None
+
+
+def handler_name(func: Any) -> str:
+    return str(getattr(func, "__qualname__", None) or repr(func))
 
 
 def subscriber(
@@ -103,8 +139,7 @@ def subscriber(
         raise InvalidSubscriber(f"@subscriber {exc}") from None
 
     def decorate(func: H) -> H:
-        if not callable(func):
-            raise InvalidSubscriber(f"@subscriber must decorate a function, not {func!r}.")
+        check_handler(func)
         spec = SubscriberSpec(
             name=name,
             topic=topic,

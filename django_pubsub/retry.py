@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
+
+from .validation import MAX_SECONDS
 
 Random = Callable[[], float]
 
@@ -29,14 +32,26 @@ class Backoff:
     def __post_init__(self) -> None:
         for name in ("base", "factor", "maximum", "jitter"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ImproperlyConfigured(f"Backoff {name} must be a number, not {value!r}.")
-        if self.base < 0 or self.maximum < 0:
-            raise ImproperlyConfigured("Backoff base and maximum must be >= 0 seconds.")
-        if self.factor < 1:
-            raise ImproperlyConfigured("Backoff factor must be >= 1.")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise ImproperlyConfigured(
+                    f"backoff {name} must be a finite number, not {value!r}."
+                )
+        for name in ("base", "maximum"):
+            value = getattr(self, name)
+            if not 0 <= value <= MAX_SECONDS:
+                raise ImproperlyConfigured(
+                    f"backoff {name} must be from 0 to {MAX_SECONDS} seconds, not {value!r}."
+                )
+        if not 1 <= self.factor <= 1000:
+            raise ImproperlyConfigured(
+                f"backoff factor must be from 1 to 1000, not {self.factor!r}."
+            )
         if not 0 <= self.jitter <= 1:
-            raise ImproperlyConfigured("Backoff jitter must be between 0 and 1.")
+            raise ImproperlyConfigured(f"backoff jitter must be from 0 to 1, not {self.jitter!r}.")
 
     @classmethod
     def coerce(cls, value: Backoff | Mapping[str, Any] | None) -> Backoff | None:

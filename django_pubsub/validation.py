@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +31,7 @@ def check_key(key: object) -> str | None:
         raise InvalidKey(
             f"key must be None or a string of 1 to {KEY_MAX_LENGTH} characters; got {key!r}."
         )
+    _check_text(key, "key", InvalidKey)
     return key
 
 
@@ -40,21 +43,85 @@ def check_headers(headers: object) -> dict[str, str]:
     for name, value in headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise InvalidHeaders(f"headers must map str to str; {name!r}: {value!r} is not.")
+        _check_text(name, f"the header name {name!r}", InvalidHeaders)
+        _check_text(value, f"headers[{name!r}]", InvalidHeaders)
     return dict(headers)
 
 
-def check_payload(payload: object) -> object:
-    """Return bytes for binary payloads; raise unless the value survives JSON unchanged."""
+def check_payload(payload: object, max_bytes: int) -> str | bytes | None:
+    """What is stored of a payload: bytes for binary payloads, the JSON text of JSON data
+    (None for None). Raises InvalidPayload unless the value survives JSON unchanged, fits
+    both databases' columns and ``max_bytes``."""
+    body: str | bytes
     if isinstance(payload, bytes | bytearray | memoryview):
-        return bytes(payload)
-    _check_json(payload, "payload")
-    return payload
+        body = bytes(payload)
+        size = len(body)
+    elif payload is None:
+        return None
+    else:
+        try:
+            _check_json(payload, "payload")
+        except RecursionError:
+            raise InvalidPayload("payload is nested too deeply to be stored as JSON.") from None
+        # ASCII only (the default): its length is its size in bytes.
+        body = json.dumps(payload, allow_nan=False)
+        size = len(body)
+    if size > max_bytes:
+        raise InvalidPayload(
+            f"payload is {size:,} bytes{' as JSON' if isinstance(body, str) else ''}, more "
+            f"than PUBSUB['MAX_PAYLOAD_BYTES'] ({max_bytes:,}); store large content elsewhere "
+            f"and publish a reference to it."
+        )
+    return body
+
+
+def _check_text(text: str, where: str, error: type[Exception] = InvalidPayload) -> None:
+    """Refuse what PostgreSQL cannot store in text or JSON (and so refuse it on every
+    database): NUL characters and lone surrogates, which no UTF-8 can encode."""
+    if "\x00" in text:
+        raise error(f"{where} contains a NUL character (\\x00), which cannot be stored.")
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise error(
+            f"{where} contains {text[exc.start : exc.end]!r} at index {exc.start}, a lone "
+            f"surrogate that is not valid Unicode text and cannot be stored."
+        ) from None
+
+
+def storable(text: str, limit: int) -> str:
+    """Any text (a handler's error, a traceback) as both databases store it: NUL and lone
+    surrogates written as escapes, at most ``limit`` characters, the cut said so."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit:,} more characters cut)"
+    return text
 
 
 def _check_json(value: Any, where: str) -> None:
-    # A walk instead of json.dumps(): json would silently turn {1: "a"} into {"1": "a"} and
-    # accept NaN, which PostgreSQL's jsonb refuses at commit time, far from the call.
-    if value is None or isinstance(value, str | bool | int):
+    # A walk instead of json.dumps() alone: json would silently turn {1: "a"} into
+    # {"1": "a"} and accept NUL and lone surrogates, which PostgreSQL's jsonb refuses in
+    # the database, far from the call and after the caller's transaction is spoilt.
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        _check_text(value, where)
+        return
+    if isinstance(value, int):
+        # Python writes and reads integers of up to sys.get_int_max_str_digits() digits.
+        if value.bit_length() > 3 * sys.get_int_max_str_digits():
+            try:
+                str(value)
+            except ValueError:
+                raise InvalidPayload(
+                    f"{where} is an integer of more than {sys.get_int_max_str_digits()} "
+                    f"digits, which JSON here cannot carry; publish it as a string."
+                ) from None
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -70,18 +137,37 @@ def _check_json(value: Any, where: str) -> None:
                 raise InvalidPayload(
                     f"{where} has the key {name!r}; JSON object keys must be strings."
                 )
+            _check_text(name, f"the key {name!r} of {where}")
             _check_json(item, f"{where}[{name!r}]")
         return
     raise InvalidPayload(
-        f"{where} is a {type(value).__name__}, which is not JSON-serialisable; "
+        f"{where} is {_a(type(value).__name__)}, which is not JSON-serialisable; "
         f"publish JSON data (dict, list, str, int, float, bool, None) or bytes."
     )
 
 
-def is_positive_number(value: object) -> bool:
-    """An int or float above zero (not a bool): settings, @subscriber options, flags."""
-    return not isinstance(value, bool) and isinstance(value, int | float) and value > 0
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
-def is_positive_int(value: object) -> bool:
-    return is_positive_number(value) and isinstance(value, int)
+# The bounds of every option: a duration fits a timedelta added to today's date with room to
+# spare, a count the integer columns that store it.
+MAX_SECONDS = 365 * 24 * 3600
+MAX_COUNT = 2**31 - 1
+SECONDS = f"a number of seconds > 0 and at most {MAX_SECONDS} (a year)"
+COUNT = f"an integer from 1 to {MAX_COUNT}"
+
+
+def is_positive_number(value: object, maximum: float = MAX_SECONDS) -> bool:
+    """A finite int or float above zero and at most ``maximum`` (not a bool): a duration
+    in settings, @subscriber options and flags."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and 0 < value <= maximum
+    )
+
+
+def is_positive_int(value: object, maximum: int = MAX_COUNT) -> bool:
+    return isinstance(value, int) and is_positive_number(value, maximum)

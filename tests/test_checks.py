@@ -36,6 +36,14 @@ def test_the_project_passes_its_checks() -> None:
         ({"TIMEOUT": None}, []),
         ({"TIMEOUT": 2.5}, []),
         ({"HEARTBEAT_INTERVAL": 10, "DISPATCHER_TIMEOUT": 5}, ["django_pubsub.E003"]),
+        ({"LEASE": float("inf")}, ["django_pubsub.E003"]),
+        ({"LEASE": 1e12}, ["django_pubsub.E003"]),
+        ({"MAX_ATTEMPTS": 2**31}, ["django_pubsub.E003"]),
+        ({"WORKERS": 10**6}, ["django_pubsub.E003"]),
+        ({"BACKOFF": {"maximum": float("inf")}}, ["django_pubsub.E003"]),
+        ({"MAX_PAYLOAD_BYTES": 0}, ["django_pubsub.E003"]),
+        ({"MAX_PAYLOAD_BYTES": 2**30}, ["django_pubsub.E003"]),
+        ({"MAX_PAYLOAD_BYTES": 4096}, []),
     ],
 )
 def test_settings_checks(value: Any, expected: list[str]) -> None:
@@ -43,6 +51,25 @@ def test_settings_checks(value: Any, expected: list[str]) -> None:
         found = checks.check_settings()
     assert ids(found) == expected
     assert all(message.hint for message in found)
+
+
+@pytest.mark.parametrize(
+    ("backoff", "said"),
+    [
+        ({"base": -1}, "backoff base must be from 0 to 31536000 seconds, not -1"),
+        ({"factor": 0.5}, "backoff factor must be from 1 to 1000, not 0.5"),
+        ({"jitter": 2}, "backoff jitter must be from 0 to 1, not 2"),
+        ({"maximum": "5m"}, "backoff maximum must be a finite number, not '5m'"),
+        ({"speed": 2}, "Unknown backoff keys ['speed']"),
+    ],
+)
+def test_a_bad_backoff_says_which_value_is_wrong(backoff: Any, said: str) -> None:
+    with override_settings(PUBSUB={"BACKOFF": backoff}):
+        (found,) = checks.check_settings()
+        with pytest.raises(ImproperlyConfigured) as raised:
+            pubsub_settings.backoff  # noqa: B018
+    assert found.msg == raised.value.args[0]
+    assert found.msg.startswith(f"PUBSUB['BACKOFF']: {said}")
 
 
 def test_settings_are_read_when_used_and_refuse_bad_values() -> None:

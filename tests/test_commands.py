@@ -18,15 +18,18 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--workers", "0"], "must be at least 1"),
+        (["--workers", "0"], "must be from 1 to 1024"),
+        (["--workers", "100000"], "must be from 1 to 1024"),
         (["--workers", "many"], "expected a whole number"),
         (["--poll-interval", "0"], "must be > 0"),
         (["--poll-interval", "nan"], "must be > 0"),
+        (["--poll-interval", "inf"], "must be > 0"),
+        (["--poll-interval", "1e12"], "at most 31536000"),
         (["--idle-wait", "-1", "--until-idle"], "must be >= 0"),
         (["--idle-wait", "1"], "only applies with --until-idle"),
         (["--subscriptions", "basic.one,,x"], "comma-separated"),
         (["--subscriptions", "nope", "--until-idle"], "Unknown or inactive subscriptions: nope"),
-        (["--max-messages", "-3"], "must be at least 1"),
+        (["--max-messages", "-3"], "must be from 1 to"),
     ],
 )
 def test_bad_arguments_get_a_clear_error_and_write_nothing(args: list[str], message: str) -> None:

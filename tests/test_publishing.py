@@ -97,6 +97,13 @@ BAD_PAYLOADS = [
     math.nan,
     {"deep": [{"x": math.inf}]},
     b"ok".decode,  # a function
+    # What PostgreSQL refuses in its text and jsonb columns is refused on every database.
+    "\ud800",  # a lone surrogate
+    {"note": "a\x00b"},
+    {"ke\x00y": 1},
+    {"\udc80": 1},
+    [["deep", "\ud83d"]],
+    {"big": 10**5000},  # more digits than JSON here can carry
 ]
 
 
@@ -123,14 +130,59 @@ def test_bad_topic_names_are_refused(topic: Any) -> None:
     assert Message.objects.count() == 0
 
 
-@pytest.mark.parametrize("headers", [{"a": 1}, {1: "a"}, ["a"], "a=b"])
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_payload_nested_too_deeply_is_refused() -> None:
+    with pytest.raises(InvalidPayload, match="nested too deeply"):
+        publish("t.basic", _nested(100_000))
+    assert Message.objects.count() == 0
+
+
+def test_a_refused_payload_leaves_the_callers_transaction_usable() -> None:
+    """Every check runs before the first write: the caller's own rows and earlier
+    publishes in that transaction are kept, whatever was refused and wherever it was."""
+    bad_late = [{"n": n} for n in range(1_499)] + [{"text": "NUL \x00 late"}]
+    with transaction.atomic():
+        Topic.objects.create(name="callers.own.row")
+        kept = publish("t.basic", {"before": True})
+        for payload in ("\ud800", {"big": 10**5000}, {"x": "\x00"}):
+            with pytest.raises(InvalidPayload):
+                publish("t.basic", payload)
+        with pytest.raises(InvalidPayload, match=r"payloads\[1499\]"):
+            publish_many("t.basic", bad_late)
+        after = publish("t.basic", {"after": True})
+    assert Topic.objects.filter(name="callers.own.row").exists()
+    assert list(Message.objects.order_by("id").values_list("id", flat=True)) == [kept, after]
+
+
+def test_payloads_larger_than_the_limit_are_refused(settings: Any) -> None:
+    settings.PUBSUB = {"MAX_PAYLOAD_BYTES": 100}
+    publish("t.basic", b"x" * 100)
+    publish("t.basic", "y" * 98)  # "yyy..." with its quotes: 100 bytes of JSON
+    with pytest.raises(InvalidPayload, match=r"101 bytes, more than .*MAX_PAYLOAD_BYTES.* \(100\)"):
+        publish("t.basic", b"x" * 101)
+    with pytest.raises(InvalidPayload, match=r"101 bytes as JSON"):
+        publish("t.basic", "y" * 99)
+    with pytest.raises(InvalidPayload, match=r"payloads\[1\]"):
+        publish_many("t.basic", [{}, {"text": "z" * 200}])
+    assert Message.objects.count() == 2
+
+
+@pytest.mark.parametrize(
+    "headers", [{"a": 1}, {1: "a"}, ["a"], "a=b", {"a\x00": "b"}, {"a": "\x00"}, {"a": "\udfff"}]
+)
 def test_bad_headers_are_refused(headers: Any) -> None:
     with pytest.raises(InvalidHeaders):
         publish("t.basic", {}, headers=headers)
     assert Message.objects.count() == 0
 
 
-@pytest.mark.parametrize("key", [5, "", "k" * 256, b"bytes"])
+@pytest.mark.parametrize("key", [5, "", "k" * 256, b"bytes", "k\x00", "\ud800k"])
 def test_bad_keys_are_refused(key: Any) -> None:
     with pytest.raises(InvalidKey):
         publish("t.basic", {}, key=key)

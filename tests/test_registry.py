@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,6 +60,14 @@ def test_same_declaration_twice_is_fine_but_a_clash_is_an_error(clean_registry: 
         ({"name": "ok", "start": "beginning"}, InvalidSubscriber),
         ({"name": "ok", "backoff": {"base": 1, "speed": 2}}, InvalidSubscriber),
         ({"name": "ok", "backoff": {"factor": 0.5}}, InvalidSubscriber),
+        # Every option is bounded: finite, within a timedelta from now, within its column.
+        ({"name": "ok", "lease": float("inf")}, InvalidSubscriber),
+        ({"name": "ok", "lease": 1e12}, InvalidSubscriber),
+        ({"name": "ok", "timeout": float("nan")}, InvalidSubscriber),
+        ({"name": "ok", "max_attempts": 2**31}, InvalidSubscriber),
+        ({"name": "ok", "max_inflight": 2**31}, InvalidSubscriber),
+        ({"name": "ok", "backoff": {"maximum": float("inf")}}, InvalidSubscriber),
+        ({"name": "ok", "backoff": {"base": float("nan")}}, InvalidSubscriber),
     ],
 )
 def test_bad_declarations_fail_at_the_decorator(
@@ -82,6 +91,80 @@ def test_nested_functions_cannot_be_subscribers(clean_registry: None) -> None:
 
     with pytest.raises(InvalidSubscriber, match="module-level function"):
         subscriber("orders", name="local")(local)
+
+
+class CallableObject:
+    def __call__(self, message: Message) -> None:
+        pass
+
+
+async def async_handler(message: Message) -> None:
+    pass
+
+
+async def async_generator(message: Message) -> Any:
+    yield message
+
+
+def takes_nothing() -> None:
+    pass
+
+
+def takes_two(message: Message, extra: int) -> None:
+    pass
+
+
+def takes_keyword_only(*, message: Message) -> None:
+    pass
+
+
+def takes_more_than_needed(message: Message, extra: int = 0, *rest: Any, **options: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("func", "said"),
+    [
+        (async_handler, "async function"),
+        (async_generator, "async function"),
+        (takes_nothing, "called with one argument"),
+        (takes_two, "called with one argument"),
+        (takes_keyword_only, "called with one argument"),
+        (staticmethod(handler), "module-level function"),
+        (classmethod(handler), "module-level function"),
+        (functools.partial(takes_two, extra=1), "module-level function"),
+        (CallableObject(), "module-level function"),
+    ],
+)
+def test_handlers_that_could_not_run_are_refused_at_declaration(
+    clean_registry: None, func: Any, said: str
+) -> None:
+    """An async handler used to be accepted and its deliveries acked without its body ever
+    running: refused until async handlers are supported."""
+    with pytest.raises(InvalidSubscriber, match=said):
+        subscriber("orders", name="refused")(func)
+    assert registry.get_specs() == {}
+
+
+def test_a_method_cannot_be_a_subscriber_either_way_round(clean_registry: None) -> None:
+    with pytest.raises(InvalidSubscriber, match="module-level function"):
+
+        class Inside:
+            @subscriber("orders", name="static")
+            @staticmethod
+            def handle(message: Message) -> None:
+                pass
+
+    with pytest.raises(InvalidSubscriber, match="module-level function"):
+
+        class Outside:
+            @staticmethod
+            @subscriber("orders", name="static")
+            def handle(message: Message) -> None:
+                pass
+
+    subscriber("orders", name="more")(takes_more_than_needed)
+    assert list(registry.get_specs()) == ["more"]
 
 
 def test_autodiscovery_found_the_apps_subscribers() -> None:

@@ -257,3 +257,87 @@ def test_a_loop_that_stops_moving_is_reported_and_keeps_its_leases(
         signals.delivery_succeeded.disconnect(stall)
         loop.stop()
         thread.join(20)
+
+
+@pytest.mark.parametrize("awkward", ["nul", "surrogate", "huge", "unprintable"])
+def test_any_exception_a_handler_raises_is_recorded_and_stops_nothing(
+    awkward: str, dispatch: Any
+) -> None:
+    """Text no column holds as it is (NUL, a lone surrogate, a megabyte) and an exception
+    whose str() raises are recorded as a retry like any failure; the deliveries around
+    them, of the same ordered subscription and of others, all run."""
+    ids = publish_many("t.ordered", [{"n": 0}, {"raise": awkward}, {"n": 2}])
+    other = publish("t.basic", {"n": 3})
+    counts = dispatch("ordered.one", "basic.one", idle_wait=2.0)
+    assert counts.retried == 1
+    rows = {d.message_id: d for d in Delivery.objects.filter(subscription__name="ordered.one")}
+    assert [rows[i].state for i in ids] == ["acked", "acked", "acked"]
+    failed = rows[ids[1]]
+    assert failed.attempts == 2
+    error = failed.errors[0]["error"]
+    expected = {
+        "nul": "Planned: bad \\x00 text",
+        "surrogate": "Planned: bad \\ud800 text",
+        "huge": "Planned: xxxx",
+        "unprintable": "Unprintable: <str() of the exception raised RuntimeError>",
+    }[awkward]
+    assert error.startswith(expected)
+    assert len(error) < 5_000 and len(failed.errors[0]["traceback"]) < 25_000
+    assert failed.errors[0]["traceback"]
+    assert Delivery.objects.get(message_id=other, subscription__name="basic.one").state == "acked"
+
+
+def test_a_database_outage_logs_one_line_per_retry(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """runpubsub's default verbosity shows INFO and up: a line per retry, no traceback
+    (that is DEBUG, -v 2)."""
+    import logging
+
+    from django_pubsub.models import Topic
+
+    publish("t.basic", {"n": 1})
+    real = Topic.sequence_all
+    failures = iter(range(3))
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if next(failures, None) is not None:
+            connection_lost()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Topic, "sequence_all", flaky)
+    with caplog.at_level(logging.DEBUG, logger="django_pubsub"):
+        DispatchLoop(until_idle=True, handle_signals=False, subscriptions=["basic.one"]).run()
+    assert states("basic.one") == {"acked": 1}
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO]
+    retries = [r.getMessage() for r in shown if "database error, retrying" in r.getMessage()]
+    assert len(retries) == 3
+    assert all("\n" not in line and "server closed the connection" in line for line in retries)
+    assert not [r for r in shown if r.exc_info]
+    assert [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]
+
+
+def test_a_start_the_database_refuses_is_an_error_not_an_outage() -> None:
+    """A value the database refuses (here, past an integer column's range, which only a
+    declaration that skipped @subscriber's checks can carry) stops runpubsub with the
+    database's reason instead of retrying for ever as if the database were down."""
+    if not is_postgres():
+        pytest.skip("SQLite's integer columns hold any 64-bit value")
+    from django_pubsub import registry
+    from django_pubsub.exceptions import PubSubError
+
+    spec = registry.SubscriberSpec(
+        name="too.many.attempts",
+        topic="t.basic",
+        handler="tests.pubsub_app.subscribers.basic_one",
+        max_attempts=2**31,
+    )
+    registry.register(spec)
+    try:
+        loop = DispatchLoop(handle_signals=False)
+        started = time.monotonic()
+        with pytest.raises(PubSubError, match="the database refused what runpubsub writes"):
+            loop.start()
+        assert time.monotonic() - started < 5
+    finally:
+        registry.unregister(spec.name)

@@ -73,7 +73,7 @@ class Backend:
     def insert_messages(
         self,
         topic: str,
-        bodies: Sequence[Any],
+        bodies: Sequence[str | bytes | None],
         *,
         key: str | None,
         headers: dict[str, str],
@@ -112,9 +112,10 @@ class Backend:
     def insert_statement(
         self, batch: Sequence[Any], shared: list[Any], topic: str, *, first: bool
     ) -> tuple[str, list[Any]]:
-        """The INSERT of one batch of message bodies (JSON data, bytes or None), with its
-        parameters: ``shared`` (key, headers, time) are the same for every message, and
-        ``first`` says whether it is the call's first batch."""
+        """The INSERT of one batch of message bodies (JSON text, bytes or None, as
+        validation.check_payload() returns them), with its parameters: ``shared`` (key,
+        headers, time) are the same for every message, and ``first`` says whether it is
+        the call's first batch."""
         raise NotImplementedError
 
     # -- sequencing and fan-out ------------------------------------------------------------

@@ -5,7 +5,6 @@ parameters sent apart from the SQL, and LISTEN/NOTIFY wake-ups."""
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
@@ -94,7 +93,7 @@ class PostgreSQLBackend(Backend):
     ) -> tuple[str, list[Any]]:
         """The first batch also notifies the dispatchers' channel, which PostgreSQL
         delivers when the caller's transaction commits (and drops if it rolls back)."""
-        payloads = [None if b is None or isinstance(b, bytes) else json.dumps(b) for b in batch]
+        payloads = [b if isinstance(b, str) else None for b in batch]
         blobs = [b if isinstance(b, bytes) else None for b in batch]
         params: list[Any]
         if len(batch) == 1:

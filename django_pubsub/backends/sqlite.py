@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -180,10 +179,10 @@ def _write_lock(cursor: Any) -> None:
     cursor.execute(f"UPDATE {SUBSCRIPTION} SET id = id WHERE 1 = 0")
 
 
-def _columns(body: Any) -> tuple[str | None, bytes | None]:
+def _columns(body: str | bytes | None) -> tuple[str | None, bytes | None]:
     if isinstance(body, bytes):
         return None, body
-    return (None if body is None else json.dumps(body)), None
+    return body, None
 
 
 @functools.lru_cache(maxsize=64)

@@ -18,12 +18,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db import Error, connections
+from django.db import DataError, Error, IntegrityError, connections
 from django.utils import timezone
 
 from .. import backends
 from ..backends import Waker
 from ..conf import pubsub_settings
+from ..exceptions import PubSubError
 from ..models import Dispatcher, Topic
 from ..retry import ErrorBackoff, Random
 from ..sync import sync_subscriptions
@@ -123,13 +124,19 @@ class DispatchLoop:
                 self.subscriptions.load()
                 row = Dispatcher.register(self.clock())
                 break
+            except (DataError, IntegrityError) as exc:
+                # What it writes is refused, which waiting does not mend: not an outage.
+                raise PubSubError(
+                    f"the database refused what runpubsub writes at start (the "
+                    f"subscriptions' rows, its own): {_one_line(exc)}"
+                ) from exc
             except Error as exc:
                 delay = self._errors.failed()
                 logger.error(
                     "database unavailable at start, retrying in %.1fs failures=%s: %s",
                     delay,
                     self._errors.failures,
-                    exc,
+                    _one_line(exc),
                 )
                 _reset_connection()
                 if self._stop.wait(delay):
@@ -233,13 +240,18 @@ class DispatchLoop:
             try:
                 progressed = self.step()
                 idle = self.until_idle and not progressed and self.idle()
-            except Error:
+            except Error as exc:
                 # A lost connection or a restarted server must not end the dispatcher:
                 # back off (bounded), reconnect on the next pass, keep what is unrecorded.
+                # A line per retry; the traceback at -v 2.
                 delay = self._errors.failed()
-                logger.exception(
-                    "database error, retrying in %.1fs failures=%s", delay, self._errors.failures
+                logger.error(
+                    "database error, retrying in %.1fs failures=%s: %s",
+                    delay,
+                    self._errors.failures,
+                    _one_line(exc),
                 )
+                logger.debug("the database error's traceback", exc_info=True)
                 _reset_connection()
                 self._stop.wait(delay)
                 continue
@@ -310,3 +322,8 @@ def _reset_connection() -> None:
         connections["default"].close()
     except Error:
         pass
+
+
+def _one_line(exc: BaseException) -> str:
+    """A database error as one log line: drivers add lines of context."""
+    return " ".join(str(exc).split())

@@ -7,6 +7,8 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from django.db import DataError, IntegrityError, ProgrammingError
+
 from .. import signals
 from ..message import Message
 from ..models import Delivery, Subscription
@@ -97,7 +99,7 @@ class OutcomeRecorder:
             elif outcome.error is None:
                 acks.append(outcome)
             else:
-                self.record_failure(outcome, now)
+                self._record_failure_anyhow(outcome, now)
                 done.append(outcome)
         self.claimer.give_back_leases(((o.job.delivery_id, o.job.token) for o in unstarted), now)
         done += unstarted
@@ -131,6 +133,21 @@ class OutcomeRecorder:
                     )
         for sub_id, durations in ran.items():
             self.claimer.ran(sub_id, durations)
+
+    def _record_failure_anyhow(self, outcome: Outcome, now: datetime) -> None:
+        """record_failure(), and if the database refuses what it writes (not an outage),
+        the failure without its text; if that is refused too, nothing: the lease lapses
+        and the delivery runs again. One unrecordable outcome never stops the others."""
+        for _ in range(2):
+            try:
+                self.record_failure(outcome, now)
+                return
+            except (DataError, IntegrityError, ProgrammingError):
+                logger.exception(
+                    "delivery id=%s: the database refused its failure's record",
+                    outcome.job.delivery_id,
+                )
+                outcome.error, outcome.traceback = "(the error could not be recorded)", ""
 
     def record_failure(self, outcome: Outcome, now: datetime) -> None:
         job = outcome.job

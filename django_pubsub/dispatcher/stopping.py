@@ -76,8 +76,9 @@ def drain(
         try:
             outcomes.time_out()
             outcomes.record_finished(clock())
-        except Error:
-            logger.exception("database error while draining; retrying")
+        except Error as exc:
+            logger.error("database error while draining, retrying: %s", " ".join(str(exc).split()))
+            logger.debug("the database error's traceback", exc_info=True)
             try:
                 connections["default"].close()
             except Error:

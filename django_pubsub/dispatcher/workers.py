@@ -330,7 +330,11 @@ class WorkerPool:
             return ack(job)
         except Exception:
             # The dispatcher records it instead (and retries while the database is away).
-            logger.exception("delivery id=%s: ack from the worker failed", job.delivery_id)
+            logger.warning(
+                "delivery id=%s: ack from the worker failed; the dispatcher records it",
+                job.delivery_id,
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
             close_old_connections()
             return False
 
@@ -343,9 +347,24 @@ class WorkerPool:
         try:
             job.handler(job.message)
         except BaseException as exc:  # a handler's failure is data here
-            error = f"{type(exc).__name__}: {exc}"
-            outcome = Outcome(job, error=error, traceback=traceback.format_exc())
+            outcome = Outcome(job, error=describe(exc), traceback=_formatted())
         else:
             outcome = Outcome(job)
         outcome.duration = time.monotonic() - started
         return outcome
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: text`` of a handler's exception, whatever its __str__ does (raise, say)."""
+    try:
+        text = str(exc)
+    except BaseException as failed:  # nothing a handler raised may escape
+        text = f"<str() of the exception raised {type(failed).__name__}>"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _formatted() -> str:
+    try:
+        return traceback.format_exc()
+    except BaseException:  # as describe()
+        return "<the traceback could not be formatted>"

@@ -22,10 +22,15 @@ from ..backends.base import INFLIGHT_SQL, SUBSCRIPTION, UNFINISHED_SQL
 from ..conf import pubsub_settings
 from ..exceptions import ActionRefused
 from ..states import ENDED, UNFINISHED, WAITING, DeliveryState
+from ..validation import storable
 from .dispatcher import Dispatcher
 
 if TYPE_CHECKING:
     from .subscription import Subscription
+
+# Most characters of a failure's error and traceback kept (every attempt keeps its own).
+ERROR_CHARS = 4_000
+TRACEBACK_CHARS = 20_000
 
 
 class DeliveryQuerySet(models.QuerySet["Delivery"]):
@@ -119,7 +124,9 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         max_attempts: int,
         delay: float,
     ) -> str | None:
-        """Record a failed attempt; schedule a retry or dead-letter. None if fenced out."""
+        """Record a failed attempt; schedule a retry or dead-letter. None if fenced out.
+        Any text is recorded: what a column cannot hold is escaped, what is too long cut."""
+        error, traceback = storable(error, ERROR_CHARS), storable(traceback, TRACEBACK_CHARS)
         fenced = self.filter(id=delivery_id, state=DeliveryState.INFLIGHT, lease_token=token)
         row = fenced.values("attempts", "errors").first()
         if row is None:

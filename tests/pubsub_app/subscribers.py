@@ -15,6 +15,23 @@ class Planned(Exception):
     """Raised by a handler because its payload asked it to fail."""
 
 
+class Unprintable(Exception):
+    """An exception whose text cannot be had: its __str__ raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+# Exceptions a handler raises when its payload's "raise" names one: texts no column can
+# hold as they are, and one without any text.
+AWKWARD = {
+    "nul": lambda: Planned("bad \x00 text"),
+    "surrogate": lambda: Planned("bad \ud800 text"),
+    "huge": lambda: Planned("x" * 1_000_000),
+    "unprintable": Unprintable,
+}
+
+
 class Gate:
     """Handlers whose payload has ``"gate": true`` wait here (10 s at most) until a test
     opens it: dispatchers in the test's own process only. ``started`` lists the (message
@@ -64,6 +81,8 @@ def _act_on(message: Message, payload: object) -> None:
         if payload.get("gate"):
             GATE.started.append((message.id, message.attempt))
             GATE.opened.wait(10)
+        if payload.get("raise") and message.attempt == 1:
+            raise AWKWARD[payload["raise"]]()
         if payload.get("sleep"):
             time.sleep(payload["sleep"])
         if payload.get("sleep_first") and message.attempt == 1:

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from django_pubsub.conf import MAX_WORKERS
 from django_pubsub.dispatcher import DispatchLoop
 from django_pubsub.exceptions import PubSubError
-from django_pubsub.validation import is_positive_int
+from django_pubsub.validation import MAX_COUNT, MAX_SECONDS, is_positive_int
 
 LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not is_positive_int(value):
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def positive_int(maximum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not is_positive_int(value, maximum):
+            raise argparse.ArgumentTypeError(f"must be from 1 to {maximum}, got {value}")
+        return value
+
+    return parse
 
 
 def seconds(minimum: float, inclusive: bool) -> Any:
@@ -33,13 +38,12 @@ def seconds(minimum: float, inclusive: bool) -> Any:
             raise argparse.ArgumentTypeError(
                 f"expected a number of seconds, got {text!r}"
             ) from None
-        if (
-            value != value
-            or value in (float("inf"), float("-inf"))
-            or (value < minimum if inclusive else value <= minimum)
-        ):
+        low_enough = value >= minimum if inclusive else value > minimum
+        if not (math.isfinite(value) and low_enough and value <= MAX_SECONDS):
             bound = ">=" if inclusive else ">"
-            raise argparse.ArgumentTypeError(f"must be {bound} {minimum:g}, got {text}")
+            raise argparse.ArgumentTypeError(
+                f"must be {bound} {minimum:g} and at most {MAX_SECONDS}, got {text}"
+            )
         return value
 
     return parse
@@ -59,7 +63,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "--workers", type=positive_int, help="Handler threads (PUBSUB WORKERS)."
+            "--workers", type=positive_int(MAX_WORKERS), help="Handler threads (PUBSUB WORKERS)."
         )
         parser.add_argument(
             "--poll-interval", type=seconds(0, inclusive=False), help="Seconds between polls."
@@ -79,7 +83,9 @@ class Command(BaseCommand):
             help="With --until-idle: also wait for work due within this many seconds.",
         )
         parser.add_argument(
-            "--max-messages", type=positive_int, help="Exit after handling this many deliveries."
+            "--max-messages",
+            type=positive_int(MAX_COUNT),
+            help="Exit after handling this many deliveries.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
