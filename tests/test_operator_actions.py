@@ -3,6 +3,7 @@ model methods, through the dispatcher, and as admin actions with permissions and
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,51 @@ def test_each_delivery_says_why_it_waits(dispatch: Any, clock: FakeClock) -> Non
     Delivery.objects.filter(pk=head.pk).discard(clock.now)
     head.refresh_from_db()
     assert head.why(clock.now).startswith("Discarded by an operator")
+
+
+def test_pausing_several_subscriptions_locks_them_in_id_order(
+    operator: tuple[Client, User],
+) -> None:
+    """As the fan-out does (and sync, and every hold): the admin's pause of subscriptions
+    whose names sort the other way round from their ids used to lock them in name order
+    and deadlock with the dispatchers. Seen from outside: while the lowest id is locked,
+    the action waits on it and has locked none of the others."""
+    import threading
+
+    import psycopg
+    from django.db import connection
+
+    from tests.conftest import is_postgres, wait_for
+
+    if not is_postgres():
+        pytest.skip("SQLite has no row locks: one writer at a time")
+    client, user = operator
+    user.user_permissions.add(Permission.objects.get(codename="change_subscription"))
+    subs = list(Subscription.objects.order_by("pk"))
+    low, high = next((a, b) for i, a in enumerate(subs) for b in subs[i + 1 :] if a.name > b.name)
+    table = Subscription._meta.db_table
+    db = connection.settings_dict
+    params = {"dbname": db["NAME"], "user": db["USER"], "host": db["HOST"], "port": db["PORT"]}
+    with psycopg.connect(**params) as holder, psycopg.connect(**params) as prober:
+        holder.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [low.pk])
+        selected = {"action": "pause", "_selected_action": [low.pk, high.pk]}
+
+        def act() -> None:
+            try:
+                client.post("/admin/django_pubsub/subscription/", selected)
+            finally:
+                connection.close()  # this thread's own
+
+        acting = threading.Thread(target=act)
+        acting.start()
+        try:
+            time.sleep(0.5)  # for the action to reach the lock it waits on
+            # NOWAIT: fails at once if the action holds the row.
+            prober.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE NOWAIT", [high.pk])
+            prober.rollback()
+        finally:
+            holder.rollback()
+            acting.join(30)
+    wait_for(
+        lambda: Subscription.objects.filter(pk__in=[low.pk, high.pk], paused=True).count() == 2
+    )
