@@ -92,6 +92,43 @@ def test_a_lower_id_that_commits_last_is_still_delivered(dispatch: Any) -> None:
         assert [run.offset for run in runs(name)] == [0, 1]
 
 
+def test_transactions_that_commit_before_a_pass_interleave_in_call_order(
+    dispatch: Any,
+) -> None:
+    """What guarantees §2 promises and no more: T1 publishes A, T2 publishes B, T1
+    publishes C, T1 commits, then T2, all before the dispatcher looks. Offsets follow ids
+    among what it finds committed: A, B, C. Each transaction's own messages keep their
+    call order (A before C), and nothing is skipped."""
+    if not is_postgres():
+        pytest.skip("SQLite has one writer at a time: T2 cannot publish while T1 is open")
+    step = [threading.Event() for _ in range(4)]
+
+    def t1() -> None:
+        with transaction.atomic():
+            publish("t.ordered", {"who": "A"})
+            step[0].set()
+            assert step[1].wait(10)
+            publish("t.ordered", {"who": "C"})
+        step[2].set()
+
+    def t2() -> None:
+        with transaction.atomic():
+            assert step[0].wait(10)
+            publish("t.ordered", {"who": "B"})
+            step[1].set()
+            assert step[2].wait(10)  # T1 has committed
+        step[3].set()
+
+    threads = [in_thread(t1), in_thread(t2)]
+    for thread in threads:
+        thread.join(30)
+    assert step[3].is_set()
+    dispatch(*ORDERED)
+    for name in ORDERED:
+        assert delivered(name) == ["A", "B", "C"]
+        assert [run.offset for run in runs(name)] == [0, 1, 2]
+
+
 def test_a_rollback_hole_is_neither_waited_for_nor_delivered(dispatch: Any) -> None:
     c_open, c_may_end = threading.Event(), threading.Event()
 
