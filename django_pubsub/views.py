@@ -15,6 +15,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_safe
 
 from . import stats
@@ -30,15 +31,21 @@ def monitoring(view: View) -> View:
     @wraps(view)
     def allowed(request: HttpRequest) -> HttpResponse:
         token = pubsub_settings.monitoring_token
-        given = request.headers.get("Authorization", "")
-        if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # The scheme is case-insensitive (RFC 9110): "bearer" is as good as "Bearer".
+        scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+        if (
+            token
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(given.strip().encode(), token.encode())
+        ):
             return view(request)
         if request.user.is_authenticated and request.user.has_perm(PERMISSION):
             return view(request)
         return JsonResponse({"error": "forbidden"}, status=403)
 
-    # GET and HEAD: some load balancers' health checks send HEAD.
-    return never_cache(require_safe(allowed))
+    # GET and HEAD: some load balancers' health checks send HEAD. Read-only, so exempt
+    # from CSRF: another method gets require_safe's 405, not the CSRF failure page.
+    return csrf_exempt(never_cache(require_safe(allowed)))
 
 
 @monitoring

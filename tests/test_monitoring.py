@@ -65,6 +65,26 @@ def test_the_views_are_closed_by_default(client: Client) -> None:
         assert wrong.status_code == 403
 
 
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_the_token_opens_them_whatever_the_schemes_case(client: Client, scheme: str) -> None:
+    with override_settings(PUBSUB={"MONITORING_TOKEN": TOKEN}):
+        auth = {"Authorization": f"{scheme} {TOKEN}"}
+        assert client.get("/pubsub/stats/", headers=auth).status_code == 200
+        for wrong in (f"{scheme} {TOKEN}x", f"Basic {TOKEN}", TOKEN, f"{scheme}{TOKEN}"):
+            answer = client.get("/pubsub/stats/", headers={"Authorization": wrong})
+            assert answer.status_code == 403, wrong
+
+
+def test_other_methods_get_405_not_a_csrf_page() -> None:
+    strict = Client(enforce_csrf_checks=True)
+    with override_settings(PUBSUB={"MONITORING_TOKEN": TOKEN}):
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        for name in ("health", "stats", "metrics"):
+            answer = strict.post(f"/pubsub/{name}/", headers=auth)
+            assert answer.status_code == 405, name
+            assert answer["Allow"] == "GET, HEAD"
+
+
 def test_health_needs_a_live_dispatcher(client: Client) -> None:
     with override_settings(PUBSUB={"MONITORING_TOKEN": TOKEN}):
         auth = {"Authorization": f"Bearer {TOKEN}"}
