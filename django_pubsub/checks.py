@@ -110,6 +110,33 @@ def sqlite_warnings(db: dict[str, Any]) -> list[CheckMessage]:
 
 
 @register(Tags.database)
+def check_moved(databases: Sequence[str] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """E006: a subscription the code declares on another topic than its row's."""
+    if not databases or "default" not in databases:
+        return []
+    from .models import Subscription
+
+    specs = registry.get_specs()
+    try:
+        rows = list(
+            Subscription.objects.filter(name__in=list(specs)).values_list("name", "topic__name")
+        )
+    except DatabaseError:
+        return []  # not migrated yet
+    return [
+        Error(
+            f"Subscription {name!r} is on topic {topic!r}, but the code now declares it on "
+            f"{specs[name].topic!r}. Its position belongs to its topic, so it cannot move.",
+            hint=f"Declare a new name for the subscription on {specs[name].topic!r}, or "
+            f"declare {name!r} on {topic!r} again.",
+            id="django_pubsub.E006",
+        )
+        for name, topic in rows
+        if specs[name].topic != topic
+    ]
+
+
+@register(Tags.database)
 def check_inactive(databases: Sequence[str] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """W002: subscriptions no longer declared in code still hold undelivered messages."""
     if not databases or "default" not in databases:

@@ -47,6 +47,15 @@ def sync_subscriptions(using: str = "default") -> SyncResult:
         for spec in specs.values():
             _sync_one(spec, using, result)
         gone = Subscription.objects.using(using).filter(active=True).exclude(name__in=list(specs))
+        if not specs and gone.exists():
+            # Not one declaration: far likelier a wrong AUTODISCOVER_MODULE or a broken
+            # deploy than every subscription retired at once. Keep them as they are.
+            logger.error(
+                "no @subscriber declaration was found (PUBSUB['AUTODISCOVER_MODULE'] is %r); "
+                "the subscriptions in the database are kept active as they are",
+                pubsub_settings.autodiscover_module,
+            )
+            return result
         result.deactivated = list(gone.values_list("name", flat=True))
         if result.deactivated:
             gone.update(active=False)

@@ -15,8 +15,8 @@ from django_pubsub.models import Delivery, Message, Subscription, Topic
 
 PACKAGE = Path(django_pubsub.__file__).parent
 # What each layer may import from the package, besides itself. Leaf modules (settings,
-# states, exceptions, retry delays) serve every layer.
-LEAVES = {"conf", "states", "exceptions", "retry", "signals", "message"}
+# states, exceptions, retry delays, input checks) serve every layer.
+LEAVES = {"conf", "states", "exceptions", "retry", "signals", "message", "validation"}
 LAYERS = {
     "backends": LEAVES,
     "models": LEAVES | {"backends"},

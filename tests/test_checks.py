@@ -122,7 +122,16 @@ def test_routers_that_send_pubsub_models_elsewhere_are_reported(
 @pytest.mark.parametrize(
     ("options", "warned"),
     [
-        ({"init_command": "PRAGMA journal_mode=WAL;", "transaction_mode": "IMMEDIATE"}, False),
+        (
+            {
+                "init_command": "PRAGMA journal_mode=WAL;",
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+            },
+            False,
+        ),
+        # Python's default of 5 s applies: the hint asks for a timeout all the same.
+        ({"init_command": "PRAGMA journal_mode=WAL;", "transaction_mode": "IMMEDIATE"}, True),
         ({"transaction_mode": "IMMEDIATE"}, True),
         ({"init_command": "PRAGMA journal_mode = wal"}, True),
         ({}, True),
@@ -131,6 +140,8 @@ def test_routers_that_send_pubsub_models_elsewhere_are_reported(
 def test_sqlite_settings_check(options: dict[str, Any], warned: bool) -> None:
     found = checks.sqlite_warnings({"ENGINE": "django.db.backends.sqlite3", "OPTIONS": options})
     assert ids(found) == (["django_pubsub.W001"] if warned else [])
+    if warned and "timeout" not in options:
+        assert found[0].hint and '"timeout": 20' in found[0].hint
 
 
 def test_postgres_is_not_subject_to_the_sqlite_check() -> None:

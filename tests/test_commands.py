@@ -32,10 +32,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
         (["--max-messages", "-3"], "must be from 1 to"),
     ],
 )
-def test_bad_arguments_get_a_clear_error_and_write_nothing(args: list[str], message: str) -> None:
+def test_bad_arguments_get_a_clear_error_and_write_nothing(
+    args: list[str], message: str, caplog: pytest.LogCaptureFixture
+) -> None:
     publish_many("t.basic", [{"n": 1}])
     with pytest.raises(CommandError, match=message):
         call_command("runpubsub", *args)
+    assert "dispatcher stopped" not in caplog.text  # it never started
     assert Dispatcher.objects.count() == 0
     assert Delivery.objects.count() == 0
 

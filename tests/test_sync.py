@@ -94,6 +94,51 @@ def test_changing_a_subscriptions_topic_is_refused(extra: list[str]) -> None:
         sync_subscriptions()
 
 
+def test_a_moved_subscription_is_a_check_error_and_migrate_does_not_crash(
+    extra: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.core.checks import run_checks
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+
+    declare(extra, name="switcher", topic="t.one")
+    sync_subscriptions()
+    assert not [m for m in run_checks(databases=["default"]) if m.id == "django_pubsub.E006"]
+    declare(extra, name="switcher", topic="t.two")
+    (moved,) = [m for m in run_checks(databases=["default"]) if m.id == "django_pubsub.E006"]
+    assert "'switcher' is on topic 't.one'" in moved.msg and "'t.two'" in moved.msg
+    assert moved.hint and "new name" in moved.hint
+    # manage.py migrate runs the checks first, and stops on the error with this message.
+    with pytest.raises(SystemCheckError, match=r"django_pubsub\.E006"):
+        call_command("migrate", verbosity=0, skip_checks=False)
+    # Without the checks (--skip-checks), its post_migrate sync logs instead of crashing.
+    call_command("migrate", verbosity=0)
+    assert "subscriptions not brought in line" in caplog.text
+    assert Subscription.objects.get(name="switcher").topic.name == "t.one"
+
+
+def test_no_declaration_at_all_keeps_the_subscriptions_and_runpubsub_refuses(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong AUTODISCOVER_MODULE finds nothing: that must not retire every subscription."""
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    saved = registry.get_specs()
+    active = set(Subscription.objects.filter(active=True).values_list("name", flat=True))
+    registry.reset()
+    try:
+        result = sync_subscriptions()
+        assert result.deactivated == []
+        assert "no @subscriber declaration was found" in caplog.text
+        with pytest.raises(CommandError, match="no @subscriber declaration was found"):
+            call_command("runpubsub", "--until-idle")
+    finally:
+        for spec in saved.values():
+            registry.register(spec)
+    assert set(Subscription.objects.filter(active=True).values_list("name", flat=True)) == active
+
+
 def test_dispatchers_starting_together_create_a_new_subscription_once(extra: list[str]) -> None:
     import threading
 

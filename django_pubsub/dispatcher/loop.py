@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from django.db import DataError, Error, IntegrityError, connections
 from django.utils import timezone
 
-from .. import backends
+from .. import backends, registry
 from ..backends import Waker
 from ..conf import pubsub_settings
 from ..exceptions import PubSubError
@@ -118,6 +118,13 @@ class DispatchLoop:
         """Register and start the parts; False if stopped before the database could be
         reached. The database may be down at first (a host booting, a failover): wait for
         it with bounded backoff, answering stop() meanwhile."""
+        if not registry.get_specs():
+            raise PubSubError(
+                f"no @subscriber declaration was found, so there is nothing to run: each "
+                f"installed app's {pubsub_settings.autodiscover_module!r} module (PUBSUB["
+                f"'AUTODISCOVER_MODULE']) is imported to find them. The subscriptions in the "
+                f"database are left as they are."
+            )
         while True:
             try:
                 sync_subscriptions()
@@ -298,6 +305,8 @@ class DispatchLoop:
             logger.exception("database error during shutdown; leases left will expire")
         finally:
             _reset_connection()
+        if parts is None:
+            return  # it never started: nothing stopped
         logger.info(
             "dispatcher stopped acked=%s retried=%s dead=%s",
             self.counts.acked,
