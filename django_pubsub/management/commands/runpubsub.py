@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DEFAULT_DB_ALIAS, connections
 
 from django_pubsub.conf import MAX_WORKERS
 from django_pubsub.dispatcher import DispatchLoop
@@ -91,6 +92,13 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["idle_wait"] is not None and not options["until_idle"]:
             raise CommandError("--idle-wait only applies with --until-idle.")
+        if connections[DEFAULT_DB_ALIAS].in_atomic_block:
+            raise CommandError(
+                "runpubsub cannot run inside a transaction (an atomic block, or a test of "
+                "Django's TestCase): it commits as it goes, and would not see what the "
+                "transaction wrote. In tests, run the deliveries with "
+                "django_pubsub.testing.drain() instead (docs/testing.md)."
+            )
         self._configure_logging(options["verbosity"])
         try:
             loop = DispatchLoop(

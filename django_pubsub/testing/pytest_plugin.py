@@ -1,0 +1,20 @@
+"""The ``pubsub`` fixture, installed with the package (a ``pytest11`` entry point): a
+django_pubsub.testing.PubSub for the test, with database access as the test asks for it
+(``db`` unless it uses ``transactional_db`` or ``django_db(transaction=True)``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture
+def pubsub(request: pytest.FixtureRequest) -> Any:
+    """``pubsub.drain()``, ``pubsub.published()``, ``pubsub.clock`` and
+    ``pubsub.advance(seconds)``: see django_pubsub.testing."""
+    request.getfixturevalue("db")  # pytest-django's; it honours the test's marker
+    from django_pubsub.testing import PubSub, mark
+
+    mark()
+    return PubSub()
