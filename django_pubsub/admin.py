@@ -5,110 +5,43 @@ needing the model's change permission (viewing needs the view permission)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
-from datetime import datetime
 from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.admin.models import CHANGE, LogEntry
-from django.contrib.auth import get_permission_codename
-from django.db import transaction
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
-from django.urls import URLPattern, path
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from .conf import pubsub_settings
+from .admin_actions import (
+    ActionsAdmin,
+    ReadOnlyAdmin,
+    discard,
+    each,
+    holding_discard,
+    holding_replay,
+    replay,
+    user_id,
+)
 from .exceptions import ActionRefused, InvalidSeek
 from .forms import SeekForm
 from .models import Delivery, Dispatcher, Message, Subscription, Topic
 
-
-class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
+SUBS = ("subscription", "subscriptions")
 
 
-class ActionsAdmin(ReadOnlyAdmin):
-    """Read-only rows, with actions for those who may change them."""
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        # Without an object Django asks whether actions may run; with one, whether a form
-        # may save. Actions: with the change permission. Forms: never.
-        return obj is None and super(ReadOnlyAdmin, self).has_change_permission(request)
-
-    def act(
-        self,
-        request: HttpRequest,
-        targets: QuerySet[Any],
-        change: Callable[[Any, datetime], int],
-        done: str,
-        *,
-        hold: Callable[[Any, datetime], AbstractContextManager[None]] | None = None,
-    ) -> None:
-        """Run ``change`` on ``targets`` (the selected rows it applies to), log each row it
-        changed, and tell the operator how many.
-
-        It works in slices of ids, each in a transaction of its own with its log entries:
-        below SQLite's limit of parameters a statement however many rows were selected,
-        and holding up no dispatcher for longer than a slice. A row it changed carries the
-        action's time in ``updated_at`` (and stays locked until its slice commits): that is
-        how the log knows which rows it changed, and not those a dispatcher moved on
-        meanwhile. ``hold`` (deliveries only): what holds their subscriptions for the
-        length of the action (DeliveryQuerySet.holding), where a claim between two slices
-        would run part of its work before the rest is done.
-        """
-        now = timezone.now()
-        ids = list(targets.order_by("pk").values_list("pk", flat=True))
-        count = 0
-        try:
-            with hold(targets, now) if hold else nullcontext():
-                for part in _slices(ids, ACT_SLICE):
-                    with transaction.atomic():
-                        rows = targets.model.objects.filter(pk__in=part)
-                        change(rows, now)
-                        changed = list(rows.filter(updated_at=now))
-                        if changed:
-                            LogEntry.objects.log_actions(
-                                _user_id(request), changed, CHANGE, change_message=done
-                            )
-                    count += len(changed)
-        except ActionRefused as refused:
-            self.message_user(request, str(refused), messages.ERROR)
-            return
-        level = messages.SUCCESS if count else messages.WARNING
-        self.message_user(request, f"{done}: {count} of {len(ids)} selected.", level)
-
-    def has_change_deliveries_permission(self, request: HttpRequest) -> bool:
-        """For actions that change deliveries from another model's page."""
-        return self.has_change_permission(request) and request.user.has_perm(
-            f"{Delivery._meta.app_label}.{get_permission_codename('change', Delivery._meta)}"
-        )
+def _count(n: int, noun: str) -> str:
+    plural = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
+    return f"{n:,} {noun if n == 1 else plural}"
 
 
-# Rows changed a transaction: below SQLite's 32,766 parameters a statement, and small
-# enough to log and to hold no dispatcher up for long.
-ACT_SLICE = 10_000
-
-
-def _slices(rows: list[int], size: int) -> Iterator[list[int]]:
-    return (rows[i : i + size] for i in range(0, len(rows), size))
-
-
-def _user_id(request: HttpRequest) -> int:
-    user_id = request.user.pk
-    assert user_id is not None  # actions need a logged-in user with permissions
-    return int(user_id)
+DELIVERIES: dict[str, Any] = {"noun": ("delivery", "deliveries")}
 
 
 @admin.register(Topic)
@@ -149,11 +82,50 @@ class MessageAdmin(ReadOnlyAdmin):
     def pretty_payload(self, obj: Message) -> str:
         return _pretty_payload(obj)
 
+    def get_urls(self) -> list[URLPattern]:
+        view = self.admin_site.admin_view(self.payload_view)
+        name = "django_pubsub_message_payload"
+        return [path("<int:pk>/payload/", view, name=name), *super().get_urls()]
+
+    def payload_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """The whole payload as a download: JSON as published, bytes as they are."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        message = get_object_or_404(Message, pk=pk)
+        if message.payload_bytes is not None:
+            body, kind, suffix = bytes(message.payload_bytes), "application/octet-stream", "bin"
+        else:
+            body, kind, suffix = _json(message.payload).encode(), "application/json", "json"
+        response = HttpResponse(body, content_type=kind)
+        response["Content-Disposition"] = f'attachment; filename="message-{pk}.{suffix}"'
+        return response
+
+
+# Characters of a payload a page shows; the whole of it is a download away.
+PAYLOAD_SHOWN = 10_000
+
+
+def _json(value: Any) -> str:
+    # As written: "Zoë", not "Zo\u00eb".
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
+
 
 def _pretty_payload(message: Message) -> str:
+    download = reverse("admin:django_pubsub_message_payload", args=[message.pk])
     if message.payload_bytes is not None:
-        return f"{len(message.payload_bytes)} bytes"
-    return format_html("<pre>{}</pre>", json.dumps(message.payload, indent=2, sort_keys=True))
+        size = len(message.payload_bytes)
+        return format_html('{} bytes (<a href="{}">download</a>)', f"{size:,}", download)
+    text = _json(message.payload)
+    if len(text) <= PAYLOAD_SHOWN:
+        return format_html("<pre>{}</pre>", text)
+    return format_html(
+        '<pre>{}</pre><p>The first {} of {} characters: <a href="{}">download the whole '
+        "payload</a>.</p>",
+        text[:PAYLOAD_SHOWN],
+        f"{PAYLOAD_SHOWN:,}",
+        f"{len(text):,}",
+        download,
+    )
 
 
 @admin.register(Subscription)
@@ -166,16 +138,28 @@ class SubscriptionAdmin(ActionsAdmin):
     @admin.action(description="Pause: claim nothing more of it", permissions=["change"])
     def pause(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
         # Paused ones too: one held by a seek or replay then stays paused when it ends.
-        self.act(request, queryset, _each(Subscription.pause), "Paused")
+        n, pause = queryset.count(), each(Subscription.pause)
+        self.act(request, queryset, pause, "Paused", selected=n, noun=SUBS, skipped="")
 
     @admin.action(description="Resume", permissions=["change"])
     def resume(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
-        self.act(request, queryset.filter(paused=True), _each(Subscription.resume), "Resumed")
+        paused, n = queryset.filter(paused=True), queryset.count()
+        resume = each(Subscription.resume)
+        self.act(request, paused, resume, "Resumed", selected=n, noun=SUBS, skipped="not paused")
 
     @admin.action(description="Replay all dead letters", permissions=["change_deliveries"])
     def replay_dead(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
         dead = Delivery.objects.filter(subscription__in=queryset, state=Delivery.State.DEAD)
-        self.act(request, dead, _replay, "Replayed", hold=_holding_replay)
+        self.act(
+            request,
+            dead,
+            replay,
+            "Replayed",
+            selected=dead.count(),
+            noun=("dead letter", "dead letters"),
+            skipped="replayed by another operator",
+            hold=holding_replay,
+        )
 
     @admin.action(
         description="Seek to an offset or a time (deliver again from there)",
@@ -200,49 +184,18 @@ class SubscriptionAdmin(ActionsAdmin):
             try:
                 done = sub.seek(**target)
             except (ActionRefused, InvalidSeek) as refused:
-                self.message_user(request, f"{sub}: {refused}", messages.ERROR)
+                # "Subscription ..." first: the admin capitalises a message's first letter.
+                self.message_user(request, f"Subscription {sub}: {refused}", messages.ERROR)
                 continue
             what = (
-                f"Sought to offset {done.offset}: {done.replayed} delivery(ies) to run again, "
-                f"{done.skipped} waiting one(s) discarded, {done.passed_over} message(s) "
-                f"passed over"
+                f"sought to offset {done.offset}: {_count(done.replayed, 'delivery')} "
+                f"to run again, {_count(done.skipped, 'waiting delivery')} discarded, "
+                f"{_count(done.passed_over, 'message')} passed over"
             )
-            LogEntry.objects.log_actions(_user_id(request), [sub], CHANGE, change_message=what)
-            self.message_user(request, f"{sub}: {what}.", messages.SUCCESS)
+            logged = what[0].upper() + what[1:]
+            LogEntry.objects.log_actions(user_id(request), [sub], CHANGE, change_message=logged)
+            self.message_user(request, f"Subscription {sub} {what}.", messages.SUCCESS)
         return None
-
-
-def _replay(rows: QuerySet[Delivery], now: datetime) -> int:
-    return rows.replay(now)  # type: ignore[attr-defined,no-any-return]
-
-
-def _discard(rows: QuerySet[Delivery], now: datetime) -> int:
-    return rows.discard(now)  # type: ignore[attr-defined,no-any-return]
-
-
-def _holding_replay(rows: Any, now: datetime) -> AbstractContextManager[None]:
-    return rows.holding("replay", now, size=_transaction_rows())  # type: ignore[no-any-return]
-
-
-def _holding_discard(rows: Any, now: datetime) -> AbstractContextManager[None]:
-    waiting = rows.filter(state__in=Delivery.WAITING)  # what a claim could take meanwhile
-    held = waiting.holding(
-        "discard", now, refuse=False, every=True, beside=rows, size=_transaction_rows()
-    )
-    return held  # type: ignore[no-any-return]
-
-
-def _transaction_rows() -> int:
-    """Most rows an action changes in one transaction: its slice, or a batch of the model
-    method it calls."""
-    return min(ACT_SLICE, pubsub_settings.batch_size)
-
-
-def _each(
-    method: Callable[[Subscription, datetime], bool],
-) -> Callable[[QuerySet[Subscription], datetime], int]:
-    # In id order, as the fan-out and every hold lock them: another order deadlocks.
-    return lambda rows, now: sum(method(row, now) for row in rows.order_by("pk"))
 
 
 @admin.register(Delivery)
@@ -259,7 +212,7 @@ class DeliveryAdmin(ActionsAdmin):
     ]
     list_filter = ["state", "subscription", "subscription__topic"]
     search_fields = ["=message__id", "message__key"]
-    list_select_related = ["subscription"]
+    list_select_related = ["subscription__topic"]
     fields = [
         "why",
         "subscription",
@@ -291,24 +244,51 @@ class DeliveryAdmin(ActionsAdmin):
 
     @admin.display(description="headers")
     def message_headers(self, obj: Delivery) -> str:
-        return format_html("<pre>{}</pre>", json.dumps(obj.message.headers, indent=2))
+        return format_html("<pre>{}</pre>", _json(obj.message.headers))
 
     @admin.action(description="Retry now (those waiting for a retry)", permissions=["change"])
     def retry_now(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
         retrying = queryset.filter(state=Delivery.State.RETRY)
-        self.act(request, retrying, lambda rows, now: rows.retry_now(now), "Due now")
+        self.act(
+            request,
+            retrying,
+            lambda rows, now: rows.retry_now(now),
+            "Made due now",
+            selected=queryset.count(),
+            **DELIVERIES,
+            skipped="only those waiting for a retry can be made due now",
+        )
 
     @admin.action(description="Replay (dead letters)", permissions=["change"])
     def replay(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
         dead = queryset.filter(state=Delivery.State.DEAD)
-        self.act(request, dead, _replay, "Replayed", hold=_holding_replay)
+        self.act(
+            request,
+            dead,
+            replay,
+            "Replayed",
+            selected=queryset.count(),
+            **DELIVERIES,
+            skipped="only dead letters can be replayed",
+            hold=holding_replay,
+        )
 
     @admin.action(
         description="Discard (pending, retry or dead): do not run them", permissions=["change"]
     )
     def discard(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
         waiting = queryset.filter(state__in=[*Delivery.WAITING, Delivery.State.DEAD])
-        self.act(request, waiting, _discard, "Discarded", hold=_holding_discard)
+        self.act(
+            request,
+            waiting,
+            discard,
+            "Discarded",
+            selected=queryset.count(),
+            **DELIVERIES,
+            skipped="only pending, retrying or dead ones can be discarded (the others are "
+            "running or ended)",
+            hold=holding_discard,
+        )
 
     @admin.display(description="attempts that failed")
     def error_history(self, obj: Delivery) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -55,3 +56,69 @@ def test_topics_list_their_counts(staff: Client, dispatch: Any) -> None:
     html = page.content.decode()
     assert '<td class="field-sequenced">1</td>' in html
     assert '<td class="field-subscribers">2</td>' in html
+
+
+def test_payloads_and_headers_show_as_written_and_rows_by_their_names(
+    staff: Client, dispatch: Any
+) -> None:
+    publish("t.basic", {"name": "Zoë", "city": "Łódź"}, headers={"who": "Zoë"})
+    dispatch("basic.one")
+    message = Message.objects.get()
+    page = staff.get(f"/admin/django_pubsub/message/{message.pk}/change/").content.decode()
+    assert "Zoë" in page and "Łódź" in page and "\\u00eb" not in page
+    assert f"message #{message.pk} of t.basic (offset 0)" in page  # the title
+    delivery = Delivery.objects.get(subscription__name="basic.one")
+    page = staff.get(f"/admin/django_pubsub/delivery/{delivery.pk}/change/").content.decode()
+    assert f"basic.one: message #{message.pk} of t.basic (offset 0)" in page
+    assert page.count("Zoë") >= 2  # payload and headers
+
+
+def test_a_large_payload_is_cut_on_the_page_and_downloads_whole(staff: Client) -> None:
+    big = {"text": "x" * 200_000}
+    publish("t.basic", big)
+    publish("t.basic", b"\x00\x01binary")
+    json_row, bytes_row = Message.objects.order_by("id")
+    page = staff.get(f"/admin/django_pubsub/message/{json_row.pk}/change/")
+    assert len(page.content) < 100_000  # not the whole 200 kB
+    assert b"download the whole payload" in page.content
+    whole = staff.get(f"/admin/django_pubsub/message/{json_row.pk}/payload/")
+    assert whole["Content-Type"] == "application/json"
+    assert "attachment" in whole["Content-Disposition"]
+    assert json.loads(whole.content) == big
+    raw = staff.get(f"/admin/django_pubsub/message/{bytes_row.pk}/payload/")
+    assert raw.content == b"\x00\x01binary"
+    assert raw["Content-Type"] == "application/octet-stream"
+
+
+def test_the_payload_download_needs_the_view_permission(client: Client) -> None:
+    publish("t.basic", {"secret": 1})
+    row = Message.objects.get()
+    nobody = User.objects.create_user("nobody", password="pw", is_staff=True)
+    client.force_login(nobody)
+    assert client.get(f"/admin/django_pubsub/message/{row.pk}/payload/").status_code == 403
+
+
+def test_actions_say_what_was_selected_changed_and_skipped(staff: Client, dispatch: Any) -> None:
+    from django.contrib.admin.models import LogEntry
+
+    publish("t.basic", {"n": 1})
+    dispatch("basic.one")
+    acked = Delivery.objects.get(subscription__name="basic.one")
+    pending = Delivery.objects.get(subscription__name="basic.two")
+    page = staff.post(
+        "/admin/django_pubsub/delivery/",
+        {"action": "discard", "_selected_action": [acked.pk, pending.pk]},
+        follow=True,
+    ).content.decode()
+    assert (
+        "Discarded 1 of 2 selected deliveries. 1 skipped: only pending, retrying or dead ones "
+        "can be discarded (the others are running or ended), or changed meanwhile."
+    ) in page
+    (entry,) = LogEntry.objects.all()
+    assert entry.object_repr.startswith("basic.two: message #")
+    page = staff.post(
+        "/admin/django_pubsub/subscription/",
+        {"action": "resume", "_selected_action": [pending.subscription_id]},
+        follow=True,
+    ).content.decode()
+    assert "Resumed 0 of 1 selected subscription. 1 skipped: not paused" in page

@@ -86,7 +86,7 @@ def test_an_operator_replays_a_dead_letter_in_a_browser(
     page.check(f"input[name=_selected_action][value='{dead.pk}']")
     page.select_option("select[name=action]", "replay")
     page.click("button[name=index]")
-    expect(page.locator(".messagelist")).to_contain_text("Replayed: 1 of 1 selected")
+    expect(page.locator(".messagelist")).to_contain_text("Replayed 1 of 1 selected delivery.")
 
     broken.unlink()  # the cause is fixed
     dispatch("basic.one")

@@ -110,7 +110,7 @@ def test_admin_replays_a_selected_dead_letter_and_logs_it(
         {"action": "replay", "_selected_action": [dead.pk]},
         follow=True,
     )
-    assert b"Replayed: 1 of 1 selected" in response.content
+    assert b"Replayed 1 of 1 selected delivery." in response.content
     dead.refresh_from_db()
     assert (dead.state, dead.attempts) == ("pending", 0)
     (entry,) = LogEntry.objects.filter(object_id=str(dead.pk))
@@ -158,7 +158,7 @@ def test_admin_replays_every_dead_letter_of_a_subscription(
         {"action": "replay_dead", "_selected_action": [sub.pk]},
         follow=True,
     )
-    assert b"Replayed: 3 of 3 selected" in response.content
+    assert b"Replayed 3 of 3 selected dead letters." in response.content
     assert states("basic.one") == {"pending": 3}
     assert LogEntry.objects.count() == 3
 

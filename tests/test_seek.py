@@ -177,7 +177,9 @@ def test_the_admin_seeks_from_a_form_and_logs_it(
         {"action": "seek", "_selected_action": [target.pk], "apply": "Seek", "offset": "1"},
         follow=True,
     )
-    assert b"Sought to offset 1: 3 delivery(ies) to run again" in done.content
+    assert (
+        b"Subscription basic.one sought to offset 1: 3 deliveries to run again" in done.content
+    )
     assert states("basic.one") == {"acked": 1, "pending": 3}
     (entry,) = LogEntry.objects.all()
     assert entry.object_id == str(target.pk) and entry.change_message.startswith("Sought")
@@ -228,7 +230,7 @@ def test_select_all_acts_on_more_rows_than_a_statement_takes_parameters(
         {"action": "discard", "select_across": "1", "index": "0", "_selected_action": ["0"]},
         follow=True,
     )
-    assert f"Discarded: {count} of {count} selected".encode() in response.content
+    assert f"Discarded {count} of {count} selected deliveries.".encode() in response.content
     assert states("basic.one") == {"discarded": count}
     assert LogEntry.objects.count() == count
 

@@ -356,7 +356,10 @@ class Delivery(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"delivery {self.pk} of message {self.message_id} to {self.subscription_id}"
+        # Names, not ids: titles and the admin log show it (select_related subscription
+        # and its topic where many are shown).
+        sub = self.subscription
+        return f"{sub.name}: message #{self.message_id} of {sub.topic.name} (offset {self.offset})"
 
     def claimed(self) -> Claimed:
         """This delivery as a claim returns it: what its handler gets of its message."""

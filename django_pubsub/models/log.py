@@ -129,7 +129,8 @@ class Message(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.topic_id}@{self.offset if self.offset is not None else '?'} (#{self.pk})"
+        where = "not sequenced yet" if self.offset is None else f"offset {self.offset}"
+        return f"message #{self.pk} of {self.topic.name} ({where})"
 
     @property
     def body(self) -> Any:

@@ -238,8 +238,8 @@ def _seek_point(
     point = end if offset is None else offset
     if point > end:
         raise InvalidSeek(
-            f"seek() offset {point} is past the end of topic {sub.topic} "
-            f"(its next message gets offset {end})"
+            f"offset {point} is past the end of topic {sub.topic} (its next message gets "
+            f"offset {end})"
         )
     return point, end
 
