@@ -341,3 +341,20 @@ def test_a_start_the_database_refuses_is_an_error_not_an_outage() -> None:
         assert time.monotonic() - started < 5
     finally:
         registry.unregister(spec.name)
+
+
+def test_a_retry_log_line_says_when_it_is_due(
+    caplog: pytest.LogCaptureFixture, clock: FakeClock
+) -> None:
+    import logging
+
+    publish("t.flaky", {"fail_times": 1})
+    with caplog.at_level(logging.WARNING, logger="django_pubsub"):
+        DispatchLoop(
+            until_idle=True, handle_signals=False, subscriptions=["flaky.one"], clock=clock
+        ).run()
+    (line,) = [r.getMessage() for r in caplog.records if "will retry" in r.getMessage()]
+    retry = Delivery.objects.get(subscription__name="flaky.one")
+    assert retry.available_at is not None
+    assert f"at {retry.available_at.isoformat(timespec='seconds')}" in line
+    assert "will retry in " in line and "Planned: planned failure 1" in line

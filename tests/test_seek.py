@@ -177,9 +177,7 @@ def test_the_admin_seeks_from_a_form_and_logs_it(
         {"action": "seek", "_selected_action": [target.pk], "apply": "Seek", "offset": "1"},
         follow=True,
     )
-    assert (
-        b"Subscription basic.one sought to offset 1: 3 deliveries to run again" in done.content
-    )
+    assert b"Subscription basic.one sought to offset 1: 3 deliveries to run again" in done.content
     assert states("basic.one") == {"acked": 1, "pending": 3}
     (entry,) = LogEntry.objects.all()
     assert entry.object_id == str(target.pk) and entry.change_message.startswith("Sought")

@@ -190,10 +190,12 @@ class OutcomeRecorder:
         elif state is not None:
             self.counts.retried += 1
             logger.warning(
-                "delivery id=%s subscription=%s attempt=%s failed, will retry: %s",
+                "delivery id=%s subscription=%s attempt=%s failed, will retry in %.1fs at %s: %s",
                 job.delivery_id,
                 sub.name,
                 attempt,
+                delay,
+                due.isoformat(timespec="seconds"),
                 outcome.error,
             )
         logger.debug("delivery id=%s traceback:\n%s", job.delivery_id, outcome.traceback)
