@@ -3,12 +3,15 @@ the page draws itself (inline SVG: no script, no CDN)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
+from django.apps import apps
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import timezone
 
 from . import stats
@@ -26,6 +29,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     context: dict[str, Any] = {
         **admin.site.each_context(request),
         "title": "Pub/sub dashboard",
+        "app_name": apps.get_app_config("django_pubsub").verbose_name,
+        "sidebar_request": SimpleNamespace(path=reverse("admin:app_list", args=["django_pubsub"])),
         "figures": figures,
         "subscriptions": [
             {"figures": sub, "status": stats.status(sub)} for sub in figures.subscriptions

@@ -166,3 +166,14 @@ def test_health_answers_head_and_ignores_paused_subscriptions(client: Client) ->
             Subscription.objects.get(name=name).pause()
         assert client.head("/pubsub/health/", headers=auth).status_code == 200
         assert client.get("/pubsub/health/", headers=auth).json()["oldest_unhandled_age"] is None
+
+
+def test_the_dashboards_words_and_navigation(client: Client) -> None:
+    admin = User.objects.create_superuser("root", "root@example.com", "pw")
+    client.force_login(admin)
+    _beating()
+    html = client.get("/admin/django_pubsub/topic/dashboard/").content.decode()
+    assert "1 dispatcher alive." in html  # not "alive ."
+    assert ">Pub/sub</a> &rsaquo; Dashboard" in html  # the app's name, not Django_Pubsub
+    assert "current-model" not in html  # the sidebar does not pretend Topics is open
+    assert "current-app" in html
