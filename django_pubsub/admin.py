@@ -4,7 +4,6 @@ needing the model's change permission (viewing needs the view permission)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.contrib import admin, messages
@@ -18,6 +17,7 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.text import Truncator
 
 from .admin_actions import (
     ActionsAdmin,
@@ -29,6 +29,8 @@ from .admin_actions import (
     replay,
     user_id,
 )
+from .admin_display import as_json, count, effective, to_the_second
+from .admin_display import pretty_payload as payload_html
 from .exceptions import ActionRefused, InvalidSeek
 from .forms import SeekForm
 from .models import Delivery, Dispatcher, Message, Subscription, Topic
@@ -36,17 +38,12 @@ from .models import Delivery, Dispatcher, Message, Subscription, Topic
 SUBS = ("subscription", "subscriptions")
 
 
-def _count(n: int, noun: str) -> str:
-    plural = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
-    return f"{n:,} {noun if n == 1 else plural}"
-
-
 DELIVERIES: dict[str, Any] = {"noun": ("delivery", "deliveries")}
 
 
 @admin.register(Topic)
 class TopicAdmin(ReadOnlyAdmin):
-    list_display = ["name", "sequenced", "subscribers", "created_at"]
+    list_display = ["name", "sequenced", "subscribers", to_the_second("created_at")]
     search_fields = ["name"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Topic]:
@@ -71,16 +68,24 @@ class TopicAdmin(ReadOnlyAdmin):
 
 @admin.register(Message)
 class MessageAdmin(ReadOnlyAdmin):
-    list_display = ["id", "topic", "offset", "key", "published_at"]
+    list_display = ["id", "topic", "offset", "key", to_the_second("published_at")]
     list_filter = ["topic"]
     search_fields = ["=id", "key"]
     list_select_related = ["topic"]
     exclude = ["payload", "payload_bytes"]
-    readonly_fields = ["pretty_payload"]
+    readonly_fields = ["pretty_payload", "deliveries"]
+
+    @admin.display(description="deliveries")
+    def deliveries(self, obj: Message) -> str:
+        url = reverse("admin:django_pubsub_delivery_changelist")
+        n = Delivery.objects.filter(message_id=obj.pk).count()
+        return format_html(
+            '<a href="{}?message__id__exact={}">{}</a>', url, obj.pk, count(n, "delivery")
+        )
 
     @admin.display(description="payload")
     def pretty_payload(self, obj: Message) -> str:
-        return _pretty_payload(obj)
+        return payload_html(obj)
 
     def get_urls(self) -> list[URLPattern]:
         view = self.admin_site.admin_view(self.payload_view)
@@ -95,42 +100,52 @@ class MessageAdmin(ReadOnlyAdmin):
         if message.payload_bytes is not None:
             body, kind, suffix = bytes(message.payload_bytes), "application/octet-stream", "bin"
         else:
-            body, kind, suffix = _json(message.payload).encode(), "application/json", "json"
+            body, kind, suffix = as_json(message.payload).encode(), "application/json", "json"
         response = HttpResponse(body, content_type=kind)
         response["Content-Disposition"] = f'attachment; filename="message-{pk}.{suffix}"'
         return response
 
 
-# Characters of a payload a page shows; the whole of it is a download away.
-PAYLOAD_SHOWN = 10_000
-
-
-def _json(value: Any) -> str:
-    # As written: "Zoë", not "Zo\u00eb".
-    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
-
-
-def _pretty_payload(message: Message) -> str:
-    download = reverse("admin:django_pubsub_message_payload", args=[message.pk])
-    if message.payload_bytes is not None:
-        size = len(message.payload_bytes)
-        return format_html('{} bytes (<a href="{}">download</a>)', f"{size:,}", download)
-    text = _json(message.payload)
-    if len(text) <= PAYLOAD_SHOWN:
-        return format_html("<pre>{}</pre>", text)
-    return format_html(
-        '<pre>{}</pre><p>The first {} of {} characters: <a href="{}">download the whole '
-        "payload</a>.</p>",
-        text[:PAYLOAD_SHOWN],
-        f"{PAYLOAD_SHOWN:,}",
-        f"{len(text):,}",
-        download,
-    )
-
-
 @admin.register(Subscription)
 class SubscriptionAdmin(ActionsAdmin):
-    list_display = ["name", "topic", "handler", "ordered", "active", "paused", "position"]
+    list_display = ["name", "topic", "handler", "in_order", "active", "paused", "position"]
+    # Each option as it applies (methods below), then the row's own times.
+    readonly_fields = [
+        *("in_order", "attempts", "lease_seconds", "timeout_seconds"),
+        *("inflight_bound", "retry_backoff", "created_at", "updated_at"),
+    ]
+    fields = ["name", "topic", "handler", "active", "paused", "position", "start", *readonly_fields]
+
+    # What applies, declared or from the PUBSUB setting (instead of the admin's "?" for a
+    # NULL that means "the setting").
+    @admin.display(description="ordered")
+    def in_order(self, obj: Subscription) -> str:
+        return effective("yes" if obj.effective_ordered else "no", obj.ordered)
+
+    @admin.display(description="max attempts")
+    def attempts(self, obj: Subscription) -> str:
+        return effective(obj.effective_max_attempts, obj.max_attempts)
+
+    @admin.display(description="lease (s)")
+    def lease_seconds(self, obj: Subscription) -> str:
+        return effective(f"{obj.effective_lease:g}", obj.lease)
+
+    @admin.display(description="timeout (s)")
+    def timeout_seconds(self, obj: Subscription) -> str:
+        timeout = obj.effective_timeout
+        return effective("none" if timeout is None else f"{timeout:g}", obj.timeout)
+
+    @admin.display(description="max in flight")
+    def inflight_bound(self, obj: Subscription) -> str:
+        bound = obj.effective_max_inflight
+        return effective("the worker pool's" if bound is None else bound, obj.max_inflight)
+
+    @admin.display(description="backoff")
+    def retry_backoff(self, obj: Subscription) -> str:
+        b = obj.effective_backoff
+        text = f"{b.base:g} s x{b.factor:g}, at most {b.maximum:g} s, jitter {b.jitter:g}"
+        return effective(text, obj.backoff)
+
     list_filter = ["active", "paused", "topic"]
     search_fields = ["name", "handler"]
     actions = ["pause", "resume", "replay_dead", "seek"]
@@ -188,9 +203,9 @@ class SubscriptionAdmin(ActionsAdmin):
                 self.message_user(request, f"Subscription {sub}: {refused}", messages.ERROR)
                 continue
             what = (
-                f"sought to offset {done.offset}: {_count(done.replayed, 'delivery')} "
-                f"to run again, {_count(done.skipped, 'waiting delivery')} discarded, "
-                f"{_count(done.passed_over, 'message')} passed over"
+                f"sought to offset {done.offset}: {count(done.replayed, 'delivery')} "
+                f"to run again, {count(done.skipped, 'waiting delivery')} discarded, "
+                f"{count(done.passed_over, 'message')} passed over"
             )
             logged = what[0].upper() + what[1:]
             LogEntry.objects.log_actions(user_id(request), [sub], CHANGE, change_message=logged)
@@ -207,8 +222,9 @@ class DeliveryAdmin(ActionsAdmin):
         "offset",
         "state",
         "attempts",
-        "available_at",
-        "lease_expires_at",
+        to_the_second("available_at"),
+        to_the_second("lease_expires_at"),
+        "error",
     ]
     list_filter = ["state", "subscription", "subscription__topic"]
     search_fields = ["=message__id", "message__key"]
@@ -234,17 +250,21 @@ class DeliveryAdmin(ActionsAdmin):
     readonly_fields = ["why", "message_payload", "message_headers", "error_history"]
     actions = ["retry_now", "replay", "discard"]
 
+    @admin.display(description="last error")
+    def error(self, obj: Delivery) -> str:
+        return Truncator(obj.last_error).chars(80)
+
     @admin.display(description="why")
     def why(self, obj: Delivery) -> str:
         return obj.why(timezone.now())
 
     @admin.display(description="payload")
     def message_payload(self, obj: Delivery) -> str:
-        return _pretty_payload(obj.message)
+        return payload_html(obj.message)
 
     @admin.display(description="headers")
     def message_headers(self, obj: Delivery) -> str:
-        return format_html("<pre>{}</pre>", _json(obj.message.headers))
+        return format_html("<pre>{}</pre>", as_json(obj.message.headers))
 
     @admin.action(description="Retry now (those waiting for a retry)", permissions=["change"])
     def retry_now(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
@@ -276,8 +296,22 @@ class DeliveryAdmin(ActionsAdmin):
     @admin.action(
         description="Discard (pending, retry or dead): do not run them", permissions=["change"]
     )
-    def discard(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
+    def discard(
+        self, request: HttpRequest, queryset: QuerySet[Delivery]
+    ) -> TemplateResponse | None:
         waiting = queryset.filter(state__in=[*Delivery.WAITING, Delivery.State.DEAD])
+        if request.POST.get("confirmed") != "yes":  # nothing runs them again: ask first
+            context = {
+                **self.admin_site.each_context(request),
+                "title": "Discard deliveries?",
+                "opts": self.model._meta,
+                "selected": request.POST.getlist(helpers.ACTION_CHECKBOX_NAME),
+                "select_across": request.POST.get("select_across"),
+                "selected_count": queryset.count(),
+                "discardable": waiting.count(),
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(request, "admin/django_pubsub/delivery/discard.html", context)
         self.act(
             request,
             waiting,
@@ -289,6 +323,27 @@ class DeliveryAdmin(ActionsAdmin):
             "running or ended)",
             hold=holding_discard,
         )
+        return None
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        """Buttons for the actions that apply to this delivery as it is now."""
+        row = Delivery.objects.filter(pk=object_id).first()
+        offered = []
+        if row is not None and self.has_change_permission(request):
+            if row.state == Delivery.State.RETRY:
+                offered.append(("retry_now", "Retry now"))
+            if row.state == Delivery.State.DEAD:
+                offered.append(("replay", "Replay"))
+            if row.state in (*Delivery.WAITING, Delivery.State.DEAD):
+                offered.append(("discard", "Discard…"))
+        context = {**(extra_context or {}), "pubsub_actions": offered}
+        return super().change_view(request, object_id, form_url, context)
 
     @admin.display(description="attempts that failed")
     def error_history(self, obj: Delivery) -> str:
@@ -310,10 +365,16 @@ class DispatcherAdmin(ReadOnlyAdmin):
         "id",
         "hostname",
         "pid",
-        "started_at",
-        "last_seen",
-        "stopped_at",
+        "status",
+        to_the_second("started_at"),
+        to_the_second("last_seen"),
+        to_the_second("stopped_at"),
         "inflight",
         "stuck",
     ]
     list_filter = ["hostname"]
+    readonly_fields = ["status"]
+
+    @admin.display(description="status")
+    def status(self, obj: Dispatcher) -> str:
+        return obj.status(timezone.now())

@@ -107,7 +107,7 @@ def test_actions_say_what_was_selected_changed_and_skipped(staff: Client, dispat
     pending = Delivery.objects.get(subscription__name="basic.two")
     page = staff.post(
         "/admin/django_pubsub/delivery/",
-        {"action": "discard", "_selected_action": [acked.pk, pending.pk]},
+        {"action": "discard", "_selected_action": [acked.pk, pending.pk], "confirmed": "yes"},
         follow=True,
     ).content.decode()
     assert (
@@ -122,3 +122,73 @@ def test_actions_say_what_was_selected_changed_and_skipped(staff: Client, dispat
         follow=True,
     ).content.decode()
     assert "Resumed 0 of 1 selected subscription. 1 skipped: not paused" in page
+
+
+def test_a_deliverys_page_offers_what_applies_and_discard_asks_first(
+    staff: Client, dispatch: Any
+) -> None:
+    import re
+
+    publish("t.basic", {"n": 1, "fail_times": 99})
+    dispatch("basic.one", idle_wait=1)
+    dead = Delivery.objects.get(subscription__name="basic.one")
+    pending = Delivery.objects.get(subscription__name="basic.two")
+    page = staff.get(f"/admin/django_pubsub/delivery/{dead.pk}/change/").content.decode()
+    assert 'value="replay"' in page and 'value="discard"' in page
+    assert 'value="retry_now"' not in page
+    page = staff.get(f"/admin/django_pubsub/delivery/{pending.pk}/change/").content.decode()
+    assert 'value="discard"' in page and 'value="replay"' not in page
+    # The list: its last error, times to the second.
+    page = staff.get("/admin/django_pubsub/delivery/").content.decode()
+    assert "Planned: planned failure 3" in page
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", page)
+    # Discard: a confirmation page first, nothing changed until "yes".
+    asked = staff.post(
+        "/admin/django_pubsub/delivery/", {"action": "discard", "_selected_action": [dead.pk]}
+    ).content.decode()
+    assert "Discard 1 of the 1 selected deliveries?" in asked
+    assert Delivery.objects.get(pk=dead.pk).state == "dead"
+    staff.post(
+        "/admin/django_pubsub/delivery/",
+        {"action": "discard", "_selected_action": [dead.pk], "confirmed": "yes"},
+    )
+    assert Delivery.objects.get(pk=dead.pk).state == "discarded"
+    page = staff.get(f"/admin/django_pubsub/delivery/{dead.pk}/change/").content.decode()
+    assert 'value="discard"' not in page  # nothing applies to a discarded one
+
+
+def test_subscriptions_show_what_applies_and_messages_link_their_deliveries(
+    staff: Client, dispatch: Any
+) -> None:
+    publish("t.basic", {"n": 1})
+    dispatch("basic.one", "basic.two")
+    page = staff.get("/admin/django_pubsub/subscription/").content.decode()
+    assert "no (PUBSUB setting)" in page and "yes (declared)" in page  # ordered.one
+    flaky = Subscription.objects.get(name="flaky.one")
+    page = staff.get(f"/admin/django_pubsub/subscription/{flaky.pk}/change/").content.decode()
+    assert "4 (declared)" in page  # max_attempts
+    assert "10 s x3, at most 100 s, jitter 0.5 (declared)" in page
+    assert "30 (PUBSUB setting)" in page  # the lease
+    message = Message.objects.get()
+    page = staff.get(f"/admin/django_pubsub/message/{message.pk}/change/").content.decode()
+    assert f"?message__id__exact={message.pk}" in page and "2 deliveries" in page
+
+
+def test_a_dispatcher_killed_shows_as_died_not_stopped(staff: Client) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    now = timezone.now()
+    old = now - timedelta(minutes=10)
+    running = Dispatcher.objects.create(hostname="a", pid=1, started_at=old, last_seen=now)
+    silent = Dispatcher.objects.create(hostname="b", pid=2, started_at=old, last_seen=old)
+    stopped = Dispatcher.objects.create(hostname="c", pid=3, started_at=old, last_seen=old)
+    stopped.stop(now)
+    died = Dispatcher.objects.create(hostname="d", pid=4, started_at=old, last_seen=old)
+    assert died.mark_dead(now)  # as another dispatcher does once it has fallen silent
+    statuses = {row.hostname: row.status(now) for row in Dispatcher.objects.all()}
+    assert statuses == {"a": "running", "b": "silent: presumed dead", "c": "stopped", "d": "died"}
+    page = staff.get("/admin/django_pubsub/dispatcher/").content.decode()
+    assert "died" in page and "silent: presumed dead" in page
+    assert running.pk and silent.pk

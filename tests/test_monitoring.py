@@ -137,6 +137,7 @@ def test_the_dashboard_shows_figures_and_the_last_hour(client: Client, dispatch:
     assert page.status_code == 200
     html = page.content.decode()
     assert "t.basic" in html and "basic.one" in html and "<polyline" in html
+    assert "60 min ago" in html and ">now</text>" in html  # the charts' axes
     assert "Handled in the last hour: 1;" in html  # acked; the dead one is not
     index = client.get("/admin/django_pubsub/")
     assert b"/admin/django_pubsub/topic/dashboard/" in index.content

@@ -225,7 +225,13 @@ def test_select_all_acts_on_more_rows_than_a_statement_takes_parameters(
     Delivery.objects.filter(subscription__name="basic.one").update(state="dead")
     response = client.post(
         "/admin/django_pubsub/delivery/?subscription__id__exact=" + str(sub("basic.one").pk),
-        {"action": "discard", "select_across": "1", "index": "0", "_selected_action": ["0"]},
+        {
+            "action": "discard",
+            "select_across": "1",
+            "index": "0",
+            "_selected_action": ["0"],
+            "confirmed": "yes",
+        },
         follow=True,
     )
     assert f"Discarded {count} of {count} selected deliveries.".encode() in response.content

@@ -110,6 +110,15 @@ class Dispatcher(models.Model):
         None where the database runs in this process (SQLite)."""
         return backends.get(using).clock_skew(now)
 
+    def status(self, now: datetime) -> str:
+        """In a word or two: running, stopped (cleanly: its stop() wrote the last beat),
+        died (marked dead by another dispatcher after it fell silent, a SIGKILL say), or
+        silent (not heard from within DISPATCHER_TIMEOUT, not yet marked)."""
+        if self.stopped_at is None:
+            silent = now - self.last_seen > timedelta(seconds=pubsub_settings.dispatcher_timeout)
+            return "silent: presumed dead" if silent else "running"
+        return "stopped" if self.stopped_at <= self.last_seen else "died"
+
     def mark_dead(self, now: datetime) -> bool:
         """Mark a presumed-dead dispatcher stopped, unless it beat since we looked."""
         updated = Dispatcher.objects.filter(
