@@ -7,6 +7,7 @@ Each property returns a validated value or raises ``ImproperlyConfigured`` namin
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -52,6 +53,18 @@ DEFAULTS: dict[str, Any] = {
     "HEALTH_MAX_AGE": None,
     # Largest payload publish() accepts, in bytes: bytes as given, JSON data as its text.
     "MAX_PAYLOAD_BYTES": 1024 * 1024,
+    # How long ended deliveries and messages are kept (docs/reference/settings.md): seconds
+    # or a timedelta, None to keep for ever, and "topics": {name: {...}} to differ per topic.
+    "RETENTION": {},
+    # Seconds between runpubsub's prunes (one process at a time); None: only the command.
+    "PRUNE_INTERVAL": 300.0,
+}
+
+RETENTION_DEFAULTS: dict[str, float | None] = {
+    "acked": 24 * 3600.0,  # a day: what ran, to look at while it is fresh
+    "discarded": 7 * 24 * 3600.0,  # an operator's act, kept a week
+    "dead": 30 * 24 * 3600.0,  # a month: dead letters wait for someone to look at them
+    "messages": 7 * 24 * 3600.0,  # a week to seek back over, once every subscription is past
 }
 
 # Rows far larger strain both databases (PostgreSQL's jsonb stops at 256 MiB).
@@ -72,6 +85,10 @@ def _optional_positive_int(value: Any) -> bool:
     return value is None or is_positive_int(value)
 
 
+# Longest retention: 100 years, which a timedelta from now still holds.
+MAX_RETENTION = 100 * 365 * 24 * 3600.0
+
+
 def _backoff(value: Any) -> bool:
     """Raises ImproperlyConfigured naming the value that is wrong."""
     return Backoff.coerce(value) is not None
@@ -81,6 +98,53 @@ def _module_name(value: Any) -> bool:
     return (
         isinstance(value, str) and bool(value) and all(p.isidentifier() for p in value.split("."))
     )
+
+
+def _retention(value: Any) -> bool:
+    """Raises ImproperlyConfigured naming the part that is wrong."""
+    problem = retention_problem(value)
+    if problem:
+        raise ImproperlyConfigured(problem)
+    return True
+
+
+def retention_seconds(value: Any) -> float | None:
+    """A retention as seconds: a number of seconds, a timedelta, or None (for ever)."""
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if value is None:
+        return None
+    if not is_positive_number(value, MAX_RETENTION):
+        raise ImproperlyConfigured(
+            f"a retention must be seconds or a timedelta above 0 and at most {MAX_RETENTION:,.0f} "
+            f"seconds (100 years), or None, not {value!r}"
+        )
+    return float(value)
+
+
+def retention_problem(value: Any, *, topic: str | None = None) -> str | None:
+    """What is wrong with a RETENTION dict (or a topic's part of it), or None."""
+    where = "RETENTION" if topic is None else f"RETENTION['topics'][{topic!r}]"
+    if not isinstance(value, dict):
+        return f"{where} must be a dict, not {type(value).__name__}"
+    allowed = set(RETENTION_DEFAULTS) | ({"topics"} if topic is None else set())
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        return f"{where} has unknown keys {unknown}; use {sorted(allowed)}"
+    for kind in RETENTION_DEFAULTS:
+        if kind in value:
+            try:
+                retention_seconds(value[kind])
+            except ImproperlyConfigured as exc:
+                return f"{where}[{kind!r}]: {exc}"
+    topics = value.get("topics", {})
+    if not isinstance(topics, dict):
+        return f"{where}['topics'] must be a dict of topic names, not {type(topics).__name__}"
+    for name, part in topics.items():
+        problem = retention_problem(part, topic=name)
+        if problem:
+            return problem
+    return None
 
 
 VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -107,6 +171,8 @@ VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: is_positive_int(v, MAX_PAYLOAD_CEILING),
         f"an integer of bytes from 1 to {MAX_PAYLOAD_CEILING:,}",
     ),
+    "RETENTION": (_retention, "a dict of acked, discarded, dead, messages (and topics)"),
+    "PRUNE_INTERVAL": (_optional_positive_number, f"{SECONDS}, or None"),
 }
 
 
@@ -238,6 +304,20 @@ class PubSubSettings:
     @property
     def max_payload_bytes(self) -> int:
         return int(get("MAX_PAYLOAD_BYTES"))
+
+    @property
+    def prune_interval(self) -> float | None:
+        value = get("PRUNE_INTERVAL")
+        return None if value is None else float(value)
+
+    def retention(self, topic: str) -> dict[str, float | None]:
+        """Seconds each kind of row of ``topic`` is kept (None: for ever): the defaults,
+        then RETENTION, then RETENTION["topics"][topic]."""
+        configured = get("RETENTION")
+        merged: dict[str, Any] = {**RETENTION_DEFAULTS}
+        merged.update({k: v for k, v in configured.items() if k != "topics"})
+        merged.update(configured.get("topics", {}).get(topic, {}))
+        return {kind: retention_seconds(value) for kind, value in merged.items()}
 
 
 pubsub_settings = PubSubSettings()

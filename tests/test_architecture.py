@@ -20,7 +20,7 @@ LEAVES = {"conf", "states", "exceptions", "retry", "signals", "message", "valida
 LAYERS = {
     "backends": LEAVES,
     "models": LEAVES | {"backends"},
-    "dispatcher": LEAVES | {"backends", "models", "sync", "registry", "workers"},
+    "dispatcher": LEAVES | {"backends", "models", "sync", "registry", "workers", "retention"},
 }
 
 

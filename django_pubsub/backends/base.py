@@ -279,6 +279,15 @@ class Backend:
         it until this one ends. One process at a time does what it guards."""
         raise NotImplementedError
 
+    def try_hold(self, key: int) -> bool:
+        """Outside transactions, across them: hold ``key`` for this connection unless
+        another holds it (False, at once). Released by let_go(), or when the connection
+        or its process ends. One process at a time prunes."""
+        raise NotImplementedError
+
+    def let_go(self, key: int) -> None:
+        raise NotImplementedError
+
     # -- the dispatcher's connection, clocks, reads, wake-ups ------------------------------
 
     def tune_loop_connection(self) -> None:

@@ -234,6 +234,15 @@ class PostgreSQLBackend(Backend):
     def lock_exclusive(self, cursor: Any, key: int) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", [key])
 
+    def try_hold(self, key: int) -> bool:
+        with self.connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
+            return bool(cursor.fetchone()[0])
+
+    def let_go(self, key: int) -> None:
+        with self.connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+
     # -- the dispatcher's connection, clocks, reads, wake-ups ------------------------------
 
     def tune_loop_connection(self) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import IO, Any
 
 from django.db import transaction
 
@@ -28,6 +29,11 @@ _READ_MESSAGES = 'SELECT {} FROM {} WHERE {}."id" '.format(
 
 class SQLiteBackend(Backend):
     vendor = "sqlite"
+
+    def __init__(self, connection: Any) -> None:
+        super().__init__(connection)
+        # The files whose locks try_hold() holds, by key (None: an in-memory database's).
+        self._held: dict[int, IO[str] | None] = {}
 
     @staticmethod
     def missing_options(options: dict[str, Any]) -> list[str]:
@@ -170,6 +176,29 @@ class SQLiteBackend(Backend):
 
     def lock_exclusive(self, cursor: Any, key: int) -> None:
         _write_lock(cursor)
+
+    def try_hold(self, key: int) -> bool:
+        """A lock on a file beside the database (SQLite has no lock that outlives a
+        transaction): the processes that share a database file share its folder."""
+        if key in self._held:
+            return False  # this connection holds it already
+        if self.connection.is_in_memory_db():
+            self._held[key] = None  # no other process can share this database
+            return True
+        name = str(self.connection.settings_dict["NAME"])
+        handle = open(f"{name}.pubsub-{key:x}.lock", "a")  # held until let_go()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self._held[key] = handle
+        return True
+
+    def let_go(self, key: int) -> None:
+        handle = self._held.pop(key, None)
+        if handle is not None:
+            handle.close()  # closing the file releases its lock
 
     def start_waker(self, wake: Callable[[], None]) -> DataVersionWaker | None:
         return DataVersionWaker.start(wake, self.connection)

@@ -1,0 +1,158 @@
+"""Retention: prune() removes ended deliveries and the messages nothing needs any more,
+topic by topic, a batch at a time, never what a subscription has not finished.
+
+A delivery goes once it has been acked, discarded or dead for longer than its kind's
+retention. A message goes once it is older than the messages retention, every
+subscription of its topic (inactive and paused ones included) has fanned it out, and no
+delivery of it remains. Settings: PUBSUB["RETENTION"], read per topic at each prune.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.utils import timezone
+
+from . import backends
+from .backends import pruning
+from .conf import pubsub_settings
+from .models import Subscription, Topic
+
+logger = logging.getLogger("django_pubsub.retention")
+
+# The key one pruning process at a time holds (an arbitrary constant, "prun").
+PRUNE_KEY = 0x7072756E
+
+
+@dataclass
+class Pruned:
+    """What a prune removed (or, dry, would remove): rows by topic and kind (acked,
+    discarded, dead deliveries; messages)."""
+
+    rows: dict[tuple[str, str], int] = field(default_factory=dict)
+    complete: bool = True  # False when it stopped before the end (asked to)
+
+    def add(self, topic: str, kind: str, count: int) -> None:
+        if count:
+            self.rows[(topic, kind)] = self.rows.get((topic, kind), 0) + count
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+    def by_kind(self) -> dict[str, int]:
+        kinds: dict[str, int] = {}
+        for (_, kind), count in self.rows.items():
+            kinds[kind] = kinds.get(kind, 0) + count
+        return kinds
+
+
+@contextmanager
+def exclusive(using: str = "default") -> Iterator[bool]:
+    """Hold the pruning for this process (True), unless another holds it (False)."""
+    backend = backends.get(using)
+    held = backend.try_hold(PRUNE_KEY)
+    try:
+        yield held
+    finally:
+        if held:
+            backend.let_go(PRUNE_KEY)
+
+
+def prune(
+    now: datetime | None = None,
+    *,
+    dry_run: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    using: str = "default",
+) -> Pruned:
+    """Remove (or, ``dry_run``, count) what retention lets go. Each statement is its own
+    short transaction of at most BATCH_SIZE rows, so no claim, ack or publish waits on it
+    for long; ``should_stop`` is asked between them. Run it outside a transaction (or it
+    is one long transaction) and, but for a dry run, in one process at a time
+    (exclusive())."""
+    now = now or timezone.now()
+    backend = backends.get(using)
+    adapt = backend.connection.ops.adapt_datetimefield_value
+    batch = pubsub_settings.batch_size
+    done = Pruned()
+    with backend.connection.cursor() as cursor:
+        for topic in Topic.objects.using(using).order_by("pk"):
+            cutoffs = {
+                kind: None if seconds is None else adapt(now - timedelta(seconds=seconds))
+                for kind, seconds in pubsub_settings.retention(topic.name).items()
+            }
+            subs = Subscription.objects.using(using).filter(topic=topic).order_by("pk")
+            for sub_id in subs.values_list("pk", flat=True):
+                if not _deliveries(
+                    cursor, topic.name, sub_id, cutoffs, batch, dry_run, done, should_stop
+                ):
+                    done.complete = False
+                    return done
+            if cutoffs["messages"] is not None and not _messages(
+                cursor, topic, cutoffs, batch, dry_run, done, should_stop
+            ):
+                done.complete = False
+                return done
+    return done
+
+
+def _deliveries(
+    cursor: Any,
+    topic: str,
+    sub_id: int,
+    cutoffs: dict[str, Any],
+    batch: int,
+    dry_run: bool,
+    done: Pruned,
+    should_stop: Callable[[], bool],
+) -> bool:
+    """A subscription's ended deliveries, a window of BATCH_SIZE at a time in message
+    order, up to the first window that began after the latest cutoff; False if stopped."""
+    kept = [cutoffs[kind] for kind in pruning.KINDS if cutoffs[kind] is not None]
+    if not kept:
+        return True
+    latest = max(kept)  # adapted datetimes compare as the datetimes do
+    low = pruning.lowest_message_id(cursor, sub_id)
+    while low is not None:
+        if should_stop():
+            return False
+        old_enough, high = pruning.delivery_window(cursor, sub_id, low, batch, latest)
+        if not old_enough:
+            break
+        counts = pruning.delete_deliveries(cursor, sub_id, low, high, cutoffs, dry_run=dry_run)
+        for kind, count in counts.items():
+            done.add(topic, kind, count)
+        low = high
+    return True
+
+
+def _messages(
+    cursor: Any,
+    topic: Topic,
+    cutoffs: dict[str, Any],
+    batch: int,
+    dry_run: bool,
+    done: Pruned,
+    should_stop: Callable[[], bool],
+) -> bool:
+    """The topic's messages every subscription is past, BATCH_SIZE offsets at a time from
+    the lowest stored, up to the first that is too young; False if stopped."""
+    low, below = pruning.message_bounds(cursor, topic.pk)
+    while low is not None and low < below:
+        if should_stop():
+            return False
+        if not pruning.published_before(cursor, topic.pk, low, cutoffs["messages"]):
+            break
+        high = min(low + batch, below)
+        removed = pruning.delete_messages(
+            cursor, topic.pk, low, high, cutoffs["messages"], cutoffs, dry_run=dry_run
+        )
+        done.add(topic.name, "messages", removed)
+        low = high
+    return True
