@@ -8,7 +8,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.contrib.admin.models import CHANGE, LogEntry
+from django.contrib.admin.models import CHANGE, DELETION, LogEntry
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
@@ -19,6 +19,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.text import Truncator
 
+from . import retention
 from .admin_actions import (
     ActionsAdmin,
     ReadOnlyAdmin,
@@ -148,7 +149,7 @@ class SubscriptionAdmin(ActionsAdmin):
 
     list_filter = ["active", "paused", "topic"]
     search_fields = ["name", "handler"]
-    actions = ["pause", "resume", "replay_dead", "seek"]
+    actions = ["pause", "resume", "replay_dead", "seek", "retire"]
 
     @admin.action(description="Pause: claim nothing more of it", permissions=["change"])
     def pause(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
@@ -210,6 +211,36 @@ class SubscriptionAdmin(ActionsAdmin):
             logged = what[0].upper() + what[1:]
             LogEntry.objects.log_actions(user_id(request), [sub], CHANGE, change_message=logged)
             self.message_user(request, f"Subscription {sub} {what}.", messages.SUCCESS)
+        return None
+
+    @admin.action(
+        description="Retire for good (no longer declared in code)",
+        permissions=["change_deliveries"],
+    )
+    def retire(
+        self, request: HttpRequest, queryset: QuerySet[Subscription]
+    ) -> TemplateResponse | None:
+        subs = list(queryset.select_related("topic").order_by("pk"))
+        if request.POST.get("confirmed") != "yes":  # nothing brings it back: ask first
+            context = {
+                **self.admin_site.each_context(request),
+                "title": "Retire subscriptions?",
+                "opts": self.model._meta,
+                "retiring": [(sub, retention.retiring(sub)) for sub in subs],
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(
+                request, "admin/django_pubsub/subscription/retire.html", context
+            )
+        for sub in subs:
+            try:
+                gone = retention.retire(sub)
+            except ActionRefused as refused:
+                self.message_user(request, str(refused), messages.ERROR)
+                continue
+            what = f"Retired: {count(gone.deliveries, 'delivery')} deleted"
+            LogEntry.objects.log_actions(user_id(request), [sub], DELETION, change_message=what)
+            self.message_user(request, f"Subscription {sub} retired.", messages.SUCCESS)
         return None
 
 

@@ -137,6 +137,38 @@ def check_moved(databases: Sequence[str] | None = None, **kwargs: Any) -> list[C
 
 
 @register(Tags.database)
+def check_undeclared_topics(
+    databases: Sequence[str] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """W003: topics that received messages but no subscription in code listens to (a typo
+    such as order.created publishes into the void)."""
+    if not databases or "default" not in databases:
+        return []
+    from .models import Message, Topic
+
+    declared = {spec.topic for spec in registry.get_specs().values()}
+    try:
+        names = [
+            topic.name
+            for topic in Topic.objects.exclude(name__in=declared).order_by("name")
+            if Message.objects.filter(topic=topic).exists()
+        ]
+    except DatabaseError:
+        return []  # not migrated yet
+    if not names:
+        return []
+    return [
+        Warning(
+            f"Messages were published to topics no @subscriber declared in code listens to: "
+            f"{', '.join(names)}.",
+            hint="Check the topic's spelling where it is published, or declare a subscriber "
+            "for it. Its messages age out by PUBSUB['RETENTION']['messages'].",
+            id="django_pubsub.W003",
+        )
+    ]
+
+
+@register(Tags.database)
 def check_inactive(databases: Sequence[str] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """W002: subscriptions no longer declared in code still hold undelivered messages."""
     if not databases or "default" not in databases:

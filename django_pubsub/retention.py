@@ -21,7 +21,8 @@ from django.utils import timezone
 from . import backends
 from .backends import pruning
 from .conf import pubsub_settings
-from .models import Subscription, Topic
+from .exceptions import ActionRefused
+from .models import Delivery, Subscription, Topic
 
 logger = logging.getLogger("django_pubsub.retention")
 
@@ -156,3 +157,53 @@ def _messages(
         done.add(topic.name, "messages", removed)
         low = high
     return True
+
+
+@dataclass(frozen=True)
+class Retiring:
+    """What retiring a subscription takes with it."""
+
+    deliveries: int  # every delivery of it
+    unfinished: int  # of those, the ones that never ran to an end (pending, retry, dead)
+    messages: int  # messages only it keeps, which retention then prunes once old enough
+
+
+def retiring(sub: Subscription, using: str = "default") -> Retiring:
+    """What retire() would take, counted now."""
+    mine = Delivery.objects.using(using).filter(subscription=sub)
+    with backends.get(using).connection.cursor() as cursor:
+        messages = pruning.held_only_by(cursor, sub.pk, sub.topic_id)
+    unfinished = mine.exclude(state__in=["acked", "discarded"]).count()
+    return Retiring(mine.count(), unfinished, messages)
+
+
+def retire(sub: Subscription, using: str = "default") -> Retiring:
+    """Delete a subscription no longer declared in code, with every delivery of it, a batch
+    at a time; the messages only it kept are pruned by retention from then on. Refused
+    (ActionRefused) for one still declared (the next start would create it again, from
+    "latest") or with deliveries running."""
+    from . import registry
+
+    if sub.name in registry.get_specs() or sub.active:
+        raise ActionRefused(
+            f"Subscription {sub.name} is still declared in code: remove its @subscriber and "
+            f"deploy first (it is then inactive), then retire it."
+        )
+    if Delivery.objects.using(using).filter(subscription=sub).inflight().exists():
+        raise ActionRefused(
+            f"Subscription {sub.name} has deliveries running (a dispatcher of an older "
+            f"release?): retire it once they have ended."
+        )
+    gone = retiring(sub, using)
+    batch = pubsub_settings.batch_size
+    with backends.get(using).connection.cursor() as cursor:
+        while pruning.delete_some_deliveries(cursor, sub.pk, batch):
+            pass
+    Subscription.objects.using(using).filter(pk=sub.pk, active=False).delete()
+    logger.warning(
+        "subscription %s retired: %s deliveries deleted, %s messages left to retention",
+        sub.name,
+        gone.deliveries,
+        gone.messages,
+    )
+    return gone

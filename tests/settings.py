@@ -6,6 +6,7 @@ SQLite and once on PostgreSQL.
 
 from __future__ import annotations
 
+import json
 import os
 
 from testproject.settings import *  # noqa: F403
@@ -34,6 +35,10 @@ PUBSUB = {
     "DISPATCHER_TIMEOUT": 10.0,
     "SHUTDOWN_GRACE": 5.0,
     "BACKOFF": {"base": 0.01, "factor": 2.0, "maximum": 0.1, "jitter": 0.0},
+    # The suite's dispatchers prune only where a test asks (the two variables below, for
+    # runpubsub subprocesses): a test's fake clock years ahead would prune what it checks.
+    "PRUNE_INTERVAL": float(os.environ.get("PUBSUB_TEST_PRUNE_INTERVAL", "0")) or None,
+    "RETENTION": json.loads(os.environ.get("PUBSUB_TEST_RETENTION", "{}")),
 }
 
 LOGGING = {

@@ -165,3 +165,177 @@ def test_the_command_prints_what_it_removed(dispatch: Any, capsys: Any) -> None:
     assert "Removed 6 rows: 6 acked" in out
     call_command("pubsub_prune")
     assert "Nothing to prune" in capsys.readouterr().out
+
+
+def test_pruning_while_dispatchers_run_and_are_killed_loses_nothing(
+    runpubsub: Any, tmp_path: Any
+) -> None:
+    """Two runpubsub processes prune every 0.1 s with acked deliveries and messages kept
+    0.2 s, and are SIGKILLed in turn; then one drains. Every message runs on both
+    subscriptions, a second run only for a delivery in flight at a kill, the ordered one
+    never goes back, and pruning did remove what had ended."""
+    import json
+    import signal
+    from collections import Counter
+    from itertools import pairwise
+
+    from tests.conftest import runs, wait_for
+    from tests.pubsub_app.models import HandlerRun
+
+    subs = ["kill.unordered", "kill.ordered"]
+    ids = publish_many("t.kill", [{"n": n, "sleep": 0.002} for n in range(400)])
+    env = {
+        "PUBSUB_TEST_PRUNE_INTERVAL": "0.1",
+        "PUBSUB_TEST_RETENTION": json.dumps({"acked": 0.2, "messages": 0.2}),
+    }
+    args = ["--subscriptions", ",".join(subs), "--workers", "4", "--poll-interval", "0.02"]
+    at_kill: Counter[tuple[str, int]] = Counter()
+    procs = [runpubsub(*args, env=env, log=tmp_path / f"p{n}.log") for n in range(2)]
+    for kill in range(4):
+        target = 60 * (kill + 1)
+        wait_for(
+            lambda target=target: (
+                HandlerRun.objects.filter(subscription="kill.ordered").count() >= target
+            )
+        )
+        victim = procs[kill % 2]
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(timeout=10) == -signal.SIGKILL
+        inflight = Delivery.objects.filter(state="inflight").values_list(
+            "subscription__name", "message_id"
+        )
+        at_kill.update(inflight)
+        procs[kill % 2] = runpubsub(*args, env=env, log=tmp_path / f"k{kill}.log")
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    last = runpubsub(*args, "--until-idle", env=env, log=tmp_path / "last.log")
+    assert last.wait(timeout=120) == 0
+    for name in subs:
+        history = runs(name)
+        assert set(ids) <= {run.message_id for run in history}, name  # nothing lost
+        repeated = Counter(run.message_id for run in history)
+        unexplained = [m for m, n in repeated.items() if n > 1 and (name, m) not in at_kill]
+        assert unexplained == [], name
+    ordered = [run.offset for run in runs("kill.ordered")]
+    assert not [(a, b) for a, b in pairwise(ordered) if b < a]
+    assert Delivery.objects.exclude(state="acked").count() == 0
+    # Pruning ran meanwhile: far fewer rows than the 800 deliveries and 400 messages made.
+    assert Delivery.objects.count() < 800 and Message.objects.count() < 400
+
+
+def test_a_topic_nobody_listens_to_is_warned_about() -> None:
+    from django.core.checks import run_checks
+
+    publish("order.created", {"typo": True})  # the code listens to orders.created
+    publish("t.basic", {"n": 1})
+    (warned,) = [m for m in run_checks(databases=["default"]) if m.id == "django_pubsub.W003"]
+    assert "order.created" in warned.msg and "t.basic" not in warned.msg
+    assert warned.hint and "spelling" in warned.hint
+
+
+def test_retention_settings_are_checked(settings: Any) -> None:
+    from django_pubsub import checks
+
+    for bad, said in [
+        ({"acked": -1}, "RETENTION['acked']: a retention must be"),
+        ({"ackd": 5}, "unknown keys ['ackd']"),
+        ({"topics": {"t.x": {"dead": "soon"}}}, "RETENTION['topics']['t.x']['dead']"),
+        ({"topics": {"t.x": {"topics": {}}}}, "unknown keys ['topics']"),
+    ]:
+        settings.PUBSUB = {"RETENTION": bad}
+        (found,) = checks.check_settings()
+        assert found.id == "django_pubsub.E003" and said in found.msg, found.msg
+    settings.PUBSUB = {
+        "RETENTION": {"acked": timedelta(hours=2), "dead": None},
+        "PRUNE_INTERVAL": None,
+    }
+    assert checks.check_settings() == []
+
+
+@pytest.fixture
+def leaving(dispatch: Any) -> Any:
+    """A subscription of its own topic that ran 3 messages, then left the code (inactive)
+    before 2 more were published."""
+    from django_pubsub import registry
+    from django_pubsub.registry import SubscriberSpec
+    from django_pubsub.sync import sync_subscriptions
+
+    spec = SubscriberSpec(
+        name="solo.sub", topic="t.solo", handler="tests.pubsub_app.subscribers.basic_one"
+    )
+    registry.register(spec)
+    try:
+        sync_subscriptions()
+        publish_many("t.solo", [{"n": n} for n in range(3)])
+        dispatch("solo.sub")
+    finally:
+        registry.unregister(spec.name)
+    sync_subscriptions()  # no longer declared: inactive
+    publish_many("t.solo", [{"n": n} for n in range(3, 5)])
+    from django_pubsub.models import Topic
+
+    Topic.sequence_all(batch=10)
+    return Subscription.objects.get(name="solo.sub")
+
+
+def test_retiring_takes_its_deliveries_and_lets_its_messages_go(leaving: Any) -> None:
+    assert not leaving.active
+    gone = retention.retiring(leaving)
+    assert (gone.deliveries, gone.unfinished, gone.messages) == (3, 0, 5)
+    # Inactive, it keeps what it has not finished (the 2 it never fanned out); what it
+    # finished ages out as any other subscription's.
+    pruned = retention.prune(later(30))
+    assert pruned.rows == {("t.solo", "acked"): 3, ("t.solo", "messages"): 3}
+    assert Message.objects.filter(topic__name="t.solo").count() == 2
+    gone = retention.retire(leaving)
+    assert (gone.deliveries, gone.messages) == (0, 2)
+    assert not Subscription.objects.filter(name="solo.sub").exists()
+    assert retention.prune(later(30)).rows == {("t.solo", "messages"): 2}
+
+
+def test_a_declared_subscription_cannot_be_retired() -> None:
+    from django_pubsub.exceptions import ActionRefused
+
+    with pytest.raises(ActionRefused, match="still declared in code"):
+        retention.retire(Subscription.objects.get(name="basic.one"))
+    assert Subscription.objects.filter(name="basic.one").exists()
+
+
+def test_the_retire_command_says_what_goes_and_asks(
+    leaving: Any, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="No such subscription: nope"):
+        call_command("pubsub_retire", "nope")
+    monkeypatch.setattr("builtins.input", lambda prompt: "no")
+    with pytest.raises(CommandError, match="Nothing retired"):
+        call_command("pubsub_retire", "solo.sub")
+    out = capsys.readouterr().out
+    assert "3 deliveries go with it (0 of them never finished), and 5 messages" in out
+    assert Subscription.objects.filter(name="solo.sub").exists()
+    call_command("pubsub_retire", "solo.sub", "--yes")
+    assert "Retired solo.sub." in capsys.readouterr().out
+    assert not Subscription.objects.filter(name="solo.sub").exists()
+
+
+def test_the_admin_retires_after_a_confirmation_page(leaving: Any, client: Any) -> None:
+    from django.contrib.admin.models import LogEntry
+    from django.contrib.auth.models import User
+
+    client.force_login(User.objects.create_superuser("root", "r@example.com", "pw"))
+    asked = client.post(
+        "/admin/django_pubsub/subscription/",
+        {"action": "retire", "_selected_action": [leaving.pk]},
+    ).content.decode()
+    assert "3 deliveries (0 of them never finished), and\n5 messages only it keeps" in asked
+    assert Subscription.objects.filter(pk=leaving.pk).exists()
+    done = client.post(
+        "/admin/django_pubsub/subscription/",
+        {"action": "retire", "_selected_action": [leaving.pk], "confirmed": "yes"},
+        follow=True,
+    ).content.decode()
+    assert "Subscription solo.sub retired." in done
+    assert not Subscription.objects.filter(pk=leaving.pk).exists()
+    assert LogEntry.objects.get().change_message == "Retired: 3 deliveries deleted"

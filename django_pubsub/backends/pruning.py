@@ -151,3 +151,32 @@ def delete_messages(
         return int(cursor.fetchone()[0])
     cursor.execute(f"DELETE FROM {MESSAGE} WHERE {where}AND NOT EXISTS ({referred})", params)
     return int(cursor.rowcount)
+
+
+def held_only_by(cursor: Any, subscription_id: int, topic_id: int) -> int:
+    """How many of the topic's messages only this subscription still keeps: it has not
+    fanned them out, or has a delivery of them, while every other subscription is past
+    them and has none. Retiring it lets retention prune them."""
+    others = f"FROM {SUBSCRIPTION} WHERE topic_id = %s AND id <> %s"
+    mine = f"SELECT 1 FROM {DELIVERY} d WHERE d.message_id = {MESSAGE}.id"
+    cursor.execute(
+        f"SELECT COUNT(*) FROM {MESSAGE} WHERE topic_id = %s AND {OFFSET} IS NOT NULL "
+        f"AND {OFFSET} < COALESCE((SELECT MIN(position) {others}), "
+        f"(SELECT next_offset FROM {TOPIC} WHERE id = %s)) "
+        f"AND NOT EXISTS ({mine} AND d.subscription_id <> %s) "
+        f"AND ({OFFSET} >= (SELECT position FROM {SUBSCRIPTION} WHERE id = %s) "
+        f"OR EXISTS ({mine} AND d.subscription_id = %s))",
+        [topic_id, topic_id, subscription_id, topic_id, subscription_id, subscription_id,
+         subscription_id],
+    )  # fmt: skip
+    return int(cursor.fetchone()[0])
+
+
+def delete_some_deliveries(cursor: Any, subscription_id: int, size: int) -> int:
+    """Remove up to ``size`` of a (retired) subscription's deliveries; how many."""
+    cursor.execute(
+        f"DELETE FROM {DELIVERY} WHERE id IN (SELECT id FROM {DELIVERY} "
+        f"WHERE subscription_id = %s LIMIT %s)",
+        [subscription_id, size],
+    )
+    return int(cursor.rowcount)

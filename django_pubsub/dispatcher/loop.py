@@ -33,6 +33,7 @@ from .counts import Counts
 from .heartbeat import Heartbeat, Keeping
 from .leases import LeaseKeeper, Recovery
 from .outcomes import OutcomeRecorder
+from .pruner import Pruner
 from .stopping import drain, on_stop
 from .subscriptions import Subscriptions
 from .workers import WorkerPool
@@ -53,6 +54,7 @@ class Parts:
     recovery: Recovery
     keeping: Keeping
     waker: Waker | None
+    pruner: Pruner
 
 
 class DispatchLoop:
@@ -191,7 +193,9 @@ class DispatchLoop:
         keeping = Keeping(heartbeat, LeaseKeeper(subs, pool), clock, lambda: self._progress)
         keeping.start()
         waker = backends.get().start_waker(self._wake.set)
-        return Parts(row, pool, claimer, outcomes, recovery, keeping, waker)
+        pruner = Pruner(clock)
+        pruner.start()
+        return Parts(row, pool, claimer, outcomes, recovery, keeping, waker, pruner)
 
     def step(self) -> bool:
         """One pass; True if it did something (so the next should follow at once)."""
@@ -297,6 +301,7 @@ class DispatchLoop:
                         clock=self.clock,
                     )
                 finally:
+                    parts.pruner.stop()
                     if parts.waker is not None:
                         parts.waker.stop()
                     parts.keeping.stop()
