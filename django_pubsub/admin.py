@@ -227,6 +227,7 @@ class SubscriptionAdmin(ActionsAdmin):
                 "title": "Retire subscriptions?",
                 "opts": self.model._meta,
                 "retiring": [(sub, retention.retiring(sub)) for sub in subs],
+                "selected": [sub.pk for sub in subs],
                 "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
             }
             return TemplateResponse(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.conf import settings
@@ -109,20 +109,33 @@ def sqlite_warnings(db: dict[str, Any]) -> list[CheckMessage]:
     return messages
 
 
-@register(Tags.database)
-def check_moved(databases: Sequence[str] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def _on_the_database(
+    check: Callable[[], list[CheckMessage]],
+) -> Callable[..., list[CheckMessage]]:
+    """A database check (run by migrate, or check --database default): nothing unless the
+    default database is asked for, and nothing before it is migrated."""
+
+    def run(databases: Sequence[str] | None = None, **kwargs: Any) -> list[CheckMessage]:
+        if not databases or "default" not in databases:
+            return []
+        try:
+            return check()
+        except DatabaseError:
+            return []  # not migrated yet
+
+    # Not functools.wraps: Django reads the signature, which must take **kwargs.
+    run.__name__, run.__doc__ = check.__name__, check.__doc__
+    return register(Tags.database)(run)
+
+
+@_on_the_database
+def check_moved() -> list[CheckMessage]:
     """E006: a subscription the code declares on another topic than its row's."""
-    if not databases or "default" not in databases:
-        return []
     from .models import Subscription
 
     specs = registry.get_specs()
-    try:
-        rows = list(
-            Subscription.objects.filter(name__in=list(specs)).values_list("name", "topic__name")
-        )
-    except DatabaseError:
-        return []  # not migrated yet
+    found = Subscription.objects.filter(name__in=list(specs)).values_list("name", "topic__name")
+    rows = list(found)
     return [
         Error(
             f"Subscription {name!r} is on topic {topic!r}, but the code now declares it on "
@@ -136,25 +149,18 @@ def check_moved(databases: Sequence[str] | None = None, **kwargs: Any) -> list[C
     ]
 
 
-@register(Tags.database)
-def check_undeclared_topics(
-    databases: Sequence[str] | None = None, **kwargs: Any
-) -> list[CheckMessage]:
+@_on_the_database
+def check_undeclared_topics() -> list[CheckMessage]:
     """W003: topics that received messages but no subscription in code listens to (a typo
     such as order.created publishes into the void)."""
-    if not databases or "default" not in databases:
-        return []
     from .models import Message, Topic
 
     declared = {spec.topic for spec in registry.get_specs().values()}
-    try:
-        names = [
-            topic.name
-            for topic in Topic.objects.exclude(name__in=declared).order_by("name")
-            if Message.objects.filter(topic=topic).exists()
-        ]
-    except DatabaseError:
-        return []  # not migrated yet
+    names = [
+        topic.name
+        for topic in Topic.objects.exclude(name__in=declared).order_by("name")
+        if Message.objects.filter(topic=topic).exists()
+    ]
     if not names:
         return []
     return [
@@ -168,24 +174,19 @@ def check_undeclared_topics(
     ]
 
 
-@register(Tags.database)
-def check_inactive(databases: Sequence[str] | None = None, **kwargs: Any) -> list[CheckMessage]:
+@_on_the_database
+def check_inactive() -> list[CheckMessage]:
     """W002: subscriptions no longer declared in code still hold undelivered messages."""
-    if not databases or "default" not in databases:
-        return []
     from .models import Delivery, Message, Subscription
 
     names = []
-    try:
-        for sub in Subscription.objects.filter(active=False):
-            unread = Message.objects.filter(topic_id=sub.topic_id).filter(
-                Q(offset__isnull=True) | Q(offset__gte=sub.position)
-            )
-            unfinished = Delivery.objects.filter(subscription=sub, state__in=Delivery.UNFINISHED)
-            if unread.exists() or unfinished.exists():
-                names.append(sub.name)
-    except DatabaseError:
-        return []  # not migrated yet
+    for sub in Subscription.objects.filter(active=False):
+        unread = Message.objects.filter(topic_id=sub.topic_id).filter(
+            Q(offset__isnull=True) | Q(offset__gte=sub.position)
+        )
+        unfinished = Delivery.objects.filter(subscription=sub, state__in=Delivery.UNFINISHED)
+        if unread.exists() or unfinished.exists():
+            names.append(sub.name)
     if not names:
         return []
     return [

@@ -80,83 +80,76 @@ def prune(
     now = now or timezone.now()
     backend = backends.get(using)
     adapt = backend.connection.ops.adapt_datetimefield_value
-    batch = pubsub_settings.batch_size
-    done = Pruned()
     with backend.connection.cursor() as cursor:
+        run = _Run(cursor, pubsub_settings.batch_size, dry_run, should_stop)
         for topic in Topic.objects.using(using).order_by("pk"):
             cutoffs = {
                 kind: None if seconds is None else adapt(now - timedelta(seconds=seconds))
                 for kind, seconds in pubsub_settings.retention(topic.name).items()
             }
             subs = Subscription.objects.using(using).filter(topic=topic).order_by("pk")
-            for sub_id in subs.values_list("pk", flat=True):
-                if not _deliveries(
-                    cursor, topic.name, sub_id, cutoffs, batch, dry_run, done, should_stop
-                ):
-                    done.complete = False
-                    return done
-            if cutoffs["messages"] is not None and not _messages(
-                cursor, topic, cutoffs, batch, dry_run, done, should_stop
-            ):
-                done.complete = False
-                return done
-    return done
+            finished = all(
+                run.deliveries(topic.name, sub_id, cutoffs)
+                for sub_id in subs.values_list("pk", flat=True)
+            )
+            if not finished or not run.messages(topic, cutoffs):
+                run.done.complete = False
+                break
+    return run.done
 
 
-def _deliveries(
-    cursor: Any,
-    topic: str,
-    sub_id: int,
-    cutoffs: dict[str, Any],
-    batch: int,
-    dry_run: bool,
-    done: Pruned,
-    should_stop: Callable[[], bool],
-) -> bool:
-    """A subscription's ended deliveries, a window of BATCH_SIZE at a time in message
-    order, up to the first window that began after the latest cutoff; False if stopped."""
-    kept = [cutoffs[kind] for kind in pruning.KINDS if cutoffs[kind] is not None]
-    if not kept:
+@dataclass
+class _Run:
+    """One prune's cursor, sizes and tally."""
+
+    cursor: Any
+    batch: int
+    dry_run: bool
+    should_stop: Callable[[], bool]
+    done: Pruned = field(default_factory=Pruned)
+
+    def deliveries(self, topic: str, sub_id: int, cutoffs: dict[str, Any]) -> bool:
+        """A subscription's ended deliveries, a window of BATCH_SIZE at a time in message
+        order, up to the first window that began after the latest cutoff; False if
+        stopped."""
+        kept = [cutoffs[kind] for kind in pruning.KINDS if cutoffs[kind] is not None]
+        if not kept:
+            return True
+        latest = max(kept)  # adapted datetimes compare as the datetimes do
+        low = pruning.lowest_message_id(self.cursor, sub_id)
+        while low is not None:
+            if self.should_stop():
+                return False
+            old_enough, high = pruning.delivery_window(self.cursor, sub_id, low, self.batch, latest)
+            if not old_enough:
+                break
+            counts = pruning.delete_deliveries(
+                self.cursor, sub_id, low, high, cutoffs, dry_run=self.dry_run
+            )
+            for kind, count in counts.items():
+                self.done.add(topic, kind, count)
+            low = high
         return True
-    latest = max(kept)  # adapted datetimes compare as the datetimes do
-    low = pruning.lowest_message_id(cursor, sub_id)
-    while low is not None:
-        if should_stop():
-            return False
-        old_enough, high = pruning.delivery_window(cursor, sub_id, low, batch, latest)
-        if not old_enough:
-            break
-        counts = pruning.delete_deliveries(cursor, sub_id, low, high, cutoffs, dry_run=dry_run)
-        for kind, count in counts.items():
-            done.add(topic, kind, count)
-        low = high
-    return True
 
-
-def _messages(
-    cursor: Any,
-    topic: Topic,
-    cutoffs: dict[str, Any],
-    batch: int,
-    dry_run: bool,
-    done: Pruned,
-    should_stop: Callable[[], bool],
-) -> bool:
-    """The topic's messages every subscription is past, BATCH_SIZE offsets at a time from
-    the lowest stored, up to the first that is too young; False if stopped."""
-    low, below = pruning.message_bounds(cursor, topic.pk)
-    while low is not None and low < below:
-        if should_stop():
-            return False
-        if not pruning.published_before(cursor, topic.pk, low, cutoffs["messages"]):
-            break
-        high = min(low + batch, below)
-        removed = pruning.delete_messages(
-            cursor, topic.pk, low, high, cutoffs["messages"], cutoffs, dry_run=dry_run
-        )
-        done.add(topic.name, "messages", removed)
-        low = high
-    return True
+    def messages(self, topic: Topic, cutoffs: dict[str, Any]) -> bool:
+        """The topic's messages every subscription is past, BATCH_SIZE offsets at a time
+        from the lowest stored, up to the first that is too young; False if stopped."""
+        cutoff = cutoffs["messages"]
+        if cutoff is None:
+            return True
+        low, below = pruning.message_bounds(self.cursor, topic.pk)
+        while low is not None and low < below:
+            if self.should_stop():
+                return False
+            if not pruning.published_before(self.cursor, topic.pk, low, cutoff):
+                break
+            high = min(low + self.batch, below)
+            removed = pruning.delete_messages(
+                self.cursor, topic.pk, low, high, cutoff, cutoffs, dry_run=self.dry_run
+            )
+            self.done.add(topic.name, "messages", removed)
+            low = high
+        return True
 
 
 @dataclass(frozen=True)
