@@ -7,9 +7,10 @@ pytest. --require-postgres, or CI=true in the environment, fails the run when no
 answers, so CI cannot pass on SQLite alone.
 Each run writes a JUnit report to .test-results/<database>.xml.
 
---soak runs the long fault soaks instead of the suite (docs/reliability.md): 1,000 SIGKILLs
-and 4 dispatchers x 10,000 messages x 5 subscriptions, on each database; PUBSUB_SOAK_KILLS
-and PUBSUB_SCALE_MESSAGES change the sizes. Figures go to .test-results/*.json.
+--soak runs the long fault soaks instead of the suite (docs/reliability.md): 1,000 SIGKILLs,
+4 dispatchers x 10,000 messages x 5 subscriptions, and 10 minutes of publishing while
+runpubsub prunes, on each database; PUBSUB_SOAK_KILLS, PUBSUB_SCALE_MESSAGES and
+PUBSUB_SOAK_RETENTION_SECONDS change the sizes. Figures go to .test-results/*.json.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ LOCAL_POSTGRES = "postgres://postgres@127.0.0.1:5432/postgres"
 SOAK_TESTS = [
     "tests/test_processes.py::test_sigkill_mid_run_loses_nothing_and_keeps_order",
     "tests/test_scale_out.py::test_dispatchers_share_the_work_exactly_once",
+    "tests/test_retention.py::test_tables_stay_flat_while_publishing_and_pruning",
 ]
 
 
@@ -44,6 +46,7 @@ def run(name: str, database_url: str | None, args: list[str], soak: bool = False
     if soak:
         env.setdefault("PUBSUB_SOAK_KILLS", "1000")
         env.setdefault("PUBSUB_SCALE_MESSAGES", "10000")
+        env.setdefault("PUBSUB_SOAK_RETENTION_SECONDS", "600")
         args = [*SOAK_TESTS, "-s", "--timeout=0", *args]
         name = f"soak-{name}"
     env.pop("DATABASE_URL", None)

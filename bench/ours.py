@@ -22,6 +22,10 @@ Figures:
   at 20/s; the time from each commit to its handler's start, p50 and p99 in ms.
 - ``idle_cpu``: a runpubsub process with nothing to do, after IDLE_WARMUP seconds: the CPU it
   uses over N seconds (default 30), in percent of one core (user and system time).
+- ``prune``: 1,000,000 messages of bench.one, each with its acked delivery, all 30 days
+  old, are written; then, in turn, ``latency`` (300 messages) and a dispatch of N messages
+  of bench.two (no history) are measured alone, and again while ``manage.py pubsub_prune``
+  removes those 2,000,000 rows. It reports both, and the prune's own time and rows.
 - ``memory``: runpubsub handles N (default 200,000) messages while its resident memory is
   sampled; growth is the largest sample after warm-up (the first fifth of the run) over
   the sample at the end of warm-up.
@@ -46,6 +50,8 @@ PG_URL = "postgres://postgres@127.0.0.1:5432/bench_ours"
 SQLITE_PATH = Path(tempfile.gettempdir()) / "bench_ours.sqlite3"
 HISTORY = 1_000_000
 LATENCY_MESSAGES, LATENCY_RATE = 600, 20.0
+# prune: the messages of each latency measurement (15 s at LATENCY_RATE).
+PRUNE_LATENCY = 300
 # publish_single: publishes, then as many plain inserts, in turn (see publish_single()).
 PAIR_BLOCK = 20
 DEFAULT_N = {
@@ -58,6 +64,7 @@ DEFAULT_N = {
     "latency": LATENCY_MESSAGES,
     "idle_cpu": 30,
     "memory": 200_000,
+    "prune": 20_000,
 }
 SUBSCRIPTIONS = {
     "dispatch": ("bench.one", ["bench.one"]),
@@ -65,6 +72,7 @@ SUBSCRIPTIONS = {
     "dispatch_fan": ("bench.fan", [f"bench.fan.{n}" for n in range(10)]),
     "dispatch_ordered": ("bench.ordered", ["bench.ordered"]),
     "memory": ("bench.one", ["bench.one"]),
+    "prune": ("bench.two", ["bench.two"]),
 }
 IDLE_WARMUP = 5.0
 # Deadline for any one runpubsub process.
@@ -191,9 +199,11 @@ def dispatch(db: str, n: int, figure: str) -> dict[str, Any]:
         write_history(db)
     baseline = runpubsub(subs, db)  # nothing to do: start-up and the idle check
     setup_django(db)
+    before = acked(subs)  # a history, or an earlier measurement's
     publish_batches(topic, n)
     wall = runpubsub(subs, db)
-    check_all_acked(subs, n * len(subs) + (HISTORY if figure == "dispatch_history" else 0))
+    if acked(subs) != before + n * len(subs):
+        raise SystemExit(f"expected {before + n * len(subs)} acked deliveries")
     seconds = wall - baseline
     deliveries = n * len(subs)
     return {
@@ -206,26 +216,26 @@ def dispatch(db: str, n: int, figure: str) -> dict[str, Any]:
     }
 
 
-def check_all_acked(subs: list[str], expected: int) -> None:
+def acked(subs: list[str]) -> int:
     from django_pubsub.models import Delivery
 
-    acked = Delivery.objects.filter(subscription__name__in=subs, state="acked").count()
-    if acked != expected:
-        raise SystemExit(f"expected {expected} acked deliveries, found {acked}")
+    return Delivery.objects.filter(subscription__name__in=subs, state="acked").count()
 
 
-def write_history(db: str) -> None:
-    """1,000,000 messages of bench.one, each with its acked delivery, in plain SQL."""
-    manage("shell", "-c", HISTORY_SQL, db=db, BENCH_HISTORY=str(HISTORY))
+def write_history(db: str, days_old: float = 0.0) -> None:
+    """1,000,000 messages of bench.one, each with its acked delivery, in plain SQL,
+    published and acked ``days_old`` days ago."""
+    manage("shell", "-c", HISTORY_SQL, db=db, BENCH_HISTORY=str(HISTORY), BENCH_AGE=str(days_old))
 
 
 HISTORY_SQL = """
 import os
+from datetime import timedelta
 from django.db import connection, transaction
 from django.utils import timezone
 from django_pubsub.models import Subscription, Topic
 n = int(os.environ["BENCH_HISTORY"])
-now = timezone.now()
+now = timezone.now() - timedelta(days=float(os.environ["BENCH_AGE"]))
 at = connection.ops.adapt_datetimefield_value(now)
 topic = Topic.objects.get(name="bench.one")
 sub = Subscription.objects.get(name="bench.one")
@@ -312,6 +322,47 @@ def latency(db: str, n: int) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     cuts = statistics.quantiles(delays, n=100, method="inclusive")
     return {"value": cuts[49], "unit": "ms", "p50": cuts[49], "p99": cuts[98], "max": max(delays)}
+
+
+def prune(db: str, n: int) -> dict[str, Any]:
+    """Latency and dispatch throughput alone, then while a prune of 2,000,000 rows runs."""
+    write_history(db, days_old=30)
+    alone = {"latency": latency(db, PRUNE_LATENCY), "dispatch": dispatch(db, n, "prune")}
+    work = Path(tempfile.mkdtemp(prefix="bench-prune-"))
+    started = time.perf_counter()
+    pruner = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "pubsub_prune"],
+        env=environment(db),
+        cwd=ROOT,
+        stdout=(work / "prune.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    time.sleep(1.0)  # under way
+    during = {"latency": latency(db, PRUNE_LATENCY), "dispatch": dispatch(db, n, "prune")}
+    throughout = pruner.poll() is None
+    if pruner.wait(timeout=RUN_TIMEOUT):
+        raise SystemExit(f"pubsub_prune exited {pruner.returncode}")
+    prune_seconds = time.perf_counter() - started
+    report = (work / "prune.log").read_text().strip().splitlines()[-1]
+    shutil.rmtree(work, ignore_errors=True)
+
+    def figures(side: dict[str, Any]) -> dict[str, float]:
+        return {
+            "p50_ms": side["latency"]["p50"],
+            "p99_ms": side["latency"]["p99"],
+            "dispatch_per_s": side["dispatch"]["value"],
+        }
+
+    a, b = figures(alone), figures(during)
+    return {
+        "value": b["dispatch_per_s"] / a["dispatch_per_s"],
+        "unit": "dispatch throughput while pruning / alone",
+        "alone": a,
+        "while_pruning": b,
+        "prune_seconds": prune_seconds,
+        "prune_ran_throughout": throughout,
+        "prune_report": report,
+    }
 
 
 def idle_cpu(db: str, n: int) -> dict[str, Any]:
@@ -415,6 +466,8 @@ def main() -> None:
         result = memory(args.db, n)
     elif args.figure == "idle_cpu":
         result = idle_cpu(args.db, n)
+    elif args.figure == "prune":
+        result = prune(args.db, n)
     else:
         result = dispatch(args.db, n, args.figure)
     print(json.dumps({"figure": args.figure, "db": args.db, "n": n, **result}))

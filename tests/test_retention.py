@@ -339,3 +339,76 @@ def test_the_admin_retires_after_a_confirmation_page(leaving: Any, client: Any) 
     assert "Subscription solo.sub retired." in done
     assert not Subscription.objects.filter(pk=leaving.pk).exists()
     assert LogEntry.objects.get().change_message == "Retired: 3 deliveries deleted"
+
+
+def _sizes() -> dict[str, int]:
+    """Rows of messages and deliveries, and the bytes they take (PostgreSQL: the tables
+    with their indexes; SQLite: the pages in use, free pages left out)."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "SELECT pg_total_relation_size('django_pubsub_message') "
+                "+ pg_total_relation_size('django_pubsub_delivery')"
+            )
+            used = int(cursor.fetchone()[0])
+        else:
+            cursor.execute("PRAGMA page_count")
+            pages = int(cursor.fetchone()[0])
+            cursor.execute("PRAGMA freelist_count")
+            pages -= int(cursor.fetchone()[0])
+            cursor.execute("PRAGMA page_size")
+            used = pages * int(cursor.fetchone()[0])
+    return {"messages": Message.objects.count(), "deliveries": Delivery.objects.count(),
+            "bytes": used}  # fmt: skip
+
+
+def test_tables_stay_flat_while_publishing_and_pruning(runpubsub: Any, tmp_path: Any) -> None:
+    """Publish 200 messages a second to two subscriptions while runpubsub delivers them and
+    prunes every 0.5 s what is 1 s old: rows and bytes stay flat. 10 s in the suite;
+    runtests.py --soak runs it for PUBSUB_SOAK_RETENTION_SECONDS (600) and writes the
+    figures to .test-results/retention-soak-<database>.json (docs/reliability.md)."""
+    import json
+    import os
+    import time
+
+    from tests.conftest import ROOT
+
+    seconds = float(os.environ.get("PUBSUB_SOAK_RETENTION_SECONDS", "10"))
+    env = {
+        "PUBSUB_TEST_PRUNE_INTERVAL": "0.5",
+        "PUBSUB_TEST_RETENTION": json.dumps({"acked": 1, "messages": 1}),
+    }
+    proc = runpubsub("--subscriptions", "basic.one,basic.two", env=env, log=tmp_path / "r.log")
+    samples: list[dict[str, float]] = []
+    published = 0
+    started = time.monotonic()
+    next_sample = started
+    while (now := time.monotonic()) - started < seconds:
+        publish_many("t.basic", [{"n": published + i} for i in range(20)])
+        published += 20
+        if now >= next_sample:
+            samples.append({"t": round(now - started, 1), **_sizes()})
+            next_sample += 1.0
+        time.sleep(max(0.0, started + published / 200 - time.monotonic()))
+    proc.terminate()
+    proc.wait(timeout=30)
+    warm = [s for s in samples if s["t"] >= min(5.0, seconds / 3)]
+    middle, last = warm[: len(warm) // 2], warm[len(warm) // 2 :]
+    figures = {
+        "database": connection.vendor,
+        "seconds": seconds,
+        "published": published,
+        "rows_max_middle": max(s["messages"] + s["deliveries"] for s in middle),
+        "rows_max_last": max(s["messages"] + s["deliveries"] for s in last),
+        "bytes_max_middle": max(s["bytes"] for s in middle),
+        "bytes_max_last": max(s["bytes"] for s in last),
+        "samples": samples,
+    }
+    if "PUBSUB_SOAK_RETENTION_SECONDS" in os.environ:
+        report = ROOT / ".test-results" / f"retention-soak-{connection.vendor}.json"
+        report.write_text(json.dumps(figures, indent=1))
+    # What 2.5 s of publishing makes (1 s kept, pruned every 0.5 s, a second of slack):
+    # nowhere near the 3 rows per message published that nothing pruned would leave.
+    assert figures["rows_max_last"] < 200 * 3 * 4
+    assert figures["rows_max_last"] <= 1.3 * figures["rows_max_middle"] + 200
+    assert figures["bytes_max_last"] <= 1.5 * figures["bytes_max_middle"]

@@ -18,6 +18,11 @@ def one(message: Message) -> None:
     pass
 
 
+@subscriber("bench.two", name="bench.two")
+def two(message: Message) -> None:
+    pass
+
+
 @subscriber("bench.ordered", name="bench.ordered", ordered=True)
 def ordered(message: Message) -> None:
     pass
