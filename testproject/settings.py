@@ -89,3 +89,6 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {"django_pubsub": {"handlers": ["console"], "level": "INFO"}},
 }
+
+# The example app sends its confirmations here: kept in memory, not sent.
+EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from django.core.mail import send_mail
+
 from django_pubsub import Message, subscriber
 
 from .models import AuditEntry, Order
@@ -28,6 +30,10 @@ def send_confirmation(message: Message) -> None:
     # An address the mail server always refuses: retried, then dead-lettered.
     if message.payload["customer"] == "nobody@invalid":
         raise ValueError("mailbox nobody@invalid does not exist")
+    send_mail(
+        "Your order", f"Order {message.payload['order_id']} is placed.",
+        None, [message.payload["customer"]],
+    )  # fmt: skip
     logger.info("confirmation sent order=%s", message.payload["order_id"])
 
 

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 from django.test import TestCase
 
 from django_pubsub.testing import PubSubTestMixin
 
+from . import subscribers
 from .services import place_order
 
 
@@ -21,13 +24,15 @@ class PlaceOrderTests(PubSubTestMixin, TestCase):
         order.refresh_from_db()
         self.assertTrue(order.charged)
 
-    def test_a_refused_address_is_dead_lettered_after_three_attempts(self) -> None:
-        place_order("nobody@invalid", 500)
-        for _ in range(2):
+    def test_a_mail_server_that_stays_down_dead_letters_the_confirmation(self) -> None:
+        place_order("ada@example.com", 1000)
+        down = mock.patch.object(subscribers, "send_mail", side_effect=ConnectionRefusedError)
+        with down:
+            for _ in range(2):  # max_attempts=3: two retries, then dead
+                drained = self.pubsub.drain(["email.confirmation"])
+                self.assertEqual(len(drained["email.confirmation"].retried), 1)
+                self.pubsub.advance(minutes=10)  # past the backoff: no sleeping
             drained = self.pubsub.drain(["email.confirmation"])
-            self.assertEqual(len(drained["email.confirmation"].retried), 1)
-            self.pubsub.advance(minutes=10)  # past the backoff: no sleeping
-        drained = self.pubsub.drain(["email.confirmation"])
         self.assertEqual(len(drained["email.confirmation"].dead), 1)
 
 
