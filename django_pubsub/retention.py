@@ -10,12 +10,14 @@ delivery of it remains. Settings: PUBSUB["RETENTION"], read per topic at each pr
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.db import IntegrityError
 from django.utils import timezone
 
 from . import backends
@@ -81,7 +83,7 @@ def prune(
     backend = backends.get(using)
     adapt = backend.connection.ops.adapt_datetimefield_value
     with backend.connection.cursor() as cursor:
-        run = _Run(cursor, pubsub_settings.batch_size, dry_run, should_stop)
+        run = _Run(cursor, backend, pubsub_settings.batch_size, dry_run, should_stop)
         for topic in Topic.objects.using(using).order_by("pk"):
             cutoffs = {
                 kind: None if seconds is None else adapt(now - timedelta(seconds=seconds))
@@ -103,10 +105,19 @@ class _Run:
     """One prune's cursor, sizes and tally."""
 
     cursor: Any
+    backend: backends.Backend
     batch: int
     dry_run: bool
     should_stop: Callable[[], bool]
     done: Pruned = field(default_factory=Pruned)
+
+    @contextmanager
+    def breathing(self) -> Iterator[None]:
+        """Run a removing statement, then leave the database to other writers a while."""
+        started = time.monotonic()
+        yield
+        if not self.dry_run:
+            time.sleep(self.backend.pause_after(time.monotonic() - started))
 
     def deliveries(self, topic: str, sub_id: int, cutoffs: dict[str, Any]) -> bool:
         """A subscription's ended deliveries, a window of BATCH_SIZE at a time in message
@@ -123,9 +134,10 @@ class _Run:
             old_enough, high = pruning.delivery_window(self.cursor, sub_id, low, self.batch, latest)
             if not old_enough:
                 break
-            counts = pruning.delete_deliveries(
-                self.cursor, sub_id, low, high, cutoffs, dry_run=self.dry_run
-            )
+            with self.breathing():
+                counts = pruning.delete_deliveries(
+                    self.cursor, sub_id, low, high, cutoffs, dry_run=self.dry_run
+                )
             for kind, count in counts.items():
                 self.done.add(topic, kind, count)
             low = high
@@ -144,9 +156,16 @@ class _Run:
             if not pruning.published_before(self.cursor, topic.pk, low, cutoff):
                 break
             high = min(low + self.batch, below)
-            removed = pruning.delete_messages(
-                self.cursor, topic.pk, low, high, cutoff, cutoffs, dry_run=self.dry_run
-            )
+            try:
+                with self.breathing():
+                    removed = pruning.delete_messages(
+                        self.cursor, topic.pk, low, high, cutoff, cutoffs, dry_run=self.dry_run
+                    )
+            except IntegrityError:
+                # A delivery of one was created meanwhile (a seek inside a caller's
+                # transaction, say): nothing was removed; the next prune looks again.
+                logger.warning("prune of topic %s: a message is in use again; later", topic)
+                return True
             self.done.add(topic.name, "messages", removed)
             low = high
         return True

@@ -81,7 +81,8 @@ def _sync_one(spec: SubscriberSpec, using: str, result: SyncResult) -> None:
     }
     if existing is None:
         start = spec.start or pubsub_settings.start
-        position = 0
+        # "earliest": the lowest offset still stored (retention may have pruned below it).
+        position = Topic.first_stored(topic.pk, using=using)
         if start == "latest":
             batch = pubsub_settings.batch_size
             while Topic.sequence(topic.pk, batch=batch, using=using) == batch:

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from django_pubsub import publish, publish_many, retention
 from django_pubsub.models import Delivery, Message, Subscription
-from tests.conftest import states
+from tests.conftest import runs, states
 
 pytestmark = pytest.mark.django_db(transaction=True)
 DAY = 24 * 3600
@@ -412,3 +412,59 @@ def test_tables_stay_flat_while_publishing_and_pruning(runpubsub: Any, tmp_path:
     assert figures["rows_max_last"] < 200 * 3 * 4
     assert figures["rows_max_last"] <= 1.3 * figures["rows_max_middle"] + 200
     assert figures["bytes_max_last"] <= 1.5 * figures["bytes_max_middle"]
+
+
+def test_a_new_earliest_subscription_starts_at_what_is_still_stored(settings: Any) -> None:
+    """Retention pruned the low end of the topic; a subscription declared afterwards with
+    start="earliest" begins at the first stored offset, not at 0 (where the fan-out would
+    walk pruned offsets a window per pass), and runs what is stored."""
+    from django_pubsub import registry
+    from django_pubsub.models import Topic
+    from django_pubsub.registry import SubscriberSpec
+    from django_pubsub.testing import drain
+
+    settings.PUBSUB = {**settings.PUBSUB, "BATCH_SIZE": 10}
+    publish_many("t.nobody.listens", [{"n": n} for n in range(50)])
+    Topic.sequence_all(batch=100)
+    assert retention.prune(later(8)).by_kind() == {"messages": 50}
+    kept = publish("t.nobody.listens", {"n": 50})
+    spec = SubscriberSpec(
+        name="late.comer",
+        topic="t.nobody.listens",
+        handler="tests.pubsub_app.subscribers.basic_one",
+        start="earliest",
+    )
+    registry.register(spec)
+    try:
+        drained = drain(["late.comer"])
+    finally:
+        registry.unregister(spec.name)
+    assert [m.id for m in drained["late.comer"].acked] == [kept]
+    assert Subscription.objects.get(name="late.comer").position == 51
+
+
+def test_a_seek_back_past_what_retention_removed_starts_at_the_first_stored(
+    dispatch: Any,
+) -> None:
+    publish_many("t.basic", [{"n": n} for n in range(4)])
+    dispatch("basic.one", "basic.two")
+    retention.prune(later(8))  # all four, deliveries and messages
+    kept = publish_many("t.basic", [{"n": n} for n in range(4, 6)])
+    dispatch("basic.one", "basic.two")
+    done = Subscription.objects.get(name="basic.one").seek(offset=0)
+    assert (done.offset, done.replayed) == (4, 2)  # from offset 4, the first stored
+    dispatch("basic.one")
+    ran = [run.message_id for run in runs("basic.one")]
+    assert len(ran) == 8 and all(ran.count(message) == 2 for message in kept)
+
+
+def test_a_topic_with_a_paused_subscription_keeps_its_messages(dispatch: Any) -> None:
+    """An operator's seek holds (pauses) the subscription while it creates deliveries of
+    old messages; a prune's snapshot might not see them, so it leaves the topic alone."""
+    publish_many("t.basic", [{"n": n} for n in range(3)])
+    dispatch("basic.one", "basic.two")
+    Subscription.objects.get(name="basic.two").pause()
+    assert retention.prune(later(8)).by_kind() == {"acked": 6}
+    assert Message.objects.count() == 3
+    Subscription.objects.get(name="basic.two").resume()
+    assert retention.prune(later(8)).by_kind() == {"messages": 3}

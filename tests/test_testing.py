@@ -154,3 +154,38 @@ def test_the_tutorials_examples_run_as_written() -> None:
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_clock_in_another_zone_keeps_retries_on_time(pubsub: PubSub) -> None:
+    """The clock works in UTC whatever zone it starts in: SQLite compares stored times as
+    text, and a time written with +01:00 beside one written in UTC would be hours off."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    for zone in ("Europe/Paris", "America/New_York"):
+        clock = Clock(datetime(2030, 6, 1, 9, 0, tzinfo=ZoneInfo(zone)))
+        message = publish("t.flaky", {"fail_times": 1, "zone": zone})
+        drained = drain(["flaky.one"], clock=clock)
+        assert [m.id for m in drained["flaky.one"].retried] == [message]
+        assert drain(["flaky.one"], clock=clock) == {}  # due in 10 s, not at once
+        clock.advance(10)
+        assert [m.id for m in drain(["flaky.one"], clock=clock)["flaky.one"].acked] == [message]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_handler_that_aborts_the_test_leaves_nothing_leased() -> None:
+    publish_many("t.ordered", [{"raise": "interrupt"}, {"n": 1}])
+    with pytest.raises(KeyboardInterrupt):
+        drain(["ordered.one"])
+    assert states("ordered.one") == {"pending": 2}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runpubsub_without_autocommit_is_refused() -> None:
+    transaction.set_autocommit(False)
+    try:
+        with pytest.raises(CommandError, match=r"inside a transaction"):
+            call_command("runpubsub", "--until-idle")
+    finally:
+        transaction.rollback()
+        transaction.set_autocommit(True)

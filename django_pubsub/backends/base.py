@@ -279,6 +279,11 @@ class Backend:
         it until this one ends. One process at a time does what it guards."""
         raise NotImplementedError
 
+    def pause_after(self, took: float) -> float:
+        """Seconds a long background writer (the pruner) leaves the database alone after a
+        statement that took ``took`` seconds, so that other writers are not held up."""
+        return 0.0
+
     def try_hold(self, key: int) -> bool:
         """Outside transactions, across them: hold ``key`` for this connection unless
         another holds it (False, at once). Released by let_go(), or when the connection

@@ -135,14 +135,18 @@ def delete_messages(
 ) -> int:
     """Remove (or count) the topic's messages of offsets [low, high) published before
     ``cutoff`` that every subscription has fanned out (read again in the statement: a
-    seek may have moved one back) and that no delivery refers to. A dry run counts the
-    deliveries this prune would remove as gone."""
+    seek may have moved one back) and that no delivery refers to, unless a subscription
+    of the topic is paused. A dry run counts the deliveries this prune would remove as
+    gone."""
+    # Not while a subscription of the topic is paused: an operator's seek holds it so while
+    # it creates deliveries of old messages, which this statement's snapshot may not see.
     where = (
         f"topic_id = %s AND {OFFSET} >= %s AND {OFFSET} < %s AND published_at < %s "
         f"AND {OFFSET} < COALESCE((SELECT MIN(position) FROM {SUBSCRIPTION} "
         f"WHERE topic_id = %s), %s) "
+        f"AND NOT EXISTS (SELECT 1 FROM {SUBSCRIPTION} WHERE topic_id = %s AND paused) "
     )
-    params: list[Any] = [topic_id, low, high, cutoff, topic_id, high]
+    params: list[Any] = [topic_id, low, high, cutoff, topic_id, high, topic_id]
     referred = f"SELECT 1 FROM {DELIVERY} d WHERE d.message_id = {MESSAGE}.id"
     if dry_run:
         ended, ended_params = ended_before(delivery_cutoffs)

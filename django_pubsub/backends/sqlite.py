@@ -27,6 +27,10 @@ _READ_MESSAGES = 'SELECT {} FROM {} WHERE {}."id" '.format(
 )
 
 
+# The least a background writer leaves the lock free (pause_after()).
+PAUSE_AFTER_WRITE = 0.02
+
+
 class SQLiteBackend(Backend):
     vendor = "sqlite"
 
@@ -176,6 +180,13 @@ class SQLiteBackend(Backend):
 
     def lock_exclusive(self, cursor: Any, key: int) -> None:
         _write_lock(cursor)
+
+    def pause_after(self, took: float) -> float:
+        """One writer at a time, and a writer kept waiting retries only every few tens of
+        milliseconds: statements back to back would take the lock again before a waiting
+        publish or ack got it (p99 1.6 s beside a prune of 2,000,000 rows). So leave it
+        free for longer than the statement held it, and long enough for a retry."""
+        return max(PAUSE_AFTER_WRITE, 2 * took)
 
     def try_hold(self, key: int) -> bool:
         """A lock on a file beside the database (SQLite has no lock that outlives a

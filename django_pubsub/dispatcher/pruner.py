@@ -52,6 +52,9 @@ class Pruner:
                     wait = min(wait, errors.failed())
                     logger.warning("prune failed, again in %.0fs: %s", wait, exc)
                     connections["default"].close()
+                except Exception:  # a lock file it may not open, say: never end the thread
+                    wait = min(wait, errors.failed())
+                    logger.exception("prune failed, again in %.0fs", wait)
         finally:
             connections["default"].close()
 

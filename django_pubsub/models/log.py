@@ -48,6 +48,17 @@ class Topic(models.Model):
         return backends.get(using).sequence(batch=batch, topic_id=topic_id).get(topic_id, 0)
 
     @classmethod
+    def first_stored(cls, topic_id: int, using: str = "default") -> int:
+        """The lowest offset of the topic still stored (retention prunes from the low end);
+        the topic's end when none is. Where a subscription that starts at the beginning,
+        or seeks back, begins: below it there is nothing to deliver any more."""
+        messages = Message.objects.using(using).filter(topic_id=topic_id, offset__isnull=False)
+        lowest = messages.aggregate(lowest=models.Min("offset"))["lowest"]
+        if lowest is not None:
+            return int(lowest)
+        return int(cls.objects.using(using).values_list("next_offset", flat=True).get(pk=topic_id))
+
+    @classmethod
     def behind(cls, using: str = "default") -> list[int]:
         """Topics with an active subscription that has sequenced messages not yet fanned
         out."""

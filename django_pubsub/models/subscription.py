@@ -236,6 +236,8 @@ def _seek_point(
     # Read after the lookup: sequencing may have moved it on meanwhile.
     end: int = Topic.objects.using(using).values_list("next_offset", flat=True).get(pk=sub.topic_id)
     point = end if offset is None else offset
+    # Below what retention kept there is nothing to run again: start at the first stored.
+    point = max(point, min(Topic.first_stored(sub.topic_id, using=using), end))
     if point > end:
         raise InvalidSeek(
             f"offset {point} is past the end of topic {sub.topic} (its next message gets "

@@ -18,3 +18,12 @@ def pubsub(request: pytest.FixtureRequest) -> Any:
 
     mark()
     return PubSub()
+
+
+@pytest.fixture(autouse=True)
+def _pubsub_published_since_this_test() -> None:
+    """published() counts from this test's start even without the fixture: a mark left by
+    an earlier test could hide this one's messages (SQLite reuses ids rolled back)."""
+    from django_pubsub import testing
+
+    testing.forget_mark()

@@ -29,6 +29,7 @@ AWKWARD = {
     "surrogate": lambda: Planned("bad \ud800 text"),
     "huge": lambda: Planned("x" * 1_000_000),
     "unprintable": Unprintable,
+    "interrupt": KeyboardInterrupt,
 }
 
 

@@ -92,7 +92,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["idle_wait"] is not None and not options["until_idle"]:
             raise CommandError("--idle-wait only applies with --until-idle.")
-        if connections[DEFAULT_DB_ALIAS].in_atomic_block:
+        default = connections[DEFAULT_DB_ALIAS]
+        if default.in_atomic_block or not default.get_autocommit():
             raise CommandError(
                 "runpubsub cannot run inside a transaction (an atomic block, or a test of "
                 "Django's TestCase): it commits as it goes, and would not see what the "
