@@ -268,18 +268,27 @@ class DeliveryAdmin(ActionsAdmin):
         "offset",
         "state",
         "attempts",
-        "available_at",
+        "available_at_",
         "dispatcher",
         "lease_token",
-        "lease_expires_at",
+        "lease_expires_at_",
         "message_payload",
         "message_headers",
         "error_history",
-        "created_at",
-        "updated_at",
-        "finished_at",
+        "created_at_",
+        "updated_at_",
+        "finished_at_",
     ]
-    readonly_fields = ["why", "message_payload", "message_headers", "error_history"]
+    readonly_fields = [
+        *("why", "message_payload", "message_headers", "error_history", "available_at_"),
+        *("lease_expires_at_", "created_at_", "updated_at_", "finished_at_"),
+    ]
+    # The page's times in the lists' format, to the second.
+    available_at_ = staticmethod(to_the_second("available_at"))
+    lease_expires_at_ = staticmethod(to_the_second("lease_expires_at"))
+    created_at_ = staticmethod(to_the_second("created_at"))
+    updated_at_ = staticmethod(to_the_second("updated_at"))
+    finished_at_ = staticmethod(to_the_second("finished_at"))
     actions = ["retry_now", "replay", "discard"]
 
     @admin.display(description="last error")

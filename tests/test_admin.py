@@ -136,6 +136,12 @@ def test_a_deliverys_page_offers_what_applies_and_discard_asks_first(
     page = staff.get(f"/admin/django_pubsub/delivery/{dead.pk}/change/").content.decode()
     assert 'value="replay"' in page and 'value="discard"' in page
     assert 'value="retry_now"' not in page
+    # Its times as in the lists, to the second.
+    assert re.search(
+        r"Finished at:?</label>\s*<div class=\"readonly\">\d{4}-\d\d-\d\d \d\d:\d\d:\d\d",
+        page,
+        re.I,
+    )
     page = staff.get(f"/admin/django_pubsub/delivery/{pending.pk}/change/").content.decode()
     assert 'value="discard"' in page and 'value="replay"' not in page
     # The list: its last error, times to the second.
