@@ -93,7 +93,10 @@ class Command(BaseCommand):
         if options["idle_wait"] is not None and not options["until_idle"]:
             raise CommandError("--idle-wait only applies with --until-idle.")
         default = connections[DEFAULT_DB_ALIAS]
-        if default.in_atomic_block or not default.get_autocommit():
+        # Without connecting (get_autocommit() would): the database may be down at start,
+        # which runpubsub waits out. Autocommit is off only on a connection made already.
+        manual = default.connection is not None and not default.autocommit
+        if default.in_atomic_block or manual:
             raise CommandError(
                 "runpubsub cannot run inside a transaction (an atomic block, or a test of "
                 "Django's TestCase): it commits as it goes, and would not see what the "
