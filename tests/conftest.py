@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from django.db import connection, transaction
 from django_pubsub import publish
 from django_pubsub.dispatcher import Counts, DispatchLoop
 from django_pubsub.models import Delivery
+from django_pubsub.testing import Clock
 from tests.pubsub_app.models import HandlerRun
 from tests.pubsub_app.subscribers import GATE, Gate
 
@@ -32,17 +32,8 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"django_pubsub database: {settings.DATABASES['default']['ENGINE']}"
 
 
-class FakeClock:
-    """A clock the test moves by hand; the dispatcher reads it for every timestamp."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
+# The clock the suite moves by hand is the one the package gives every project's tests.
+FakeClock = Clock
 
 
 @pytest.fixture

@@ -347,7 +347,7 @@ class WorkerPool:
         try:
             job.handler(job.message)
         except BaseException as exc:  # a handler's failure is data here
-            outcome = Outcome(job, error=describe(exc), traceback=_formatted())
+            outcome = Outcome(job, error=describe(exc), traceback=formatted_traceback())
         else:
             outcome = Outcome(job)
         outcome.duration = time.monotonic() - started
@@ -363,7 +363,8 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def _formatted() -> str:
+def formatted_traceback() -> str:
+    """The traceback of the exception being handled, whatever formatting it raises."""
     try:
         return traceback.format_exc()
     except BaseException:  # as describe()

@@ -11,7 +11,6 @@ package) and ``PubSubTestMixin`` for ``unittest`` bundle the three.
 
 from __future__ import annotations
 
-import traceback
 import uuid
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -135,15 +134,13 @@ def drain(
             ran += len(claimed)
             handled = done.setdefault(sub.name, Handled())
             for index, row in enumerate(claimed):
-                rest = [later.delivery_id for later in claimed[index + 1 :]]
                 try:
                     succeeded = _run(sub, handlers[sub.pk], row, token, now, handled, using)
                 except BaseException:  # pytest.fail() in a handler, say: nothing left leased
-                    give_back = [row.delivery_id, *rest]
-                    Delivery.objects.using(using).give_back(give_back, token=token, now=now)
+                    _give_back(claimed[index:], token, now, using)
                     raise
                 if not succeeded and sub.effective_ordered:  # the rest waits behind it
-                    Delivery.objects.using(using).give_back(rest, token=token, now=now)
+                    _give_back(claimed[index + 1 :], token, now, using)
                     break
         if not ran:
             return Drained({name: handled for name, handled in done.items() if _any(handled)})
@@ -177,7 +174,7 @@ def _run(
     using: str,
 ) -> bool:
     """Run one claimed delivery's handler and record its outcome; whether it succeeded."""
-    from ..dispatcher.workers import describe, handler_message
+    from ..dispatcher.workers import describe, formatted_traceback, handler_message
     from ..models import Delivery
 
     message = handler_message(sub, row)
@@ -192,7 +189,7 @@ def _run(
             token=token,
             now=now,
             error=describe(exc),
-            traceback=traceback.format_exc(),
+            traceback=formatted_traceback(),
             max_attempts=sub.effective_max_attempts,
             delay=delay,
         )
@@ -201,6 +198,13 @@ def _run(
     Delivery.objects.using(using).ack([row.delivery_id], token=token, now=now)
     handled.acked.append(message)
     return True
+
+
+def _give_back(rows: list[Any], token: str, now: datetime, using: str) -> None:
+    from ..models import Delivery
+
+    ids = [row.delivery_id for row in rows]
+    Delivery.objects.using(using).give_back(ids, token=token, now=now)
 
 
 def _any(handled: Handled) -> bool:
