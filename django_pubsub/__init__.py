@@ -5,9 +5,10 @@ Importing this package imports no models, so it is safe in settings and app modu
 
 from __future__ import annotations
 
+from .exceptions import BatchFailure
 from .message import Message
 from .publishing import publish, publish_many
 from .registry import subscriber
 from .retry import Backoff
 
-__all__ = ["Backoff", "Message", "publish", "publish_many", "subscriber"]
+__all__ = ["Backoff", "BatchFailure", "Message", "publish", "publish_many", "subscriber"]

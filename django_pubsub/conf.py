@@ -58,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
     "RETENTION": {},
     # Seconds between runpubsub's prunes (one process at a time); None: only the command.
     "PRUNE_INTERVAL": 300.0,
+    # Seconds a key of a keyed subscription may be held back by its failing head before
+    # the key_blocked signal fires (None: never).
+    "KEY_BLOCKED_AFTER": 300.0,
 }
 
 RETENTION_DEFAULTS: dict[str, float | None] = {
@@ -173,6 +176,7 @@ VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "RETENTION": (_retention, "a dict of acked, discarded, dead, messages (and topics)"),
     "PRUNE_INTERVAL": (_optional_positive_number, f"{SECONDS}, or None"),
+    "KEY_BLOCKED_AFTER": (_optional_positive_number, f"{SECONDS}, or None"),
 }
 
 
@@ -274,6 +278,11 @@ class PubSubSettings:
     @property
     def autodiscover_module(self) -> str:
         return str(get("AUTODISCOVER_MODULE"))
+
+    @property
+    def key_blocked_after(self) -> float | None:
+        value = get("KEY_BLOCKED_AFTER")
+        return None if value is None else float(value)
 
     @property
     def batch_size(self) -> int:

@@ -15,6 +15,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 from . import stats
+from .keys import blocked_keys
+from .models import Subscription
 from .views import PERMISSION
 
 WIDTH, HEIGHT, PAD = 600, 140, 4
@@ -26,6 +28,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     now = timezone.now()
     figures = stats.collect(now)
     hour = stats.last_hour(now, figures)
+    rows = Subscription.objects.in_bulk([sub.id for sub in figures.subscriptions])
     context: dict[str, Any] = {
         **admin.site.each_context(request),
         "title": "Pub/sub dashboard",
@@ -33,7 +36,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "sidebar_request": SimpleNamespace(path=reverse("admin:app_list", args=["django_pubsub"])),
         "figures": figures,
         "subscriptions": [
-            {"figures": sub, "status": stats.status(sub)} for sub in figures.subscriptions
+            {"figures": sub, "status": stats.status(sub), **_modes(rows.get(sub.id), now)}
+            for sub in figures.subscriptions
         ],
         "throughput": chart([m.acked for m in hour], "acked per minute"),
         "lag": chart([m.lag for m in hour], "messages not yet handled"),
@@ -41,6 +45,25 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "handled_last_hour": sum(m.acked for m in hour),
     }
     return TemplateResponse(request, "admin/django_pubsub/dashboard.html", context)
+
+
+def _modes(sub: Subscription | None, now: Any) -> dict[str, Any]:
+    """How a subscription runs its messages, and for a keyed one the keys held back."""
+    if sub is None:
+        return {"modes": "", "blocked": None}
+    modes = [f"ordered by {sub.ordering}" if sub.ordering != "none" else "unordered"]
+    if sub.batch_size:
+        modes.append(f"batches of {sub.batch_size}")
+    if sub.delivery != "at_least_once":
+        modes.append(sub.delivery.replace("_", " "))
+    blocked = blocked_keys(sub, now) if sub.keyed else []
+    oldest = min(blocked, key=lambda key: key.since) if blocked else None
+    return {
+        "modes": ", ".join(modes),
+        "blocked": len(blocked) if sub.keyed else None,
+        "oldest_blocked": oldest,
+        "oldest_blocked_for": (now - oldest.since).total_seconds() if oldest else None,
+    }
 
 
 def chart(values: list[int], label: str) -> dict[str, Any]:

@@ -44,3 +44,34 @@ class InvalidSeek(PubSubError, ValueError):
 class ActionRefused(PubSubError):
     """An operator action that cannot be done now without breaking a guarantee; nothing
     was changed. The message says what to do first."""
+
+
+class BatchFailure(Exception):
+    """Raised by a batch handler to fail only some of its messages: the ones named (by
+    message id, or the Message itself) fail, each with its own attempt count, backoff and
+    dead letter; the rest of the batch is acked.
+
+    ``failed``: ids or messages, or a mapping of them to the exception (or text) to
+    record for each. In an ordered or keyed subscription the messages after a failed one
+    of the same order fail with it: they would otherwise be acked ahead of it.
+    """
+
+    def __init__(self, failed: object, message: str = "") -> None:
+        from collections.abc import Iterable, Mapping
+
+        if isinstance(failed, Mapping):
+            pairs = list(failed.items())
+        elif isinstance(failed, Iterable) and not isinstance(failed, str | bytes):
+            pairs = [(item, None) for item in failed]
+        else:
+            raise TypeError(
+                f"BatchFailure takes the failed messages' ids (or the messages) as a list, "
+                f"set or dict; not {type(failed).__name__}."
+            )
+        self.failed: dict[int, object] = {}
+        for item, why in pairs:
+            key = getattr(item, "id", item)
+            if isinstance(key, bool) or not isinstance(key, int):
+                raise TypeError(f"BatchFailure: {item!r} is neither a message id nor a Message.")
+            self.failed[key] = why
+        super().__init__(message or f"{len(self.failed)} message(s) of the batch failed")

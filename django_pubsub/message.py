@@ -25,3 +25,6 @@ class Message:
     attempt: int
     subscription: str
     delivery_id: int
+    # The subscription's delivery mode: "at_least_once", "at_most_once" (this attempt is
+    # the only one) or "transactional" (the handler runs in the transaction of its ack).
+    delivery: str = "at_least_once"

@@ -39,13 +39,24 @@ class SubscriberSpec:
     name: str
     topic: str
     handler: str
-    ordered: bool | None = None
+    ordered: bool | str | None = None
     max_attempts: int | None = None
     lease: float | None = None
     timeout: float | None = None
     max_inflight: int | None = None
     start: str | None = None
     backoff: Backoff | None = None
+    on_dead: str | None = None
+    delivery: str | None = None
+    batch_size: int | None = None
+    batch_wait: float | None = None
+
+
+# What a dead head of a key does to the rest of its key.
+ON_DEAD_CHOICES = ("continue", "dead_letter_key")
+DELIVERY_CHOICES = ("at_least_once", "at_most_once", "transactional")
+# The most messages one batch handler call takes.
+MAX_BATCH_SIZE = 10_000
 
 
 _registry: dict[str, SubscriberSpec] = {}
@@ -71,16 +82,22 @@ def handler_path(func: Callable[..., Any]) -> str:
     return f"{module}.{qualname}"
 
 
-def check_handler(func: Any) -> None:
+def check_handler(func: Any, delivery: str | None = None) -> None:
     """Refuse at declaration what could not run as a handler: what is not a function of
-    one message, and async functions, whose body a thread would never run."""
+    one argument (a message, or a batch's list of them), async generators, and an async
+    function that would have to run inside a transaction."""
     if isinstance(func, staticmethod | classmethod) or not callable(func):
         raise InvalidSubscriber(f"@subscriber must decorate a module-level function, not {func!r}.")
-    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+    if inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func):
         raise InvalidSubscriber(
-            f"@subscriber cannot take {handler_name(func)}: it is an async function, and "
-            f"handlers run in worker threads, where its body would never run. Write it with "
-            f"def (call async code from it with asgiref.sync.async_to_sync)."
+            f"@subscriber cannot take {handler_name(func)}: it is a generator, whose body "
+            f"would not run when called. Write it with def or async def, without yield."
+        )
+    if inspect.iscoroutinefunction(func) and delivery == "transactional":
+        raise InvalidSubscriber(
+            f'@subscriber delivery="transactional" needs a def handler: '
+            f"{handler_name(func)} is async, and Django's transaction.atomic() works only "
+            f"in synchronous code."
         )
     try:
         signature = inspect.signature(func)
@@ -90,7 +107,8 @@ def check_handler(func: Any) -> None:
         signature.bind(object())
     except TypeError:
         raise InvalidSubscriber(
-            f"@subscriber handlers are called with one argument, the message; "
+            f"@subscriber handlers are called with one argument, the message (or a batch's "
+            f"list of messages); "
             f"{handler_name(func)}{signature} cannot be."
         ) from None
 
@@ -103,17 +121,25 @@ def subscriber(
     topic: str,
     *,
     name: str,
-    ordered: bool | None = None,
+    ordered: bool | str | None = None,
     max_attempts: int | None = None,
     lease: float | None = None,
     timeout: float | None = None,
     max_inflight: int | None = None,
     start: str | None = None,
     backoff: Backoff | Mapping[str, float] | None = None,
+    on_dead: str | None = None,
+    delivery: str | None = None,
+    batch_size: int | None = None,
+    batch_wait: float | None = None,
 ) -> Callable[[H], H]:
     """Declare ``func`` as the handler of the subscription ``name`` on ``topic``.
 
     ``name`` is the subscription's identity: moving or renaming the function keeps it.
+    ``ordered="key"``: messages of one key run in offset order, keys in parallel.
+    ``batch_size``: the handler takes a list of at most that many messages, gathered for
+    at most ``batch_wait`` seconds. ``delivery``: "at_least_once" (the default),
+    "at_most_once" or "transactional". See docs/reference/api.md.
     """
     check_topic(topic)
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
@@ -121,10 +147,12 @@ def subscriber(
             f"@subscriber name must be 1 to 200 characters from A-Z, a-z, 0-9, '.', '_' "
             f"and '-'; got {name!r}."
         )
-    if ordered is not None and not isinstance(ordered, bool):
+    if not (ordered is None or isinstance(ordered, bool) or ordered == "key"):
         raise InvalidSubscriber(
-            f"@subscriber ordered must be True, False or None, not {ordered!r}."
+            f'@subscriber ordered must be True, False, "key" or None, not {ordered!r}.'
         )
+    _check_modes(ordered, on_dead, delivery, max_attempts)
+    _check_batch(batch_size, batch_wait)
     _optional_positive(max_attempts, "max_attempts", int)
     _optional_positive(max_inflight, "max_inflight", int)
     _optional_positive(lease, "lease", float)
@@ -139,7 +167,7 @@ def subscriber(
         raise InvalidSubscriber(f"@subscriber {exc}") from None
 
     def decorate(func: H) -> H:
-        check_handler(func)
+        check_handler(func, delivery)
         spec = SubscriberSpec(
             name=name,
             topic=topic,
@@ -151,11 +179,57 @@ def subscriber(
             max_inflight=max_inflight,
             start=start,
             backoff=coerced_backoff,
+            on_dead=on_dead,
+            delivery=delivery,
+            batch_size=batch_size,
+            batch_wait=float(batch_wait) if batch_wait is not None else None,
         )
         register(spec)
         return func
 
     return decorate
+
+
+def _check_modes(ordered: object, on_dead: object, delivery: object, max_attempts: object) -> None:
+    if on_dead is not None and on_dead not in ON_DEAD_CHOICES:
+        raise InvalidSubscriber(
+            f'@subscriber on_dead must be "continue", "dead_letter_key" or None, not {on_dead!r}.'
+        )
+    if on_dead == "dead_letter_key" and ordered != "key":
+        raise InvalidSubscriber(
+            f'@subscriber on_dead="dead_letter_key" needs ordered="key" (it dead-letters the '
+            f"rest of a dead message's key); ordered is {ordered!r}."
+        )
+    if delivery is not None and delivery not in DELIVERY_CHOICES:
+        raise InvalidSubscriber(
+            f'@subscriber delivery must be "at_least_once", "at_most_once", "transactional" '
+            f"or None, not {delivery!r}."
+        )
+    if delivery == "at_most_once" and max_attempts not in (None, 1):
+        raise InvalidSubscriber(
+            f'@subscriber delivery="at_most_once" runs each message at most once: '
+            f"max_attempts must be 1 or None, not {max_attempts!r}."
+        )
+
+
+def _check_batch(batch_size: object, batch_wait: object) -> None:
+    if batch_size is not None and not is_positive_int(batch_size, MAX_BATCH_SIZE):
+        raise InvalidSubscriber(
+            f"@subscriber batch_size must be an integer from 1 to {MAX_BATCH_SIZE}, or "
+            f"None; not {batch_size!r}."
+        )
+    if batch_wait is None:
+        return
+    if batch_size is None:
+        raise InvalidSubscriber(
+            "@subscriber batch_wait needs batch_size: it is how long a batch gathers."
+        )
+    zero = isinstance(batch_wait, int | float) and batch_wait == 0
+    if isinstance(batch_wait, bool) or not (zero or is_positive_number(batch_wait, 3600)):
+        raise InvalidSubscriber(
+            f"@subscriber batch_wait must be a number of seconds from 0 to 3600, or None; "
+            f"not {batch_wait!r}."
+        )
 
 
 def register(spec: SubscriberSpec) -> None:

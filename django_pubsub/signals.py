@@ -44,6 +44,13 @@ retry_scheduled = Signal()
 # After delivery_failed, when it was the last attempt. error: str.
 dead_lettered = Signal()
 
+# A key of a keyed subscription (ordered="key") has been held back by its failing head
+# for longer than PUBSUB["KEY_BLOCKED_AFTER"] seconds; sent once per failed attempt of
+# that head, by each dispatcher running the subscription. sender: Subscription;
+# subscription; key: str; message_id, offset: the head's; blocked_for: seconds since the
+# head first failed; waiting: messages of the key behind it; retry_at: datetime.
+key_blocked = Signal()
+
 # An operator paused or resumed a subscription. sender: Subscription; subscription: it.
 subscription_paused = Signal()
 subscription_resumed = Signal()

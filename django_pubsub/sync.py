@@ -71,7 +71,12 @@ def _sync_one(spec: SubscriberSpec, using: str, result: SyncResult) -> None:
     existing = Subscription.objects.using(using).filter(name=spec.name).first()
     fields = {
         "handler": spec.handler,
-        "ordered": spec.ordered,
+        "ordered": spec.ordered if isinstance(spec.ordered, bool) else None,
+        "keyed": spec.ordered == "key",
+        "on_dead": spec.on_dead or "continue",
+        "delivery": spec.delivery or "at_least_once",
+        "batch_size": spec.batch_size,
+        "batch_wait": spec.batch_wait,
         "max_attempts": spec.max_attempts,
         "lease": spec.lease,
         "timeout": spec.timeout,
@@ -105,6 +110,8 @@ def _sync_one(spec: SubscriberSpec, using: str, result: SyncResult) -> None:
             setattr(existing, name, fields[name])
         existing.save(using=using, update_fields=[*changed, "updated_at"])
         result.updated.append(spec.name)
+        if "keyed" in changed:
+            existing.copy_keys(using=using)
 
 
 def _lock(using: str) -> None:

@@ -104,10 +104,10 @@ def test_a_slow_ack_of_an_ordered_run_is_no_timeout() -> None:
 
     acking, release = threading.Event(), threading.Event()
 
-    def slow_ack(job: Job) -> bool:
+    def slow_ack(jobs: list[Job]) -> set[int]:
         acking.set()
         release.wait(5)
-        return True
+        return {job.delivery_id for job in jobs}
 
     pool = WorkerPool(1, on_done=lambda: None)
     snapshot = Snapshot(
@@ -116,7 +116,8 @@ def test_a_slow_ack_of_an_ordered_run_is_no_timeout() -> None:
     )  # fmt: skip
     job = Job(1, "token", 1, snapshot, handler=lambda message: None, timeout=0.05)
     try:
-        pool.submit(Chunk([job], ack=slow_ack))
+        job.order = ""
+        pool.submit(Chunk([job], ack=slow_ack, in_order=True))
         assert acking.wait(5)
         time.sleep(0.1)  # past the handler's timeout, while its ack is being written
         assert pool.time_out() == [] and pool.stuck() == []

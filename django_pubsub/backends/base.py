@@ -33,6 +33,8 @@ OFFSET = '"offset"'
 # bound parameter never matches a literal; so queries that need one add these.
 UNFINISHED_SQL = "state IN ('pending', 'retry', 'inflight')"
 INFLIGHT_SQL = "state = 'inflight'"
+# The keyed deliveries' index (pubsub_delivery_keys).
+KEYS_SQL = "key IS NOT NULL AND state IN ('pending', 'retry', 'inflight', 'dead')"
 # True unless the subscription (a parameter) is paused. Read in each claim and fan-out
 # lease statement itself: an operator's pause holds from the next one on, in every
 # dispatcher, at no cost of a round trip.
@@ -41,12 +43,12 @@ NOT_PAUSED_SQL = f"NOT (SELECT paused FROM {SUBSCRIPTION} WHERE id = %s)"
 INSERT_BATCH = 1000
 # What a new delivery row is made of, in fan-out and seek alike.
 DELIVERY_COLUMNS = (
-    f"subscription_id, message_id, {OFFSET}, state, attempts, available_at, errors, "
+    f"subscription_id, message_id, {OFFSET}, key, state, attempts, available_at, errors, "
     f"last_error, created_at, updated_at"
 )
 
 PENDING, RETRY = DeliveryState.PENDING.value, DeliveryState.RETRY.value
-INFLIGHT = DeliveryState.INFLIGHT.value
+INFLIGHT, DEAD = DeliveryState.INFLIGHT.value, DeliveryState.DEAD.value
 # Every state a delivery may have reached since the snapshot that picked it for a claim:
 # an operator's discard included, or an ordered claim could run what was discarded.
 TAKEN = (INFLIGHT, *(state.value for state in ENDED))
@@ -154,16 +156,25 @@ class Backend:
         raise NotImplementedError
 
     def create_deliveries(
-        self, cursor: Any, subscription_id: int, topic_id: int, low: int, high: int, now: datetime
+        self,
+        cursor: Any,
+        subscription_id: int,
+        topic_id: int,
+        low: int,
+        high: int,
+        now: datetime,
+        *,
+        keyed: bool,
     ) -> int:
         """Pending deliveries of the messages at offsets low to high (not included), but
-        for those the subscription has already; how many it created."""
+        for those the subscription has already; how many it created. ``keyed``: the
+        subscription is ordered by key, and its deliveries carry their messages' keys."""
         cursor.execute(
             f"INSERT INTO {DELIVERY} ({DELIVERY_COLUMNS}) "
-            f"SELECT %s, id, {OFFSET}, %s, 0, %s, %s, '', %s, %s FROM {MESSAGE} "
-            f"WHERE topic_id = %s AND {OFFSET} >= %s AND {OFFSET} < %s "
+            f"SELECT %s, id, {OFFSET}, CASE WHEN %s THEN key END, %s, 0, %s, %s, '', %s, %s "
+            f"FROM {MESSAGE} WHERE topic_id = %s AND {OFFSET} >= %s AND {OFFSET} < %s "
             f"ON CONFLICT DO NOTHING",
-            [subscription_id, PENDING, now, "[]", now, now, topic_id, low, high],
+            [subscription_id, keyed, PENDING, now, "[]", now, now, topic_id, low, high],
         )
         return int(cursor.rowcount)
 
@@ -179,6 +190,9 @@ class Backend:
         lease: float,
         token: str,
         dispatcher_id: int | None,
+        keyed: bool = False,
+        buries: bool = False,
+        batch: tuple[int, float] | None = None,
     ) -> list[Claimed]:
         """Lease up to ``limit`` due deliveries of the subscription for ``lease`` seconds
         from when the claim holds its locks; return them with their messages, in offset
@@ -186,31 +200,67 @@ class Backend:
 
         Ordered: a run from the head of the log, the lowest unfinished offsets up to the
         first one that is inflight or not yet due, under the subscription's row lock, so
-        two claimers never lease parts of one run. Unordered: the due ones, skipping rows
-        another claim holds.
+        two claimers never lease parts of one run. Keyed: the same for each key, every key
+        at once (rows without a key are held behind nothing), under the same lock.
+        Unordered: the due ones, skipping rows another claim holds.
+
+        ``buries`` (keyed): rows of a key that has a dead letter before them end dead
+        instead, unrun, and come back marked ``buried``. ``batch``: (size, wait): lease
+        nothing unless ``size`` rows are due, or one has been due for ``wait`` seconds.
         """
         started = time.monotonic()
-        ctes, cte_params = _picked(subscription_id, ordered, limit, now, self.skip_locked)
-        update = _claim_update(self.in_picked)
-        sql = self.claim_sql(ctes, update)
-        with self.claiming(ordered) as cursor:
-            if ordered:
+        locked = ordered or keyed
+        ctes, cte_params = _picked(subscription_id, ordered, keyed, limit, now, self.skip_locked)
+        update_params: list[Any] = []
+        ready = ""
+        if batch is not None:
+            ready = (
+                " AND ((SELECT count(*) FROM picked) >= %s OR (SELECT min(due) FROM picked) <= %s)"
+            )
+            update_params = [batch[0], now - timedelta(seconds=batch[1])]
+        sql = self.claim_sql(ctes, _claim_update(self.in_picked, ready))
+        with self.claiming(locked) as cursor:
+            if locked:
                 self.lock_row(cursor, SUBSCRIPTION, subscription_id, "position")
             # The lease runs from here: a claim that waited for its locks (another
             # claimer's, an operator's) does not hand out a lease already partly spent.
             waited = time.monotonic() - started
             expires = now + timedelta(seconds=lease + waited)
             params = [*cte_params, INFLIGHT, token, expires, dispatcher_id, now, *TAKEN, now]
-            cursor.execute(sql, params)
+            cursor.execute(sql, [*params, *update_params])
             claimed = self.claimed_rows(cursor)
+            if buries and claimed:
+                buried = self.bury(
+                    cursor, subscription_id, [row.delivery_id for row in claimed], now
+                )
+                claimed = [row._replace(buried=row.delivery_id in buried) for row in claimed]
         claimed.sort(key=lambda row: row.offset)
         return claimed
+
+    def bury(self, cursor: Any, subscription_id: int, ids: list[int], now: datetime) -> set[int]:
+        """Of the deliveries just leased (``ids``), end dead, unrun and their attempt
+        returned, those whose key has a dead letter at a lower offset; their ids."""
+        match, params = self.id_match(ids)
+        error = (
+            "dead-lettered unrun: an earlier message of key ' || key || ' is dead "
+            "(on_dead=dead_letter_key)"
+        )
+        cursor.execute(
+            f"UPDATE {DELIVERY} SET state = %s, attempts = attempts - 1, lease_token = NULL, "
+            f"lease_expires_at = NULL, dispatcher_id = NULL, finished_at = %s, updated_at = %s, "
+            f"last_error = '{error}' WHERE {match} AND state = %s AND EXISTS (SELECT 1 FROM "
+            f"{DELIVERY} e WHERE e.subscription_id = %s AND e.key = {DELIVERY}.key AND "
+            f"{KEYS_SQL} AND e.state = %s AND e.{OFFSET} < {DELIVERY}.{OFFSET}) RETURNING id",
+            [DEAD, now, now, *params, INFLIGHT, subscription_id, DEAD],
+        )
+        return {row[0] for row in cursor.fetchall()}
 
     def claim_sql(self, ctes: str, update: str) -> str:
         return f"WITH {ctes} {update}"
 
-    def claiming(self, ordered: bool) -> AbstractContextManager[Any]:
-        """The cursor (and transaction) a claim's statements run in."""
+    def claiming(self, locked: bool) -> AbstractContextManager[Any]:
+        """The cursor (and transaction) a claim's statements run in; ``locked``: it takes
+        the subscription's row lock first."""
         return self._in_transaction()
 
     @contextmanager
@@ -319,9 +369,10 @@ class Backend:
 
 
 def _picked(
-    subscription_id: int, ordered: bool, limit: int, now: datetime, skip_locked: bool
+    subscription_id: int, ordered: bool, keyed: bool, limit: int, now: datetime, skip_locked: bool
 ) -> tuple[str, list[Any]]:
-    """The CTEs that pick what a claim leases (``picked``), and their parameters."""
+    """The CTE that picks what a claim leases (``picked``: picked_id, and due, when it
+    became due), and its parameters."""
     if ordered:
         # A run from the head of the log: the lowest unfinished offsets, up to the first
         # one that is inflight or not yet due. While the head is inflight or waiting for a
@@ -330,36 +381,51 @@ def _picked(
             f"head AS MATERIALIZED (SELECT id, {OFFSET} AS o, state, available_at "
             f"FROM {DELIVERY} WHERE subscription_id = %s AND {UNFINISHED_SQL} "
             f"AND state IN (%s, %s, %s) ORDER BY {OFFSET} LIMIT %s), "
-            f"picked AS MATERIALIZED (SELECT id AS picked_id FROM head WHERE o < COALESCE("
-            f"(SELECT MIN(o) FROM head WHERE state = %s OR available_at > %s), o + 1) "
-            f"AND {NOT_PAUSED_SQL})"
+            f"picked AS MATERIALIZED (SELECT id AS picked_id, available_at AS due FROM head "
+            f"WHERE o < COALESCE((SELECT MIN(o) FROM head WHERE state = %s OR available_at > %s), "
+            f"o + 1) AND {NOT_PAUSED_SQL})"
         )
         params: list[Any] = [subscription_id, PENDING, RETRY, INFLIGHT, limit]
         return ctes, [*params, INFLIGHT, now, subscription_id]
+    held_back = ""
+    held_params: list[Any] = []
+    if keyed:
+        # Each key's run from its head: a row goes unless an earlier unfinished row of its
+        # key is inflight or not yet due (one probe of the keys' index per row). Rows
+        # without a key wait for nothing. The subscription's row lock, not SKIP LOCKED,
+        # keeps two claims from leasing parts of one key's run.
+        held_back = (
+            f" AND (key IS NULL OR NOT EXISTS (SELECT 1 FROM {DELIVERY} e WHERE "
+            f"e.subscription_id = %s AND e.key = d.key AND {KEYS_SQL} AND e.{OFFSET} < "
+            f"d.{OFFSET} AND (e.state = %s OR (e.state IN (%s, %s) AND e.available_at > %s))))"
+        )
+        held_params = [subscription_id, INFLIGHT, PENDING, RETRY, now]
+        skip_locked = False
     skip = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
     # MATERIALIZED: PostgreSQL may otherwise rescan a LIMIT ... SKIP LOCKED subquery as part
     # of a join and lease more rows than asked for.
     ctes = (
-        f"picked AS MATERIALIZED (SELECT id AS picked_id FROM {DELIVERY} "
+        f"picked AS MATERIALIZED (SELECT id AS picked_id, available_at AS due FROM {DELIVERY} d "
         f"WHERE subscription_id = %s AND {UNFINISHED_SQL} AND state IN (%s, %s) "
-        f"AND available_at <= %s AND {NOT_PAUSED_SQL} "
+        f"AND available_at <= %s AND {NOT_PAUSED_SQL}{held_back} "
         f"ORDER BY {OFFSET} LIMIT %s{skip})"
     )
-    return ctes, [subscription_id, PENDING, RETRY, now, subscription_id, limit]
+    return ctes, [subscription_id, PENDING, RETRY, now, subscription_id, *held_params, limit]
 
 
-def _claim_update(in_picked: str) -> str:
+def _claim_update(in_picked: str, ready: str = "") -> str:
     """The claim's UPDATE of the picked rows, each found by its primary key (``in_picked``).
 
     Statistics of a table of acked rows say "about one unfinished row", so a join with the
     picked rows, or a state test the partial index answers, gets planned as a scan of all
     unfinished rows compared with each picked one: quadratic, 0.5 s a claim behind a
     backlog of 20,000. The state is re-checked (a concurrent ack or claim may have changed
-    it) in a form that index cannot answer.
+    it) in a form that index cannot answer. ``ready``: more SQL the update needs (a
+    batch's readiness).
     """
     return (
         f"UPDATE {DELIVERY} SET state = %s, attempts = attempts + 1, lease_token = %s, "
         f"lease_expires_at = %s, dispatcher_id = %s, updated_at = %s "
-        f"WHERE id {in_picked} AND state NOT IN (%s, %s, %s, %s) AND available_at <= %s "
+        f"WHERE id {in_picked} AND state NOT IN (%s, %s, %s, %s) AND available_at <= %s{ready} "
         f"RETURNING id, attempts, message_id"
     )

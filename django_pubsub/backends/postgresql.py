@@ -155,12 +155,13 @@ class PostgreSQLBackend(Backend):
             f"ORDER BY id FOR NO KEY UPDATE), "
             f"moved AS (UPDATE {SUBSCRIPTION} s SET position = LEAST((SELECT h FROM head), "
             f"subs.lo + %s) FROM subs WHERE s.id = subs.id RETURNING s.id, subs.lo, "
-            f"s.position AS hi), "
+            f"s.position AS hi, s.keyed), "
         )
         if not leases:
             sql = (
                 f"{moved}created AS (INSERT INTO {DELIVERY} ({DELIVERY_COLUMNS}) "
-                f"SELECT moved.id, m.id, m.{OFFSET}, %s, 0, %s, '[]', '', %s, %s "
+                f"SELECT moved.id, m.id, m.{OFFSET}, CASE WHEN moved.keyed THEN m.key END, "
+                f"%s, 0, %s, '[]', '', %s, %s "
                 f"FROM moved JOIN {MESSAGE} m ON m.topic_id = %s AND m.{OFFSET} >= moved.lo "
                 f"AND m.{OFFSET} < moved.hi ON CONFLICT DO NOTHING RETURNING 1) "
                 f"SELECT (SELECT count(*) FROM created), (SELECT max(hi) FROM moved)"
@@ -199,12 +200,12 @@ class PostgreSQLBackend(Backend):
         )
 
     @contextmanager
-    def claiming(self, ordered: bool) -> Iterator[Any]:
+    def claiming(self, locked: bool) -> Iterator[Any]:
         # An unordered claim is one statement, so its own transaction (outside an atomic
-        # block) is enough. An ordered one takes a lock first: they share one.
+        # block) is enough. An ordered or keyed one takes a lock first: they share one.
         connection = self.connection
         with (
-            transaction.atomic(using=connection.alias) if ordered else nullcontext(),
+            transaction.atomic(using=connection.alias) if locked else nullcontext(),
             connection.wrap_database_errors,
             self.bound_cursor() as cursor,
         ):
@@ -343,13 +344,14 @@ def _wanted(count: int) -> str:
 # operator's seek, another fan-out) is added to what the dispatcher asked for.
 _LEASING_FAN_OUT = (
     "wanted AS MATERIALIZED ({wanted}), "
-    f"fresh AS (SELECT moved.id AS sub, m.id AS mid, m.{OFFSET} AS o, w.token, "
+    f"fresh AS (SELECT moved.id AS sub, m.id AS mid, m.{OFFSET} AS o, "
+    f"CASE WHEN moved.keyed THEN m.key END AS k, w.token, "
     f"w.expires, row_number() OVER (PARTITION BY moved.id ORDER BY m.{OFFSET}) "
     f"<= COALESCE(w.lim, 0) AS leased FROM moved JOIN {MESSAGE} m "
     f"ON m.topic_id = %s AND m.{OFFSET} >= moved.lo AND m.{OFFSET} < moved.hi "
     f"LEFT JOIN wanted w ON w.sub = moved.id), "
     f"created AS (INSERT INTO {DELIVERY} ({DELIVERY_COLUMNS}, lease_token, lease_expires_at, "
-    f"dispatcher_id) SELECT sub, mid, o, CASE WHEN leased THEN %s ELSE %s END, "
+    f"dispatcher_id) SELECT sub, mid, o, k, CASE WHEN leased THEN %s ELSE %s END, "
     f"leased::int, %s, '[]', '', %s, %s, CASE WHEN leased THEN token END, "
     f"CASE WHEN leased THEN expires + (clock_timestamp() - statement_timestamp()) END, "
     f"CASE WHEN leased THEN %s::bigint END "

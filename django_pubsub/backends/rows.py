@@ -30,6 +30,9 @@ class Claimed(NamedTuple):
     key: str | None
     headers: dict[str, str]
     published_at: datetime
+    # Ended dead unrun by the claim (a keyed subscription whose key has a dead letter
+    # before it, on_dead="dead_letter_key"): not to run.
+    buried: bool = False
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Claimed:

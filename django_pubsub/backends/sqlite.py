@@ -129,12 +129,18 @@ class SQLiteBackend(Backend):
             low = self.locked_value(cursor, SUBSCRIPTION, subscription_id, "position")
             if low is None:
                 return 0  # deleted meanwhile
-            cursor.execute(f"SELECT next_offset FROM {TOPIC} WHERE id = %s", [topic_id])
-            (head,) = cursor.fetchone()
+            cursor.execute(
+                f"SELECT t.next_offset, s.keyed FROM {TOPIC} t, {SUBSCRIPTION} s "
+                f"WHERE t.id = %s AND s.id = %s",
+                [topic_id, subscription_id],
+            )
+            head, keyed = cursor.fetchone()
             high = min(head, low + batch)
             if high <= low:
                 return 0
-            created = self.create_deliveries(cursor, subscription_id, topic_id, low, high, now)
+            created = self.create_deliveries(
+                cursor, subscription_id, topic_id, low, high, now, keyed=bool(keyed)
+            )
             cursor.execute(
                 f"UPDATE {SUBSCRIPTION} SET position = %s WHERE id = %s", [high, subscription_id]
             )

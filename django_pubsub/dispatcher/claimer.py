@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db import Error
+from django.db import Error, router
 
+from .. import signals
 from ..backends import Lease
+from ..calling import pool_timeout
 from ..conf import pubsub_settings
 from ..models import Claimed, Delivery, Dispatcher, Subscription, Topic
 from .counts import Counts
@@ -91,7 +93,13 @@ class Claimer:
             # Its head is running here, or a timed-out run of it is still stuck in a
             # thread: nothing behind it (nor its own retry) may start until that ends.
             return 0
-        limit = chunks * self._chunk_size[sub.pk]
+        if sub.batch_size:
+            # A batch is a chunk; a batch of an ordered or keyed subscription is one claim,
+            # so that no two batches share an order.
+            in_order = sub.effective_ordered or sub.keyed
+            limit = (1 if in_order else chunks) * sub.batch_size
+        else:
+            limit = chunks * self._chunk_size[sub.pk]
         bound = sub.effective_max_inflight
         if bound is not None:
             limit = min(limit, bound - self.in_flight[sub.pk])
@@ -110,8 +118,10 @@ class Claimer:
         promised = 0
         if budget is not None and Topic.leases_at_fan_out():
             for sub in self.subscriptions.rotated(advance=False):
-                if sub.topic_id != topic_id or sub.effective_ordered:
+                if sub.topic_id != topic_id or sub.effective_ordered or sub.keyed:
                     continue  # an ordered run is claimed under its subscription's lock
+                if sub.batch_size:
+                    continue  # a batch's claim waits until the batch is ready
                 limit = self.limit(sub, budget, 1)
                 if budget.left is not None:
                     limit = min(limit, budget.left - promised)
@@ -163,23 +173,43 @@ class Claimer:
                 break
         return budget.claimed
 
+    def gathering_wait(self) -> float | None:
+        """The shortest batch_wait of the batch subscriptions here (None: none): the loop
+        looks again at least that often while one gathers."""
+        waits = [sub.batch_wait for sub in self.subscriptions if sub.batch_size and sub.batch_wait]
+        return min(waits) if waits else None
+
     def jobs(self, sub: Subscription, token: str, rows: list[Claimed], sent: float) -> list[Job]:
         """The handlers' jobs for deliveries leased by a statement sent at ``sent``
-        (time.monotonic()): their leases run out no sooner than a lease after that."""
+        (time.monotonic()): their leases run out no sooner than a lease after that.
+        Deliveries the claim buried (dead unrun) are reported, not run."""
         deadline = sent + sub.effective_lease
-        handler, timeout = self.subscriptions.handler(sub.pk), sub.effective_timeout
-        return [
-            Job(
-                row.delivery_id,
-                token,
-                sub.pk,
-                handler_message(sub, row),
-                handler,
-                deadline,
-                timeout,
-            )
-            for row in rows
-        ]
+        handler = self.subscriptions.handler(sub.pk)
+        timeout = pool_timeout(self.subscriptions.declared(sub.pk), sub.effective_timeout)
+        jobs = []
+        for row in rows:
+            if row.buried:
+                self._report_buried(sub, row)
+                continue
+            order = "" if sub.effective_ordered else row.key if sub.keyed else None
+            message = handler_message(sub, row)
+            job = Job(row.delivery_id, token, sub.pk, message, handler, deadline, timeout)
+            job.order = order
+            jobs.append(job)
+        return jobs
+
+    def _report_buried(self, sub: Subscription, row: Claimed) -> None:
+        self.counts.dead += 1
+        logger.error(
+            "delivery id=%s subscription=%s key=%s dead-lettered unrun: an earlier message "
+            "of its key is dead (on_dead=dead_letter_key)",
+            row.delivery_id,
+            sub.name,
+            row.key,
+        )
+        error = f"an earlier message of key {row.key!r} is dead (on_dead=dead_letter_key)"
+        message = handler_message(sub, row)
+        signals.send(signals.dead_lettered, Subscription, message=message, error=error)
 
     def _failed_claim(self) -> None:
         """A claim commits on its own: if it, or reading what it leased, failed (a lost
@@ -190,29 +220,41 @@ class Claimer:
 
     def _hand_out(self, jobs: list[Job], chunks: int, budget: Budget) -> None:
         """Hand claimed jobs to the pool, spread over as many idle workers as there are
-        deliveries, up to ``chunks``; an ordered run goes to one worker whole.
+        deliveries, up to ``chunks``: an ordered run to one worker whole, each key's run
+        to one worker, a batch subscription's jobs a batch per worker.
 
         Only after the claim committed: none runs on a lease that rolled back."""
         if not jobs:
             return
         sub = self.subscriptions[jobs[0].subscription_id]
-        parts = 1 if sub.effective_ordered else min(chunks, len(jobs))
-        for part in range(parts):
-            chunk = jobs[part::parts]
-            self.in_flight[sub.pk] += len(chunk)
-            self.counts.claimed += len(chunk)
-            # An ordered run acks message n before n + 1 starts, even across a crash.
-            self.pool.submit(Chunk(chunk, ack=self._ack_one if sub.effective_ordered else None))
-        budget.free -= parts
+        in_order = sub.effective_ordered or sub.keyed
+        atomic = router.db_for_write(Delivery) if sub.delivery == "transactional" else None
+        ack = self._ack_jobs if in_order or atomic else None
+        if sub.batch_size:
+            parts = [jobs[at : at + sub.batch_size] for at in range(0, len(jobs), sub.batch_size)]
+        elif sub.keyed:
+            parts = by_key(jobs, chunks)
+        else:
+            count = 1 if sub.effective_ordered else min(chunks, len(jobs))
+            parts = [jobs[part::count] for part in range(count)]
+        for part in parts:
+            self.in_flight[sub.pk] += len(part)
+            self.counts.claimed += len(part)
+            chunk = Chunk(
+                part, ack=ack, in_order=in_order, atomic=atomic, batch=bool(sub.batch_size)
+            )
+            self.pool.submit(chunk)
+        budget.free -= len(parts)
         budget.claimed += len(jobs)
         # Let the workers start now. They need the interpreter's lock to run a handler,
         # and would otherwise wait for this thread's next query to release it.
         time.sleep(0)
 
-    def _ack_one(self, job: Job) -> bool:
-        """Ack one delivery from its worker thread, on that thread's connection."""
-        ids, token, now = [job.delivery_id], job.token, self.clock()
-        return bool(Delivery.objects.ack(ids, token=token, now=now, lazy=True))
+    def _ack_jobs(self, jobs: list[Job]) -> set[int]:
+        """Ack deliveries of one claim from a worker thread, on that thread's connection
+        (inside a transactional handler's transaction, in it)."""
+        ids, token, now = [job.delivery_id for job in jobs], jobs[0].token, self.clock()
+        return set(Delivery.objects.ack(ids, token=token, now=now, lazy=True))
 
     def give_back_orphans(self, *, quietly: bool = False) -> None:
         """Give back, attempt and all, what is leased to this dispatcher and held by no
@@ -260,3 +302,19 @@ class Claimer:
         cap = max(1, MAX_HELD // self.workers)
         size = min(2 * self._chunk_size[sub_id], fits, pubsub_settings.batch_size, cap)
         self._chunk_size[sub_id] = max(1, size)
+
+
+def by_key(jobs: list[Job], chunks: int) -> list[list[Job]]:
+    """A keyed claim's jobs (in offset order) as at most ``chunks`` chunks: each key's run
+    whole in one chunk (a job without a key is a run of its own), the runs spread so the
+    chunks are about even, and in each chunk the keys take turns (the first of every key,
+    then the second...), so one statement acks a turn."""
+    runs: dict[object, list[Job]] = {}
+    for job in jobs:
+        runs.setdefault(job.order if job.order is not None else object(), []).append(job)
+    count = max(1, min(chunks, len(runs)))
+    parts: list[list[tuple[int, int, Job]]] = [[] for _ in range(count)]
+    for run in sorted(runs.values(), key=len, reverse=True):
+        part = min(parts, key=len)
+        part += ((turn, job.message.offset, job) for turn, job in enumerate(run))
+    return [[job for _, _, job in sorted(part, key=lambda t: t[:2])] for part in parts if part]

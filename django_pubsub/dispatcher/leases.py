@@ -135,22 +135,31 @@ class Recovery:
 
         An ordered run is an exception: its worker ran it in offset order and acked each
         message before starting the next, so only the subscription's lowest unfinished
-        offset can have started. That one is failed; the rest are given back with their
-        attempt returned, so crashes do not use up the attempts of messages that never ran.
+        offset can have started (of a keyed one: each key's lowest). That one is failed;
+        the rest are given back with their attempt returned, so crashes do not use up the
+        attempts of messages that never ran. (A batch ran all of its messages at once: all
+        of them are failed.)
         """
         count = 0
-        rows = deliveries.values_list("id", "lease_token", "subscription_id", "attempts", "offset")
-        heads: dict[int, int | None] = {}
+        columns = ("id", "lease_token", "subscription_id", "attempts", "offset", "key")
+        rows = deliveries.values_list(*columns)
+        heads: dict[tuple[int, str | None], int | None] = {}
         unstarted: dict[str, list[int]] = defaultdict(list)
-        for delivery_id, leased_to, sub_id, attempt, offset in rows[: pubsub_settings.batch_size]:
+        for delivery_id, leased_to, sub_id, attempt, offset, key in rows[
+            : pubsub_settings.batch_size
+        ]:
             token = leased_to or ""  # inflight: always leased
             sub = self.subscriptions.get(sub_id) or Subscription.objects.get(pk=sub_id)
-            if sub.effective_ordered:
-                if sub_id not in heads:
+            in_order = sub.effective_ordered or (sub.keyed and key is not None)
+            if in_order and not sub.batch_size:
+                order = (sub_id, key if sub.keyed else None)
+                if order not in heads:
                     # From the database, not from these rows: they may be part of a run.
-                    head = Delivery.objects.heads(sub_id).values_list("offset", flat=True)
-                    heads[sub_id] = head.first()
-                if offset != heads[sub_id]:
+                    head = Delivery.objects.heads(sub_id)
+                    if sub.keyed:
+                        head = head.filter(key=key)
+                    heads[order] = head.values_list("offset", flat=True).first()
+                if offset != heads[order]:
                     unstarted[token].append(delivery_id)
                     continue
             state = Delivery.objects.filter(still).fail(

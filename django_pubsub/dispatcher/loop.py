@@ -31,6 +31,7 @@ from ..sync import sync_subscriptions
 from .claimer import Claimer
 from .counts import Counts
 from .heartbeat import Heartbeat, Keeping
+from .keywatch import KeyWatch
 from .leases import LeaseKeeper, Recovery
 from .outcomes import OutcomeRecorder
 from .pruner import Pruner
@@ -55,6 +56,7 @@ class Parts:
     keeping: Keeping
     waker: Waker | None
     pruner: Pruner
+    keys: KeyWatch
 
 
 class DispatchLoop:
@@ -71,6 +73,7 @@ class DispatchLoop:
         clock: Clock = timezone.now,
         rand: Random = random.random,
         handle_signals: bool = True,
+        key_blocked_after: float | object | None = ...,
     ) -> None:
         self.workers = workers or pubsub_settings.workers
         self.poll_interval = poll_interval or pubsub_settings.poll_interval
@@ -83,6 +86,8 @@ class DispatchLoop:
         self.clock = clock
         self.rand = rand
         self.handle_signals = handle_signals
+        # Ellipsis: the KEY_BLOCKED_AFTER setting.
+        self.key_blocked_after = key_blocked_after
         self.counts = Counts()
         self.subscriptions = Subscriptions(subscriptions)
         self.parts: Parts | None = None
@@ -195,7 +200,12 @@ class DispatchLoop:
         waker = backends.get().start_waker(self._wake.set)
         pruner = Pruner(clock)
         pruner.start()
-        return Parts(row, pool, claimer, outcomes, recovery, keeping, waker, pruner)
+        after = self.key_blocked_after
+        if after is ...:
+            after = pubsub_settings.key_blocked_after
+        assert after is None or isinstance(after, int | float)
+        keys = KeyWatch(subs, after, clock)
+        return Parts(row, pool, claimer, outcomes, recovery, keeping, waker, pruner, keys)
 
     def step(self) -> bool:
         """One pass; True if it did something (so the next should follow at once)."""
@@ -219,6 +229,7 @@ class DispatchLoop:
         # Recovery comes last: first in a pass woken by a commit, it would stand between
         # that commit and its handler.
         progressed |= parts.recovery.run(self.clock()) > 0
+        parts.keys.look()
         return progressed
 
     def _topics_to_fan_out(self, sequenced: dict[int, int]) -> list[int]:
@@ -273,7 +284,8 @@ class DispatchLoop:
                 logger.info("idle, exiting")
                 return
             if not progressed:
-                self._wake.wait(self.poll_interval)
+                gathering = self._parts().claimer.gathering_wait()
+                self._wake.wait(min(self.poll_interval, gathering or self.poll_interval))
 
     def _reached_max_messages(self) -> bool:
         """Claimed --max-messages deliveries and recorded all of them (acked, failed, or

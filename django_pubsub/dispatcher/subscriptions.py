@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils.module_loading import import_string
 
+from ..calling import as_sync
 from ..exceptions import HandlerImportError
 from ..message import Message
 from ..models import Delivery, Subscription
@@ -35,6 +36,7 @@ class Subscriptions:
         self.only = list(only) if only else None
         self._rows: dict[int, Subscription] = {}
         self._handlers: dict[int, Handler] = {}
+        self._declared: dict[int, Any] = {}
         self.unloaded: dict[int, Subscription] = {}
         # Imports retried so far, and when the next retry is due (time.monotonic()).
         self.imports_retried = 0
@@ -56,7 +58,13 @@ class Subscriptions:
         return self._rows.get(pk)
 
     def handler(self, pk: int) -> Handler:
+        """The subscription's handler as a plain function of one argument (an async one
+        wrapped to run to its end, cancelled at its timeout)."""
         return self._handlers[pk]
+
+    def declared(self, pk: int) -> Any:
+        """The handler function as declared (a def or an async def)."""
+        return self._declared[pk]
 
     def load(self) -> None:
         """Read the rows (after a sync) and import their handlers. Refuses unknown or
@@ -95,7 +103,8 @@ class Subscriptions:
                 "import it."
             ) from exc
         self._rows[sub.pk] = sub
-        self._handlers[sub.pk] = handler
+        self._declared[sub.pk] = handler
+        self._handlers[sub.pk] = as_sync(handler, sub.effective_timeout)
 
     def retry_imports_soon(self) -> None:
         """Have the next pass try the handlers that did not import (a test, an operator
@@ -154,10 +163,21 @@ class Subscriptions:
         due_or_running = Q(state=Delivery.State.INFLIGHT) | Q(
             state__in=Delivery.WAITING, available_at__lte=horizon
         )
+        unfinished = Delivery.objects.unfinished()
+        # A keyed subscription's due row counts only at the head of its key.
+        earlier = unfinished.filter(
+            subscription_id=OuterRef("subscription_id"),
+            key=OuterRef("key"),
+            offset__lt=OuterRef("offset"),
+        )
+        keyed = {pk for pk in unordered if self._rows[pk].keyed}
+        not_behind = Q(key__isnull=True) | ~Exists(earlier)
         if (
-            Delivery.objects.unfinished()
-            .filter(subscription_id__in=unordered)
+            unfinished.filter(subscription_id__in=[pk for pk in unordered if pk not in keyed])
             .filter(due_or_running)
+            .exists()
+            or unfinished.filter(subscription_id__in=keyed)
+            .filter(Q(state=Delivery.State.INFLIGHT) | (due_or_running & not_behind))
             .exists()
         ):
             return True

@@ -5,8 +5,13 @@ keep a process that was told to exit at once alive. Daemon threads die with the 
 
 The dispatcher hands over *chunks*: the deliveries of one claim, for one subscription, which
 one thread runs one after the other. Handing over one delivery at a time would cost a thread
-wake-up per message. A chunk of an ordered subscription stops at its first failure; the rest
-of it comes back unstarted, so nothing behind a failed message runs first.
+wake-up per message. In a chunk of an ordered or keyed subscription each job has an
+*order* (the subscription's one order, or its message's key): a job starts only once the
+one before it in its order is acked, and a failure hands the rest of its order back
+unstarted, so nothing behind a failed message runs first; other orders go on. Jobs of
+several keys take turns, so the acks of one turn are written in one statement. A batch
+subscription's chunk is one call of its handler with every message of the chunk. A
+transactional subscription's handler runs in a transaction that its ack commits.
 
 A job is always in one place: queued (in a chunk not yet finished), running, or finished (an
 outcome); a timed-out job is both stuck and, as its timeout failure, finished. Jobs move
@@ -29,13 +34,14 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from django.db import close_old_connections, connections
+from django.db import close_old_connections, connections, transaction
 
 from .. import signals
+from ..exceptions import BatchFailure
 from ..message import Message
 
 logger = logging.getLogger("django_pubsub.dispatcher.workers")
@@ -44,6 +50,8 @@ if TYPE_CHECKING:
     from ..models import Claimed, Subscription
 
 T = TypeVar("T")
+# Chunk.take_rest(): every order.
+ALL = object()
 
 
 @dataclass(eq=False)
@@ -52,7 +60,7 @@ class Job:
     token: str
     subscription_id: int
     message: Message
-    handler: Callable[[Message], Any]
+    handler: Callable[[Any], Any]  # a message, or a batch's list of them
     # time.monotonic() when its lease runs out, as far as this process knows (the row's
     # lease_expires_at is the database's word): the lease keeper extends it before then.
     lease_deadline: float = 0.0
@@ -60,6 +68,9 @@ class Job:
     timeout: float | None = None
     started: float | None = None
     chunk: Chunk | None = None
+    # The order it keeps within its chunk (an ordered subscription's one order, or its
+    # message's key): None, none.
+    order: str | None = None
 
 
 def handler_message(sub: Subscription, row: Claimed) -> Message:
@@ -75,6 +86,7 @@ def handler_message(sub: Subscription, row: Claimed) -> Message:
         attempt=row.attempt,
         subscription=sub.name,
         delivery_id=row.delivery_id,
+        delivery=sub.delivery,
     )
 
 
@@ -89,25 +101,41 @@ def by_token(items: Iterable[T], token: Callable[[T], str]) -> dict[str, list[T]
 
 @dataclass(eq=False)
 class Chunk:
-    """Jobs of one claim that one thread runs in order: jobs[next:end] are still to start."""
+    """Jobs of one claim that one thread runs: jobs[next:end] are still to start."""
 
     jobs: list[Job]
-    # An ordered subscription's chunk: called after each successful handler, before the
-    # next starts; True if it recorded the ack. The chunk stops at the first failure or
-    # failed ack, and the rest of it comes back unstarted.
-    ack: Callable[[Job], bool] | None = None
+    # Writes the acks of jobs whose handler returned; the ids it acked. Set, the worker
+    # acks them itself (an ordered or keyed chunk's, before the next job of the same
+    # order starts; a transactional one's, inside its transaction). Unset, the dispatcher
+    # acks what the chunk finished.
+    ack: Callable[[list[Job]], set[int]] | None = None
+    # Its jobs keep their orders (Job.order).
+    in_order: bool = False
+    # The database alias a transactional handler's transaction is on; None: none.
+    atomic: str | None = None
+    # One call of the handler with every job's message.
+    batch: bool = False
     next: int = 0
     end: int = 0
+    # Outcomes of handlers that returned, whose ack waits for the turn's end.
+    deferred: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.end = len(self.jobs)
         for job in self.jobs:
             job.chunk = self
 
-    def take_rest(self) -> list[Job]:
+    def take_rest(self, order: object = ALL) -> list[Job]:
+        """Remove and return the jobs not started: all of them, or those of ``order``."""
         rest = self.jobs[self.next : self.end]
-        self.end = self.next
-        return rest
+        if order is ALL:
+            self.end = self.next
+            return rest
+        taken = [job for job in rest if job.order == order]
+        kept = [job for job in rest if job.order != order]
+        self.jobs[self.next : self.end] = kept
+        self.end = self.next + len(kept)
+        return taken
 
 
 @dataclass(eq=False)
@@ -125,6 +153,11 @@ class Outcome:
     duration: float = 0.0
     # Acked: by the worker (Chunk.ack), or once the dispatcher has recorded it.
     acked: bool = False
+
+    @property
+    def deferrable(self) -> bool:
+        """A handler that returned and whose ack is still to write."""
+        return self.error is None and not self.acked and not self.unstarted
 
 
 class WorkerPool:
@@ -198,6 +231,7 @@ class WorkerPool:
             for _ in range(missing):
                 self._start_thread()
             frames = sys._current_frames()
+            replaced: set[threading.Thread] = set()
             for key, (job, thread) in list(self._running.items()):
                 if job.timeout is None or job.started is None:
                     continue
@@ -211,10 +245,15 @@ class WorkerPool:
                 )
                 outcome = Outcome(job, error, frees_slot=False, duration=now - job.started)
                 self._outcomes.append(outcome)
-                if job.chunk is not None:
-                    self._active.discard(job.chunk)
-                    self._outcomes += (Outcome(j, unstarted=True) for j in job.chunk.take_rest())
-                self._start_thread()
+                chunk = job.chunk
+                if chunk is not None:
+                    self._active.discard(chunk)
+                    self._outcomes += (Outcome(j, unstarted=True) for j in chunk.take_rest())
+                    # Handlers of other orders that returned: the dispatcher acks them.
+                    self._outcomes += self._undefer(chunk)
+                if thread not in replaced:  # a batch's jobs share one thread
+                    replaced.add(thread)
+                    self._start_thread()
                 timed_out.append((outcome, frames.get(thread.ident or -1)))
         # Formatting reads source files: not under the lock the workers need. Only the
         # dispatcher's thread, which is this one, takes outcomes, so filling this in after
@@ -260,6 +299,8 @@ class WorkerPool:
         """
         with self._lock:
             self._closed = self._stopping = True
+            for chunk in self._active:
+                self._outcomes += self._undefer(chunk)
             outcomes, self._outcomes = self._outcomes, []
             running = [job for job, _ in self._running.values()]
             running += self._acking.values()
@@ -284,74 +325,216 @@ class WorkerPool:
         finally:
             connections.close_all()
 
+    def _undefer(self, chunk: Chunk) -> list[Outcome]:
+        """Under the lock: the chunk's handlers that returned and wait for their ack,
+        handed over to be acked by the dispatcher."""
+        deferred, chunk.deferred = chunk.deferred, []
+        for outcome in deferred:
+            self._acking.pop(id(outcome.job), None)
+        return deferred
+
     def _run_chunk(self, chunk: Chunk) -> bool:
-        """Run the chunk's jobs in order; True if this thread is left stuck in one."""
+        """Run the chunk's jobs; True if this thread is left stuck in one."""
         # Like a request: a handler gets usable connections and leaves none broken behind.
         close_old_connections()
         try:
+            if chunk.batch:
+                return self._run_batch(chunk)
             while True:
                 with self._lock:
                     if chunk.next >= chunk.end:
-                        self._active.discard(chunk)
-                        return False
+                        break
                     job = chunk.jobs[chunk.next]
+                    waits = any(o.job.order == job.order for o in chunk.deferred)
+                if waits and job.order is not None:
+                    # The one before it in its order returned: ack that turn first.
+                    self._flush(chunk)
+                    continue
+                with self._lock:
+                    if chunk.next >= chunk.end or chunk.jobs[chunk.next] is not job:
+                        continue  # handed back meanwhile (a timeout, a shutdown)
                     chunk.next += 1
                     job.started = time.monotonic()
                     self._running[id(job)] = (job, threading.current_thread())
-                outcome = self._run(job)
+                outcome = self._run(job, chunk)
                 if outcome.error is not None:
                     close_old_connections()  # the failure may have broken a connection
-                elif chunk.ack is not None:
-                    with self._lock:
-                        # Not if it timed out meanwhile: that was reported as a failure.
-                        acking = self._running.pop(id(job), None) is not None
-                        if acking:
-                            self._acking[id(job)] = job
-                    if acking:
-                        outcome.acked = self._ack(chunk.ack, job)
                 with self._lock:
                     timed_out = self._stuck.pop(id(job), None) is not None
                     self._running.pop(id(job), None)
-                    self._acking.pop(id(job), None)
                     outcome.late = timed_out
                     if self._closed:
                         return timed_out
-                    self._outcomes.append(outcome)
                     if timed_out:
+                        self._outcomes.append(outcome)
                         return True  # time_out() handed the rest of the chunk back
-                    if chunk.ack is not None and not outcome.acked:
-                        self._outcomes += (Outcome(j, unstarted=True) for j in chunk.take_rest())
+                    if chunk.ack is not None and chunk.in_order and outcome.deferrable:
+                        self._acking[id(job)] = job  # still ours until acked
+                        chunk.deferred.append(outcome)
+                        continue
+                    self._outcomes.append(outcome)
+                    if chunk.in_order and outcome.error is not None:
+                        self._hand_back(chunk.take_rest(job.order))
+            self._flush(chunk)
+            with self._lock:
+                self._active.discard(chunk)
+            return False
         finally:
             close_old_connections()
 
-    @staticmethod
-    def _ack(ack: Callable[[Job], bool], job: Job) -> bool:
+    def _hand_back(self, jobs: list[Job]) -> None:
+        """Under the lock: jobs that will not start here, to be given back."""
+        self._outcomes += (Outcome(job, unstarted=True) for job in jobs)
+
+    def _flush(self, chunk: Chunk) -> None:
+        """Ack the chunk's handlers that returned, in one statement; a job whose ack was
+        not recorded hands the rest of its order back (the dispatcher records it)."""
+        with self._lock:
+            deferred, chunk.deferred = chunk.deferred, []  # kept in _acking meanwhile
+        if not deferred:
+            return
+        assert chunk.ack is not None
+        acked = self._ack(chunk.ack, [outcome.job for outcome in deferred])
+        with self._lock:
+            for outcome in deferred:
+                self._acking.pop(id(outcome.job), None)
+                outcome.acked = outcome.job.delivery_id in acked
+            if self._closed:
+                return
+            self._outcomes += deferred
+            for outcome in deferred:
+                if not outcome.acked:
+                    self._hand_back(chunk.take_rest(outcome.job.order))
+
+    def _run_batch(self, chunk: Chunk) -> bool:
+        """One handler call with every message of the chunk; True if it left this thread
+        stuck."""
+        with self._lock:
+            jobs = chunk.jobs[chunk.next : chunk.end]
+            chunk.next = chunk.end
+            started = time.monotonic()
+            for job in jobs:
+                job.started = started
+                self._running[id(job)] = (job, threading.current_thread())
+        outcomes = self._call_batch(jobs, chunk)
+        if any(outcome.error is not None for outcome in outcomes):
+            close_old_connections()
+        with self._lock:
+            timed_out = False
+            for outcome in outcomes:
+                late = self._stuck.pop(id(outcome.job), None) is not None
+                self._running.pop(id(outcome.job), None)
+                outcome.late = late
+                timed_out |= late
+            if self._closed:
+                return timed_out
+            self._outcomes += outcomes
+            self._active.discard(chunk)
+            return timed_out
+
+    def _call_batch(self, jobs: list[Job], chunk: Chunk) -> list[Outcome]:
+        from ..models import Subscription
+
+        for job in jobs:
+            signals.send(signals.delivery_started, Subscription, message=job.message)
+        messages = [job.message for job in jobs]
+        started = time.monotonic()
+        failed: dict[int, tuple[str, str]] = {}
+        acked: set[int] = set()
         try:
-            return ack(job)
+            with transaction.atomic(using=chunk.atomic) if chunk.atomic else _nothing():
+                jobs[0].handler(messages)
+                if chunk.atomic:
+                    acked = self._ack_all(chunk, jobs)
+        except BatchFailure as exc:
+            trace = formatted_traceback()
+            for message_id, why in exc.failed.items():
+                error = why if isinstance(why, str) else describe(why or exc)  # type: ignore[arg-type]
+                failed[message_id] = (error, trace)
+            if chunk.atomic:  # rolled back: none of it happened
+                failed = {
+                    job.message.id: failed.get(job.message.id, (describe(exc), trace))
+                    for job in jobs
+                }
+        except BaseException as exc:  # a handler's failure is data here
+            error, trace = describe(exc), formatted_traceback()
+            failed = {job.message.id: (error, trace) for job in jobs}
+        duration = time.monotonic() - started
+        outcomes = []
+        behind: dict[str | None, int] = {}
+        for job in jobs:
+            own = failed.get(job.message.id)
+            if own is None and chunk.in_order and job.order in behind:
+                first = behind[job.order]
+                own = (f"BatchFailure: behind failed message {first} of its batch", "")
+            if own is not None:
+                if chunk.in_order:
+                    behind.setdefault(job.order, job.message.id)
+                outcomes.append(Outcome(job, own[0], own[1], duration=duration))
+            else:
+                outcomes.append(Outcome(job, duration=duration, acked=job.delivery_id in acked))
+        if chunk.ack is not None and not chunk.atomic:
+            done = [o for o in outcomes if o.error is None]
+            if done:
+                acked = self._ack(chunk.ack, [o.job for o in done])
+                for outcome in done:
+                    outcome.acked = outcome.job.delivery_id in acked
+        return outcomes
+
+    @staticmethod
+    def _ack_all(chunk: Chunk, jobs: list[Job]) -> set[int]:
+        """Inside a transactional handler's transaction: ack its jobs, or roll it all back
+        if any lease was lost (another run of it may commit instead)."""
+        assert chunk.ack is not None
+        acked = chunk.ack(jobs)
+        if len(acked) < len(jobs):
+            raise LeaseLost("lease lost before the handler's transaction committed; rolled back")
+        return acked
+
+    @staticmethod
+    def _ack(ack: Callable[[list[Job]], set[int]], jobs: list[Job]) -> set[int]:
+        try:
+            return ack(jobs)
         except Exception:
             # The dispatcher records it instead (and retries while the database is away).
             logger.warning(
-                "delivery id=%s: ack from the worker failed; the dispatcher records it",
-                job.delivery_id,
+                "deliveries id=%s: ack from the worker failed; the dispatcher records it",
+                ",".join(str(job.delivery_id) for job in jobs),
                 exc_info=logger.isEnabledFor(logging.DEBUG),
             )
             close_old_connections()
-            return False
+            return set()
 
-    @staticmethod
-    def _run(job: Job) -> Outcome:
+    @classmethod
+    def _run(cls, job: Job, chunk: Chunk) -> Outcome:
         from ..models import Subscription
 
         signals.send(signals.delivery_started, Subscription, message=job.message)
         started = time.monotonic()
+        acked = False
         try:
-            job.handler(job.message)
+            if chunk.atomic:
+                with transaction.atomic(using=chunk.atomic):
+                    job.handler(job.message)
+                    acked = bool(cls._ack_all(chunk, [job]))
+            else:
+                job.handler(job.message)
         except BaseException as exc:  # a handler's failure is data here
             outcome = Outcome(job, error=describe(exc), traceback=formatted_traceback())
         else:
-            outcome = Outcome(job)
+            outcome = Outcome(job, acked=acked)
         outcome.duration = time.monotonic() - started
         return outcome
+
+
+class LeaseLost(Exception):
+    """A transactional handler's ack found its lease gone: its transaction rolls back."""
+
+
+def _nothing() -> Any:
+    from contextlib import nullcontext
+
+    return nullcontext()
 
 
 def describe(exc: BaseException) -> str:

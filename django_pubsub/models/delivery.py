@@ -62,17 +62,28 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         now: datetime,
         token: str,
         dispatcher_id: int | None,
+        gather: bool = True,
     ) -> list[Claimed]:
         """Lease up to ``limit`` due deliveries; return them with their messages, in offset
-        order (an ordered subscription: a run from its head, under its row lock).
+        order (an ordered subscription: a run from its head, under its row lock; a keyed
+        one: a run from each key's head). A batch subscription's claim leases nothing
+        until a batch is full or has waited its ``batch_wait`` (unless not ``gather``:
+        drain() takes what is due). Rows a keyed subscription
+        buries (``on_dead="dead_letter_key"``) come back ``buried``: not to run.
 
         The attempt counts here because the dispatcher claims no more than its idle workers
         start within moments (a chunk each, of about CHUNK_SECONDS of handler time), and one
         given back unstarted has its attempt returned (``give_back``).
         """
+        batch = None
+        if subscription.batch_size and gather:
+            batch = (subscription.batch_size, subscription.effective_batch_wait)
         return backends.get(self.db).claim(
             subscription.pk,
             ordered=subscription.effective_ordered,
+            keyed=subscription.keyed,
+            buries=subscription.buries_keys,
+            batch=batch,
             limit=limit,
             now=now,
             lease=subscription.effective_lease,
@@ -308,6 +319,9 @@ class Delivery(models.Model):
     message = models.ForeignKey("Message", on_delete=models.PROTECT, related_name="deliveries")
     # The message's offset, copied so the claim reads one table in log order.
     offset = models.BigIntegerField()
+    # The message's key, copied for subscriptions ordered by key only (NULL otherwise), so
+    # the claim finds each key's head in one index that other subscriptions never write.
+    key = models.CharField(max_length=255, null=True, blank=True, editable=False)  # noqa: DJ001
     state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
     # Handler starts so far.
     attempts = models.PositiveIntegerField(default=0)
@@ -352,6 +366,13 @@ class Delivery(models.Model):
                 fields=["lease_expires_at"],
                 condition=Q(state="inflight"),
                 name="pubsub_delivery_leases",
+            ),
+            # A keyed claim's question "does anything earlier of this key hold it back?"
+            # (dead rows included: a dead head may dead-letter the rest of its key).
+            models.Index(
+                fields=["subscription", "key", "offset"],
+                condition=Q(key__isnull=False, state__in=["pending", "retry", "inflight", "dead"]),
+                name="pubsub_delivery_keys",
             ),
         ]
 
@@ -409,13 +430,17 @@ class Delivery(models.Model):
                 f"Waiting to retry at {_local(self.available_at)} "
                 f"(attempt {self.attempts + 1} of {sub.effective_max_attempts})."
             )
-        if sub.effective_ordered:
+        if sub.effective_ordered or (sub.keyed and self.key is not None):
             ahead = Delivery.objects.heads(self.subscription_id).filter(offset__lt=self.offset)
-            head = ahead.first()
+            head = ahead.filter(key=self.key).first() if sub.keyed else ahead.first()
             if head is not None:
+                retry = ""
+                if head.state == Delivery.State.RETRY:
+                    retry = f", retrying at {_local(head.available_at)}"
+                order = f" of key {self.key!r}" if sub.keyed else ""
                 return (
-                    f"Ordered: waits behind message {head.message_id} (offset {head.offset}, "
-                    f"{head.state})."
+                    f"Ordered: waits behind message {head.message_id}{order} (offset "
+                    f"{head.offset}, {head.state}{retry})."
                 )
         if not Dispatcher.objects.heartbeating(now).exists():
             return "Due now, but no dispatcher is running."

@@ -20,6 +20,7 @@ from ..backends import padded_ids
 from ..backends.base import SUBSCRIPTION
 from ..conf import START_CHOICES, pubsub_settings
 from ..exceptions import ActionRefused, InvalidSeek
+from ..registry import DELIVERY_CHOICES, ON_DEAD_CHOICES
 from ..retry import Backoff
 from ..states import ENDED, WAITING
 from .delivery import Delivery
@@ -34,6 +35,27 @@ class Subscription(models.Model):
     handler = models.CharField(max_length=300, help_text="Dotted path of the handler function.")
     # The declaration's options; NULL means the PUBSUB setting applies when the dispatcher runs.
     ordered = models.BooleanField(null=True, blank=True)
+    # ordered="key": one order per message key (``ordered`` is then NULL and ignored).
+    keyed = models.BooleanField(default=False, db_default=False)
+    on_dead = models.CharField(
+        max_length=20,
+        choices=[(choice, choice) for choice in ON_DEAD_CHOICES],
+        default="continue",
+        db_default="continue",
+        help_text="Keyed: what a dead head does to the rest of its key.",
+    )
+    delivery = models.CharField(
+        max_length=20,
+        choices=[(choice, choice) for choice in DELIVERY_CHOICES],
+        default="at_least_once",
+        db_default="at_least_once",
+    )
+    batch_size = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Set: the handler takes a list of messages."
+    )
+    batch_wait = models.FloatField(
+        null=True, blank=True, help_text="Seconds a batch may gather before it runs."
+    )
     max_attempts = models.PositiveIntegerField(null=True, blank=True)
     lease = models.FloatField(null=True, blank=True, help_text="Lease in seconds.")
     timeout = models.FloatField(
@@ -67,10 +89,31 @@ class Subscription(models.Model):
 
     @property
     def effective_ordered(self) -> bool:
+        """One order for the whole subscription (not per key)."""
+        if self.keyed:
+            return False
         return pubsub_settings.ordered if self.ordered is None else self.ordered
 
     @property
+    def ordering(self) -> str:
+        """How its messages are ordered: "key", "subscription" or "none"."""
+        if self.keyed:
+            return "key"
+        return "subscription" if self.effective_ordered else "none"
+
+    @property
+    def buries_keys(self) -> bool:
+        """Keyed, and a dead head dead-letters what follows it in its key."""
+        return self.keyed and self.on_dead == "dead_letter_key"
+
+    @property
+    def effective_batch_wait(self) -> float:
+        return self.batch_wait or 0.0
+
+    @property
     def effective_max_attempts(self) -> int:
+        if self.delivery == "at_most_once":
+            return 1
         return self.max_attempts or pubsub_settings.max_attempts
 
     @property
@@ -89,6 +132,16 @@ class Subscription(models.Model):
     def effective_max_inflight(self) -> int | None:
         """Most deliveries in flight at once in one process; None: only the pool bounds it."""
         return self.max_inflight or pubsub_settings.max_inflight
+
+    def copy_keys(self, *, using: str = "default") -> int:
+        """Copy the message keys into its unfinished deliveries once it is ordered by key
+        (its backlog then keeps each key's order too), or clear them once it is not; how
+        many rows changed."""
+        rows = Delivery.objects.using(using).unfinished().filter(subscription_id=self.pk)
+        if not self.keyed:
+            return rows.filter(key__isnull=False).update(key=None)
+        keys = Message.objects.using(using).filter(pk=models.OuterRef("message_id"))
+        return rows.update(key=models.Subquery(keys.values("key")[:1]))
 
     def pause(self, now: datetime | None = None) -> bool:
         """Stop claiming its deliveries (those running finish); False if already paused."""
@@ -215,7 +268,7 @@ class Subscription(models.Model):
                 high = min(low + batch, position)
                 with transaction.atomic(using=using), backend.connection.cursor() as cursor:
                     replayed += backend.create_deliveries(
-                        cursor, self.pk, self.topic_id, low, high, now
+                        cursor, self.pk, self.topic_id, low, high, now, keyed=self.keyed
                     )
         finally:
             if held:

@@ -23,6 +23,8 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from ..calling import as_sync
+from ..exceptions import BatchFailure
 from ..message import Message
 
 if TYPE_CHECKING:
@@ -109,13 +111,14 @@ def drain(
     Timeouts are not enforced: the handler runs in the test's thread.
     """
     from ..conf import pubsub_settings
+    from ..dispatcher.workers import handler_message
     from ..models import Delivery, Topic
     from ..sync import sync_subscriptions
 
     clock = clock or timezone.now
     sync_subscriptions(using=using)
     subs = _chosen(subscriptions, using)
-    handlers = {sub.pk: import_string(sub.handler) for sub in subs}
+    handlers = {sub.pk: as_sync(import_string(sub.handler), sub.effective_timeout) for sub in subs}
     batch = pubsub_settings.batch_size
     done = Drained()
     for _ in range(MAX_ROUNDS):
@@ -129,19 +132,23 @@ def drain(
         for sub in subs:
             token = uuid.uuid4().hex
             claimed = Delivery.objects.using(using).claim(
-                sub, limit=batch, now=now, token=token, dispatcher_id=None
+                sub,
+                limit=sub.batch_size or batch,
+                now=now,
+                token=token,
+                dispatcher_id=None,
+                gather=False,
             )
             ran += len(claimed)
             handled = done.setdefault(sub.name, Handled())
-            for index, row in enumerate(claimed):
-                try:
-                    succeeded = _run(sub, handlers[sub.pk], row, token, now, handled, using)
-                except BaseException:  # pytest.fail() in a handler, say: nothing left leased
-                    _give_back(claimed[index:], token, now, using)
-                    raise
-                if not succeeded and sub.effective_ordered:  # the rest waits behind it
-                    _give_back(claimed[index + 1 :], token, now, using)
-                    break
+            handled.dead += (handler_message(sub, row) for row in claimed if row.buried)
+            rows = [row for row in claimed if not row.buried]
+            run = _Run(sub, handlers[sub.pk], token, now, handled, using)
+            try:
+                run.batch(rows) if sub.batch_size else run.one_by_one(rows)
+            except BaseException:  # pytest.fail() in a handler, say: nothing left leased
+                _give_back(run.unfinished(rows), token, now, using)
+                raise
         if not ran:
             return Drained({name: handled for name, handled in done.items() if _any(handled)})
     raise RuntimeError(
@@ -164,40 +171,131 @@ def _chosen(names: Iterable[str] | None, using: str) -> list[Subscription]:
     return [found[name] for name in wanted]
 
 
-def _run(
-    sub: Subscription,
-    handler: Callable[[Message], Any],
-    row: Any,
-    token: str,
-    now: datetime,
-    handled: Handled,
-    using: str,
-) -> bool:
-    """Run one claimed delivery's handler and record its outcome; whether it succeeded."""
-    from ..dispatcher.workers import describe, formatted_traceback, handler_message
-    from ..models import Delivery
+@dataclass
+class _Run:
+    """drain()'s run of one claim of one subscription, as a dispatcher's worker runs it:
+    in order per order (the subscription's, or each key's), a batch in one call, a
+    transactional handler's ack in its transaction."""
 
-    message = handler_message(sub, row)
-    inside = connections[using].in_atomic_block
-    try:
-        with transaction.atomic(using=using) if inside else nullcontext():
-            handler(message)
-    except Exception as exc:
-        delay = sub.effective_backoff.delay(message.attempt, lambda: 0.5)  # no jitter
-        state = Delivery.objects.using(using).fail(
+    sub: Subscription
+    handler: Callable[[Any], Any]
+    token: str
+    now: datetime
+    handled: Handled
+    using: str
+    finished: set[int] = field(default_factory=set)
+
+    def unfinished(self, rows: list[Any]) -> list[Any]:
+        return [row for row in rows if row.delivery_id not in self.finished]
+
+    def order(self, row: Any) -> object:
+        if self.sub.effective_ordered:
+            return ""
+        return row.key if self.sub.keyed else None
+
+    def atomic(self) -> Any:
+        """Each handler in a transaction when it is transactional, or in a savepoint when
+        drain() runs inside the test's transaction (a failure leaves that one usable)."""
+        inside = connections[self.using].in_atomic_block
+        wanted = inside or self.sub.delivery == "transactional"
+        return transaction.atomic(using=self.using) if wanted else nullcontext()
+
+    def one_by_one(self, rows: list[Any]) -> None:
+        from ..dispatcher.workers import describe, formatted_traceback, handler_message
+
+        stopped: set[object] = set()
+        for row in rows:
+            order = self.order(row)
+            if order is not None and order in stopped:  # waits behind a failed one
+                _give_back([row], self.token, self.now, self.using)
+                self.finished.add(row.delivery_id)
+                continue
+            message = handler_message(self.sub, row)
+            try:
+                with self.atomic():
+                    self.handler(message)
+                    self._ack_if_transactional([row])
+            except Exception as exc:
+                self.finished.add(row.delivery_id)
+                self._fail(row, message, describe(exc), formatted_traceback())
+                if order is not None:
+                    stopped.add(order)
+                continue
+            self._ack([row], [message])
+
+    def batch(self, rows: list[Any]) -> None:
+        from ..dispatcher.workers import describe, formatted_traceback, handler_message
+
+        if not rows:
+            return
+        messages = [handler_message(self.sub, row) for row in rows]
+        failed: dict[int, str] = {}
+        trace = ""
+        try:
+            with self.atomic():
+                try:
+                    self.handler(messages)
+                except BatchFailure as exc:
+                    if self.sub.delivery == "transactional":
+                        raise  # rolled back: all of it failed
+                    trace = formatted_traceback()
+                    failed = {
+                        key: why if isinstance(why, str) else describe(why or exc)  # type: ignore[arg-type]
+                        for key, why in exc.failed.items()
+                    }
+                self._ack_if_transactional(rows)
+        except Exception as exc:
+            failed = {message.id: describe(exc) for message in messages}
+            trace = formatted_traceback()
+        behind: dict[object, int] = {}
+        done = []
+        for row, message in zip(rows, messages, strict=True):
+            order = self.order(row)
+            error = failed.get(message.id)
+            if error is None and order is not None and order in behind:
+                error = f"BatchFailure: behind failed message {behind[order]} of its batch"
+            if error is None:
+                done.append((row, message))
+                continue
+            if order is not None:
+                behind.setdefault(order, message.id)
+            self.finished.add(row.delivery_id)
+            self._fail(row, message, error, trace)
+        if done:
+            self._ack([row for row, _ in done], [message for _, message in done])
+
+    def _ack_if_transactional(self, rows: list[Any]) -> None:
+        from ..models import Delivery
+
+        if self.sub.delivery != "transactional":
+            return
+        ids = [row.delivery_id for row in rows]
+        Delivery.objects.using(self.using).ack(ids, token=self.token, now=self.now)
+
+    def _ack(self, rows: list[Any], messages: list[Message]) -> None:
+        from ..models import Delivery
+
+        ids = [row.delivery_id for row in rows]
+        self.finished.update(ids)
+        if self.sub.delivery != "transactional":  # acked in its transaction already
+            Delivery.objects.using(self.using).ack(ids, token=self.token, now=self.now)
+        self.handled.acked += messages
+
+    def _fail(self, row: Any, message: Message, error: str, trace: str) -> None:
+        from ..models import Delivery
+
+        delay = self.sub.effective_backoff.delay(message.attempt, lambda: 0.5)  # no jitter
+        state = Delivery.objects.using(self.using).fail(
             row.delivery_id,
-            token=token,
-            now=now,
-            error=describe(exc),
-            traceback=formatted_traceback(),
-            max_attempts=sub.effective_max_attempts,
+            token=self.token,
+            now=self.now,
+            error=error,
+            traceback=trace,
+            max_attempts=self.sub.effective_max_attempts,
             delay=delay,
         )
-        (handled.dead if state == Delivery.State.DEAD else handled.retried).append(message)
-        return False
-    Delivery.objects.using(using).ack([row.delivery_id], token=token, now=now)
-    handled.acked.append(message)
-    return True
+        dead = state == Delivery.State.DEAD
+        (self.handled.dead if dead else self.handled.retried).append(message)
 
 
 def _give_back(rows: list[Any], token: str, now: datetime, using: str) -> None:

@@ -223,3 +223,115 @@ def scale_d(message: Message) -> None:
 @subscriber("t.scale", name="scale.e")
 def scale_e(message: Message) -> None:
     record(message)
+
+
+# Ordering keys, batches, delivery modes, async handlers (issue: docs/guarantees.md 11-14).
+
+
+@subscriber("t.keyed", name="keyed.one", ordered="key", max_attempts=3, backoff={"base": 60})
+def keyed_one(message: Message) -> None:
+    record(message)
+
+
+@subscriber(
+    "t.keyed.bury", name="keyed.bury", ordered="key", on_dead="dead_letter_key", max_attempts=1
+)
+def keyed_bury(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.keyed.kill", name="keyed.kill", ordered="key", lease=3.0)
+def keyed_kill(message: Message) -> None:
+    record(message)
+
+
+# The batches each batch handler got, as lists of message ids (in-process dispatchers only).
+BATCHES: list[list[int]] = []
+
+
+def record_batch(messages: list[Message]) -> None:
+    from django_pubsub import BatchFailure
+
+    BATCHES.append([message.id for message in messages])
+    for message in messages:
+        record_only(message)
+    failing = [
+        message
+        for message in messages
+        if isinstance(message.payload, dict)
+        and message.attempt <= message.payload.get("fail_in_batch", 0)
+    ]
+    if any(isinstance(m.payload, dict) and m.payload.get("fail_batch") for m in messages):
+        raise Planned("the whole batch failed")
+    if failing:
+        raise BatchFailure(
+            {message.id: Planned(f"planned {message.offset}") for message in failing}
+        )
+
+
+def record_only(message: Message) -> None:
+    payload = message.payload if not isinstance(message.payload, bytes) else None
+    HandlerRun.objects.create(
+        subscription=message.subscription,
+        message_id=message.id,
+        offset=message.offset,
+        attempt=message.attempt,
+        pid=os.getpid(),
+        payload=payload,
+    )
+
+
+@subscriber("t.batch", name="batch.one", batch_size=10, batch_wait=0.05, max_attempts=3)
+def batch_one(messages: list[Message]) -> None:
+    record_batch(messages)
+
+
+@subscriber("t.batch", name="batch.keyed", batch_size=4, ordered="key", max_attempts=3)
+def batch_keyed(messages: list[Message]) -> None:
+    record_batch(messages)
+
+
+@subscriber("t.tx", name="tx.one", delivery="transactional", max_attempts=3, lease=3.0)
+def tx_one(message: Message) -> None:
+    """Writes its row, then fails (after the write) as the payload asks: a transactional
+    delivery keeps one row per message."""
+    record_only(message)
+    _act_on(message, message.payload)
+
+
+@subscriber("t.tx", name="tx.batch", delivery="transactional", batch_size=5, max_attempts=3)
+def tx_batch(messages: list[Message]) -> None:
+    record_batch(messages)
+
+
+@subscriber("t.amo", name="amo.one", delivery="at_most_once")
+def amo_one(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.async", name="async.one", timeout=0.5, max_attempts=2)
+async def async_one(message: Message) -> None:
+    import asyncio
+
+    payload = message.payload if isinstance(message.payload, dict) else {}
+    await HandlerRun.objects.acreate(
+        subscription=message.subscription,
+        message_id=message.id,
+        offset=message.offset,
+        attempt=message.attempt,
+        pid=os.getpid(),
+        payload=payload,
+    )
+    if payload.get("sleep") and message.attempt == 1:
+        await asyncio.sleep(payload["sleep"])
+    if payload.get("sync_orm"):
+        HandlerRun.objects.count()  # not allowed in async code: SynchronousOnlyOperation
+    if message.attempt <= payload.get("fail_times", 0):
+        raise Planned(f"planned failure {message.attempt}")
+
+
+@subscriber("t.async", name="async.batch", batch_size=5, ordered="key")
+async def async_batch(messages: list[Message]) -> None:
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(record_batch)(messages)
