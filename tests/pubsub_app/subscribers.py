@@ -281,7 +281,7 @@ def record_only(message: Message) -> None:
     )
 
 
-@subscriber("t.batch", name="batch.one", batch_size=10, batch_wait=0.05, max_attempts=3)
+@subscriber("t.batch", name="batch.one", batch_size=10, batch_wait=0, max_attempts=3)
 def batch_one(messages: list[Message]) -> None:
     record_batch(messages)
 
@@ -335,3 +335,8 @@ async def async_batch(messages: list[Message]) -> None:
     from asgiref.sync import sync_to_async
 
     await sync_to_async(record_batch)(messages)
+
+
+@subscriber("t.batch.wait", name="batch.wait", batch_size=100, batch_wait=0.3)
+def batch_wait(messages: list[Message]) -> None:
+    record_batch(messages)
