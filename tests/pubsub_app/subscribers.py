@@ -340,3 +340,10 @@ async def async_batch(messages: list[Message]) -> None:
 @subscriber("t.batch.wait", name="batch.wait", batch_size=100, batch_wait=0.3)
 def batch_wait(messages: list[Message]) -> None:
     record_batch(messages)
+
+
+@subscriber("t.tx.kill", name="tx.kill", delivery="transactional", lease=3.0)
+def tx_kill(message: Message) -> None:
+    """One row per message, written in the transaction its ack commits in."""
+    record_only(message)
+    time.sleep(message.payload.get("sleep", 0) if isinstance(message.payload, dict) else 0)
