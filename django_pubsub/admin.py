@@ -109,11 +109,14 @@ class MessageAdmin(ReadOnlyAdmin):
 
 @admin.register(Subscription)
 class SubscriptionAdmin(ActionsAdmin):
-    list_display = ["name", "topic", "handler", "in_order", "active", "paused", "position"]
+    list_display = [
+        *("name", "topic", "handler", "in_order", "delivery_mode"),
+        *("batches", "active", "paused", "position"),
+    ]
     # Each option as it applies (methods below), then the row's own times.
     readonly_fields = [
-        *("in_order", "attempts", "lease_seconds", "timeout_seconds"),
-        *("inflight_bound", "retry_backoff", "created_at", "updated_at"),
+        *("in_order", "dead_head", "delivery_mode", "batches", "attempts", "lease_seconds"),
+        *("timeout_seconds", "inflight_bound", "retry_backoff", "created_at", "updated_at"),
     ]
     fields = ["name", "topic", "handler", "active", "paused", "position", "start", *readonly_fields]
 
@@ -121,7 +124,27 @@ class SubscriptionAdmin(ActionsAdmin):
     # NULL that means "the setting").
     @admin.display(description="ordered")
     def in_order(self, obj: Subscription) -> str:
+        if obj.keyed:
+            return "by message key"
         return effective("yes" if obj.effective_ordered else "no", obj.ordered)
+
+    @admin.display(description="a dead head of a key")
+    def dead_head(self, obj: Subscription) -> str:
+        if not obj.keyed:
+            return "-"
+        if obj.buries_keys:
+            return "dead-letters the rest of its key"
+        return "lets its key go on"
+
+    @admin.display(description="delivery")
+    def delivery_mode(self, obj: Subscription) -> str:
+        return obj.delivery.replace("_", " ")
+
+    @admin.display(description="batches")
+    def batches(self, obj: Subscription) -> str:
+        if not obj.batch_size:
+            return "one message a call"
+        return f"up to {obj.batch_size}, gathered up to {obj.effective_batch_wait:g} s"
 
     @admin.display(description="max attempts")
     def attempts(self, obj: Subscription) -> str:

@@ -112,6 +112,34 @@ def test_a_failing_handler_leaves_the_tests_transaction_usable_and_its_writes_un
     assert len(pubsub.published("t.ordered")) == 2
 
 
+def test_drain_keeps_keys_batches_and_modes(pubsub: PubSub) -> None:
+    """drain() runs keyed, batch, transactional and async subscriptions as runpubsub does."""
+    from django_pubsub.exceptions import BatchFailure  # noqa: F401  (the public name)
+
+    publish("t.keyed", {"k": "a", "fail_times": 1}, key="a")
+    publish("t.keyed", {"k": "a"}, key="a")
+    publish("t.keyed", {"k": "b"}, key="b")
+    drained = pubsub.drain(["keyed.one"])
+    assert [m.offset for m in drained["keyed.one"].retried] == [0]
+    assert [m.offset for m in drained["keyed.one"].acked] == [2]  # key b went on
+    pubsub.advance(minutes=10)
+    assert [m.offset for m in pubsub.drain(["keyed.one"])["keyed.one"].acked] == [0, 1]
+
+    publish_many("t.batch", [{"n": 0}, {"n": 1, "fail_in_batch": 1}, {"n": 2}])
+    drained = pubsub.drain(["batch.one"])
+    assert [m.offset for m in drained["batch.one"].acked] == [0, 2]
+    assert [m.offset for m in drained["batch.one"].retried] == [1]
+
+    publish("t.tx", {"n": 0, "fail_times": 1})
+    drained = pubsub.drain(["tx.one"])
+    assert len(drained["tx.one"].retried) == 1 and runs("tx.one") == []  # rolled back
+    pubsub.advance(minutes=10)
+    assert len(pubsub.drain(["tx.one"])["tx.one"].acked) == 1 and len(runs("tx.one")) == 1
+
+    publish("t.async", {"n": 0})
+    assert len(pubsub.drain(["async.one"])["async.one"].acked) == 1
+
+
 def test_unknown_subscriptions_are_refused_by_name(pubsub: Any) -> None:
     with pytest.raises(ValueError, match="unknown or inactive subscriptions: nope"):
         pubsub.drain(["basic.one", "nope"])

@@ -9,6 +9,18 @@ from typing import Any
 import pytest
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the fixture needs the database: marked so, pytest-django creates
+    the test database for it even when no other test of the run asks for one (it looks at
+    markers and fixture names when it sets the databases up, not at what a fixture asks
+    for later)."""
+    for item in items:
+        if "pubsub" in getattr(item, "fixturenames", ()) and not item.get_closest_marker(
+            "django_db"
+        ):
+            item.add_marker(pytest.mark.django_db)
+
+
 @pytest.fixture
 def pubsub(request: pytest.FixtureRequest) -> Any:
     """``pubsub.drain()``, ``pubsub.published()``, ``pubsub.clock`` and
