@@ -74,6 +74,9 @@ RETENTION_DEFAULTS: dict[str, float | None] = {
 MAX_PAYLOAD_CEILING = 64 * 1024 * 1024
 
 START_CHOICES = ("latest", "earliest")
+# What a dead head of a keyed subscription does to the rest of its key.
+ON_DEAD_CHOICES = ("continue", "dead_letter_key")
+DELIVERY_CHOICES = ("at_least_once", "at_most_once", "transactional")
 # Handler threads of one process: far more would only contend for the same connections.
 MAX_WORKERS = 1024
 # Rows of one batch: larger ones hold locks for seconds.

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.core.exceptions import ImproperlyConfigured
 
-from .conf import START_CHOICES
+from .conf import DELIVERY_CHOICES, ON_DEAD_CHOICES, START_CHOICES
 from .exceptions import AlreadyRegistered, InvalidSubscriber
 from .retry import Backoff
 from .validation import (
@@ -52,9 +52,6 @@ class SubscriberSpec:
     batch_wait: float | None = None
 
 
-# What a dead head of a key does to the rest of its key.
-ON_DEAD_CHOICES = ("continue", "dead_letter_key")
-DELIVERY_CHOICES = ("at_least_once", "at_most_once", "transactional")
 # The most messages one batch handler call takes.
 MAX_BATCH_SIZE = 10_000
 

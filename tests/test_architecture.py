@@ -15,12 +15,14 @@ from django_pubsub.models import Delivery, Message, Subscription, Topic
 
 PACKAGE = Path(django_pubsub.__file__).parent
 # What each layer may import from the package, besides itself. Leaf modules (settings,
-# states, exceptions, retry delays, input checks) serve every layer.
-LEAVES = {"conf", "states", "exceptions", "retry", "signals", "message", "validation"}
+# states, exceptions, retry delays, input checks, how a handler is called) serve every
+# layer.
+LEAVES = {"conf", "states", "exceptions", "retry", "signals", "message", "validation", "calling"}
 LAYERS = {
     "backends": LEAVES,
     "models": LEAVES | {"backends"},
-    "dispatcher": LEAVES | {"backends", "models", "sync", "registry", "workers", "retention"},
+    "dispatcher": LEAVES
+    | {"backends", "models", "sync", "registry", "workers", "retention", "keys"},
 }
 
 

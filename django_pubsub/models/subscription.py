@@ -18,9 +18,8 @@ from django.utils import timezone
 from .. import backends
 from ..backends import padded_ids
 from ..backends.base import SUBSCRIPTION
-from ..conf import START_CHOICES, pubsub_settings
+from ..conf import DELIVERY_CHOICES, ON_DEAD_CHOICES, START_CHOICES, pubsub_settings
 from ..exceptions import ActionRefused, InvalidSeek
-from ..registry import DELIVERY_CHOICES, ON_DEAD_CHOICES
 from ..retry import Backoff
 from ..states import ENDED, WAITING
 from .delivery import Delivery
