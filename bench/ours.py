@@ -26,6 +26,11 @@ Figures:
   old, are written; then, in turn, ``latency`` (300 messages) and a dispatch of N messages
   of bench.two (no history) are measured alone, and again while ``manage.py pubsub_prune``
   removes those 2,000,000 rows. It reports both, and the prune's own time and rows.
+- ``modes``: the delivery strategies against each other, in turn, ROUNDS rounds, each a
+  ``dispatch`` of N messages to one no-op subscription: unordered (bench.one), ordered by
+  key with 100 keys and with 1 key, ordered=True, a batch handler (100 a call),
+  transactional, and async. Keyed messages are published with the keys taking turns. It
+  reports each one's median rate and its ratio to unordered.
 - ``memory``: runpubsub handles N (default 200,000) messages while its resident memory is
   sampled; growth is the largest sample after warm-up (the first fifth of the run) over
   the sample at the end of warm-up.
@@ -65,7 +70,20 @@ DEFAULT_N = {
     "idle_cpu": 30,
     "memory": 200_000,
     "prune": 20_000,
+    "modes": 20_000,
 }
+# The strategies of the modes figure: (subscription and topic, keys its messages take turns
+# with; 0: none).
+MODES = {
+    "unordered": ("bench.one", 0),
+    "keyed_100_keys": ("bench.keyed100", 100),
+    "keyed_1_key": ("bench.keyed1", 1),
+    "ordered": ("bench.ordered", 0),
+    "batch_100": ("bench.batch", 0),
+    "transactional": ("bench.tx", 0),
+    "async": ("bench.async", 0),
+}
+MODE_ROUNDS = 3
 SUBSCRIPTIONS = {
     "dispatch": ("bench.one", ["bench.one"]),
     "dispatch_history": ("bench.one", ["bench.one"]),
@@ -213,6 +231,41 @@ def dispatch(db: str, n: int, figure: str) -> dict[str, Any]:
         "wall": wall,
         "startup": baseline,
         "deliveries": deliveries,
+    }
+
+
+def modes(db: str, n: int) -> dict[str, Any]:
+    """Each strategy's dispatch rate, taken in turn, round after round."""
+    from django.db import transaction
+
+    baseline = runpubsub(["bench.one"], db)
+    setup_django(db)
+    from django_pubsub import publish
+
+    rates: dict[str, list[float]] = {name: [] for name in MODES}
+    for _ in range(MODE_ROUNDS):
+        for name, (sub, keys) in MODES.items():
+            before = acked([sub])
+            if keys:
+                for start in range(0, n, 1000):
+                    with transaction.atomic():
+                        for i in range(start, min(n, start + 1000)):
+                            publish(sub, {"n": i}, key=f"k{i % keys}")
+            else:
+                publish_batches(sub, n)
+            wall = runpubsub([sub], db)
+            if acked([sub]) != before + n:
+                raise SystemExit(f"{name}: expected {before + n} acked deliveries")
+            rates[name].append(n / (wall - baseline))
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    plain = medians["unordered"]
+    return {
+        "value": medians["keyed_100_keys"] / plain,
+        "unit": "keyed (100 keys) over unordered",
+        "rates": {name: round(rate) for name, rate in medians.items()},
+        "ratios": {name: round(rate / plain, 3) for name, rate in medians.items()},
+        "rounds": {name: [round(v) for v in values] for name, values in rates.items()},
+        "startup": baseline,
     }
 
 
@@ -466,6 +519,8 @@ def main() -> None:
         result = memory(args.db, n)
     elif args.figure == "idle_cpu":
         result = idle_cpu(args.db, n)
+    elif args.figure == "modes":
+        result = modes(args.db, n)
     elif args.figure == "prune":
         result = prune(args.db, n)
     else:

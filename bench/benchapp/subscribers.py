@@ -41,3 +41,29 @@ def latency(message: Message) -> None:
     started = time.time()
     with open(os.environ["BENCH_LATENCY_LOG"], "a") as log:
         log.write(f"{message.id} {started:.6f}\n")
+
+
+# The delivery strategies, each a no-op on a topic of its own (bench/ours.py --figure modes).
+@subscriber("bench.keyed100", name="bench.keyed100", ordered="key")
+def keyed100(message: Message) -> None:
+    pass
+
+
+@subscriber("bench.keyed1", name="bench.keyed1", ordered="key")
+def keyed1(message: Message) -> None:
+    pass
+
+
+@subscriber("bench.batch", name="bench.batch", batch_size=100)
+def batch(messages: list[Message]) -> None:
+    pass
+
+
+@subscriber("bench.tx", name="bench.tx", delivery="transactional")
+def transactional(message: Message) -> None:
+    pass
+
+
+@subscriber("bench.async", name="bench.async")
+async def asynchronous(message: Message) -> None:
+    pass
