@@ -373,7 +373,7 @@ class WorkerPool:
                         chunk.deferred.append(outcome)
                         continue
                     self._outcomes.append(outcome)
-                    if chunk.in_order and outcome.error is not None:
+                    if chunk.in_order and outcome.error is not None and job.order is not None:
                         self._hand_back(chunk.take_rest(job.order))
             self._flush(chunk)
             with self._lock:
@@ -403,7 +403,7 @@ class WorkerPool:
                 return
             self._outcomes += deferred
             for outcome in deferred:
-                if not outcome.acked:
+                if not outcome.acked and outcome.job.order is not None:
                     self._hand_back(chunk.take_rest(outcome.job.order))
 
     def _run_batch(self, chunk: Chunk) -> bool:

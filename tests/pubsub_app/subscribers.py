@@ -56,15 +56,7 @@ GATE = Gate()
 def record(message: Message) -> None:
     payload = message.payload if not isinstance(message.payload, bytes) else None
     span = isinstance(payload, dict) and payload.get("span")
-    run = HandlerRun.objects.create(
-        subscription=message.subscription,
-        message_id=message.id,
-        offset=message.offset,
-        attempt=message.attempt,
-        pid=os.getpid(),
-        payload=payload,
-        started=time.time() if span else None,
-    )
+    run = record_only(message, started=time.time() if span else None)
     try:
         _act_on(message, payload)
     finally:
@@ -269,15 +261,17 @@ def record_batch(messages: list[Message]) -> None:
         )
 
 
-def record_only(message: Message) -> None:
+def record_only(message: Message, started: float | None = None) -> HandlerRun:
+    """The run's row, and nothing else."""
     payload = message.payload if not isinstance(message.payload, bytes) else None
-    HandlerRun.objects.create(
+    return HandlerRun.objects.create(
         subscription=message.subscription,
         message_id=message.id,
         offset=message.offset,
         attempt=message.attempt,
         pid=os.getpid(),
         payload=payload,
+        started=started,
     )
 
 
@@ -313,15 +307,10 @@ def amo_one(message: Message) -> None:
 async def async_one(message: Message) -> None:
     import asyncio
 
+    from asgiref.sync import sync_to_async
+
     payload = message.payload if isinstance(message.payload, dict) else {}
-    await HandlerRun.objects.acreate(
-        subscription=message.subscription,
-        message_id=message.id,
-        offset=message.offset,
-        attempt=message.attempt,
-        pid=os.getpid(),
-        payload=payload,
-    )
+    await sync_to_async(record_only)(message)
     if payload.get("sleep") and message.attempt == 1:
         await asyncio.sleep(payload["sleep"])
     if payload.get("sync_orm"):
