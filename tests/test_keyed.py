@@ -156,3 +156,23 @@ def test_making_a_subscription_keyed_keys_its_backlog(dispatch: Any) -> None:
     assert list(Delivery.objects.values_list("key", flat=True)) == [None]
     sync_subscriptions()
     assert list(Delivery.objects.values_list("key", flat=True)) == ["a"]
+
+
+def test_the_admin_shows_keys_modes_and_blocked_keys(
+    dispatch: Any, clock: FakeClock, client: Any
+) -> None:
+    from tests.conftest import log_in_operator
+
+    publish("t.keyed", {"k": "a", "fail_times": 1}, key="a")
+    _publish_keys("t.keyed", ["a"])
+    dispatch("keyed.one", clock=clock)
+    log_in_operator(client, "view_subscription", "view_delivery")
+    sub = Subscription.objects.get(name="keyed.one")
+    page = client.get(f"/admin/django_pubsub/subscription/{sub.pk}/change/").content.decode()
+    assert "by message key" in page and "lets its key go on" in page
+    assert "at least once" in page and "one message a call" in page
+    html = client.get("/admin/django_pubsub/topic/dashboard/").content.decode()
+    assert "ordered by key" in html and "oldest key a for" in html
+    behind = Delivery.objects.get(subscription=sub, offset=1)
+    page = client.get(f"/admin/django_pubsub/delivery/{behind.pk}/change/").content.decode()
+    assert "waits behind message" in page and "of key &#x27;a&#x27;" in page
