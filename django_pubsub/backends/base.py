@@ -33,8 +33,10 @@ OFFSET = '"offset"'
 # bound parameter never matches a literal; so queries that need one add these.
 UNFINISHED_SQL = "state IN ('pending', 'retry', 'inflight')"
 INFLIGHT_SQL = "state = 'inflight'"
-# The keyed deliveries' index (pubsub_delivery_keys).
-KEYS_SQL = "key IS NOT NULL AND state IN ('pending', 'retry', 'inflight', 'dead')"
+# The keyed deliveries' index (pubsub_delivery_keys): only the rows that can hold a key
+# back (running, waiting for a retry, dead), so that asking whether one does costs the
+# same however many messages of the key are pending.
+KEYS_SQL = "key IS NOT NULL AND state IN ('inflight', 'retry', 'dead')"
 # True unless the subscription (a parameter) is paused. Read in each claim and fan-out
 # lease statement itself: an operator's pause holds from the next one on, in every
 # dispatcher, at no cost of a round trip.
@@ -218,7 +220,7 @@ class Backend:
                 " AND ((SELECT count(*) FROM picked) >= %s OR (SELECT min(due) FROM picked) <= %s)"
             )
             update_params = [batch[0], now - timedelta(seconds=batch[1])]
-        sql = self.claim_sql(ctes, _claim_update(self.in_picked, ready))
+        sql = self.claim_sql(ctes, _claim_update(self.in_picked, ready, keyed))
         with self.claiming(locked) as cursor:
             if locked:
                 self.lock_row(cursor, SUBSCRIPTION, subscription_id, "position")
@@ -397,9 +399,9 @@ def _picked(
         held_back = (
             f" AND (key IS NULL OR NOT EXISTS (SELECT 1 FROM {DELIVERY} e WHERE "
             f"e.subscription_id = %s AND e.key = d.key AND {KEYS_SQL} AND e.{OFFSET} < "
-            f"d.{OFFSET} AND (e.state = %s OR (e.state IN (%s, %s) AND e.available_at > %s))))"
+            f"d.{OFFSET} AND (e.state = %s OR (e.state = %s AND e.available_at > %s))))"
         )
-        held_params = [subscription_id, INFLIGHT, PENDING, RETRY, now]
+        held_params = [subscription_id, INFLIGHT, RETRY, now]
         skip_locked = False
     skip = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
     # MATERIALIZED: PostgreSQL may otherwise rescan a LIMIT ... SKIP LOCKED subquery as part
@@ -407,13 +409,25 @@ def _picked(
     ctes = (
         f"picked AS MATERIALIZED (SELECT id AS picked_id, available_at AS due FROM {DELIVERY} d "
         f"WHERE subscription_id = %s AND {UNFINISHED_SQL} AND state IN (%s, %s) "
-        f"AND available_at <= %s AND {NOT_PAUSED_SQL}{held_back} "
+        f"AND {_due(keyed)} AND {NOT_PAUSED_SQL}{held_back} "
         f"ORDER BY {OFFSET} LIMIT %s{skip})"
     )
     return ctes, [subscription_id, PENDING, RETRY, now, subscription_id, *held_params, limit]
 
 
-def _claim_update(in_picked: str, ready: str = "") -> str:
+def _due(keyed: bool) -> str:
+    """SQL true for a waiting delivery that is due by the claim's time (a parameter).
+
+    A keyed claim takes every pending one as due: pending deliveries are made due at once
+    (a fan-out's, a seek's, one given back), and only a host whose clock runs ahead of the
+    claimer's makes one "due later". A pending row that such a claim passed over would not
+    hold its key back (the keys' index holds only rows that can), and the messages behind
+    it would run first.
+    """
+    return "(state = 'pending' OR available_at <= %s)" if keyed else "available_at <= %s"
+
+
+def _claim_update(in_picked: str, ready: str = "", keyed: bool = False) -> str:
     """The claim's UPDATE of the picked rows, each found by its primary key (``in_picked``).
 
     Statistics of a table of acked rows say "about one unfinished row", so a join with the
@@ -426,6 +440,6 @@ def _claim_update(in_picked: str, ready: str = "") -> str:
     return (
         f"UPDATE {DELIVERY} SET state = %s, attempts = attempts + 1, lease_token = %s, "
         f"lease_expires_at = %s, dispatcher_id = %s, updated_at = %s "
-        f"WHERE id {in_picked} AND state NOT IN (%s, %s, %s, %s) AND available_at <= %s{ready} "
+        f"WHERE id {in_picked} AND state NOT IN (%s, %s, %s, %s) AND {_due(keyed)}{ready} "
         f"RETURNING id, attempts, message_id"
     )

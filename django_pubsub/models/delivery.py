@@ -367,11 +367,12 @@ class Delivery(models.Model):
                 condition=Q(state="inflight"),
                 name="pubsub_delivery_leases",
             ),
-            # A keyed claim's question "does anything earlier of this key hold it back?"
-            # (dead rows included: a dead head may dead-letter the rest of its key).
+            # A keyed claim's question "does anything earlier of this key hold it back?":
+            # only the rows that can (running, retrying, dead: a dead head may dead-letter
+            # the rest of its key), so it costs the same however many are pending.
             models.Index(
                 fields=["subscription", "key", "offset"],
-                condition=Q(key__isnull=False, state__in=["pending", "retry", "inflight", "dead"]),
+                condition=Q(key__isnull=False, state__in=["inflight", "retry", "dead"]),
                 name="pubsub_delivery_keys",
             ),
         ]
