@@ -260,7 +260,7 @@ def modes(db: str, n: int) -> dict[str, Any]:
     medians = {name: statistics.median(values) for name, values in rates.items()}
     plain = medians["unordered"]
     return {
-        "value": medians["keyed_100_keys"] / plain,
+        "value": medians.get("keyed_100_keys", plain) / plain,
         "unit": "keyed (100 keys) over unordered",
         "rates": {name: round(rate) for name, rate in medians.items()},
         "ratios": {name: round(rate / plain, 3) for name, rate in medians.items()},

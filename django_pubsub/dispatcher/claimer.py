@@ -94,10 +94,14 @@ class Claimer:
             # thread: nothing behind it (nor its own retry) may start until that ends.
             return 0
         if sub.batch_size:
-            # A batch is a chunk; a batch of an ordered or keyed subscription is one claim,
-            # so that no two batches share an order.
-            in_order = sub.effective_ordered or sub.keyed
-            limit = (1 if in_order else chunks) * sub.batch_size
+            # A batch is a chunk. A batch of an ordered or keyed subscription is one claim,
+            # so that no two batches share an order; otherwise, when batches are quick, a
+            # claim takes several for each worker (as many as its chunk size holds).
+            if sub.effective_ordered or sub.keyed:
+                limit = sub.batch_size
+            else:
+                per_worker = max(1, self._chunk_size[sub.pk] // sub.batch_size)
+                limit = chunks * per_worker * sub.batch_size
         else:
             limit = chunks * self._chunk_size[sub.pk]
         bound = sub.effective_max_inflight
@@ -229,7 +233,9 @@ class Claimer:
         sub = self.subscriptions[jobs[0].subscription_id]
         in_order = sub.effective_ordered or sub.keyed
         atomic = router.db_for_write(Delivery) if sub.delivery == "transactional" else None
-        ack = self._ack_jobs if in_order or atomic else None
+        # The worker acks what it ran itself where order needs it, in a transactional
+        # handler's transaction, and a batch (one statement, off the loop's thread).
+        ack = self._ack_jobs if in_order or atomic or sub.batch_size else None
         if sub.batch_size:
             parts = [jobs[at : at + sub.batch_size] for at in range(0, len(jobs), sub.batch_size)]
         elif sub.keyed:

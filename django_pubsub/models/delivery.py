@@ -76,7 +76,8 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         given back unstarted has its attempt returned (``give_back``).
         """
         batch = None
-        if subscription.batch_size and gather:
+        # No wait: whatever is due is a batch, and the claim needs no condition for it.
+        if subscription.batch_size and subscription.effective_batch_wait and gather:
             batch = (subscription.batch_size, subscription.effective_batch_wait)
         return backends.get(self.db).claim(
             subscription.pk,
