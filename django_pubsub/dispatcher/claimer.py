@@ -124,9 +124,9 @@ class Claimer:
             for sub in self.subscriptions.rotated(advance=False):
                 if sub.topic_id != topic_id or sub.effective_ordered or sub.keyed:
                     continue  # an ordered run is claimed under its subscription's lock
-                if sub.batch_size:
+                if sub.batch_size and sub.batch_wait:
                     continue  # a batch's claim waits until the batch is ready
-                limit = self.limit(sub, budget, 1)
+                limit = self.limit(sub, budget, 1 if not sub.batch_size else budget.free)
                 if budget.left is not None:
                     limit = min(limit, budget.left - promised)
                 if limit > 0 and len(leases) < budget.free:
@@ -233,9 +233,10 @@ class Claimer:
         sub = self.subscriptions[jobs[0].subscription_id]
         in_order = sub.effective_ordered or sub.keyed
         atomic = router.db_for_write(Delivery) if sub.delivery == "transactional" else None
-        # The worker acks what it ran itself where order needs it, in a transactional
-        # handler's transaction, and a batch (one statement, off the loop's thread).
-        ack = self._ack_jobs if in_order or atomic or sub.batch_size else None
+        # The worker acks what it ran itself where order needs it, and in a transactional
+        # handler's transaction. (Not otherwise: outside a handler's own use of the
+        # database, that would cost a connection a chunk, with CONN_MAX_AGE = 0.)
+        ack = self._ack_jobs if in_order or atomic else None
         if sub.batch_size:
             parts = [jobs[at : at + sub.batch_size] for at in range(0, len(jobs), sub.batch_size)]
         elif sub.keyed:
