@@ -148,6 +148,8 @@ class SubscriptionAdmin(ActionsAdmin):
 
     @admin.display(description="max attempts")
     def attempts(self, obj: Subscription) -> str:
+        if obj.delivery == "at_most_once":
+            return "1 (at most once)"
         return effective(obj.effective_max_attempts, obj.max_attempts)
 
     @admin.display(description="lease (s)")
