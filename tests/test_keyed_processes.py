@@ -73,7 +73,7 @@ def _record(name: str, figures: dict[str, Any]) -> None:
 def test_keys_never_overlap_nor_go_back_across_killed_dispatchers(
     runpubsub: Any, tmp_path: Path
 ) -> None:
-    total = 600
+    total = 400
     ids = [
         publish("t.keyed.kill", {"k": f"k{n % 12}", "span": True, "sleep": 0.004}, key=f"k{n % 12}")
         for n in range(total)
@@ -120,7 +120,7 @@ def test_keys_never_overlap_nor_go_back_across_killed_dispatchers(
 def test_transactional_writes_happen_once_across_killed_dispatchers(
     runpubsub: Any, tmp_path: Path
 ) -> None:
-    total = 600
+    total = 400
     ids = [publish("t.tx.kill", {"n": n, "sleep": 0.01}) for n in range(total)]
     acked = Delivery.objects.filter(subscription__name="tx.kill", state="acked")
     killed, at_kill = _kill_while_running(runpubsub, tmp_path, "tx.kill", total, acked.count)
