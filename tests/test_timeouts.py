@@ -99,6 +99,8 @@ def test_an_ordered_subscription_waits_for_its_timed_out_head_to_return() -> Non
 
 
 def test_a_slow_ack_of_an_ordered_run_is_no_timeout() -> None:
+    """The worker acks message n of an ordered run before n + 1 starts: a slow ack is not
+    the handler's time, and the job stays this process's meanwhile."""
     from django_pubsub.dispatcher.workers import Chunk, Job, WorkerPool
     from django_pubsub.message import Message as Snapshot
 
@@ -110,22 +112,27 @@ def test_a_slow_ack_of_an_ordered_run_is_no_timeout() -> None:
         return {job.delivery_id for job in jobs}
 
     pool = WorkerPool(1, on_done=lambda: None)
-    snapshot = Snapshot(
-        id=1, offset=0, topic="t", payload=None, key=None, headers={}, published_at=None,
-        attempt=1, subscription="s", delivery_id=1,
-    )  # fmt: skip
-    job = Job(1, "token", 1, snapshot, handler=lambda message: None, timeout=0.05)
-    try:
+    jobs = []
+    for n in (1, 2):
+        snapshot = Snapshot(
+            id=n, offset=n, topic="t", payload=None, key=None, headers={}, published_at=None,
+            attempt=1, subscription="s", delivery_id=n,
+        )  # fmt: skip
+        job = Job(n, "token", 1, snapshot, handler=lambda message: None, timeout=0.05)
         job.order = ""
-        pool.submit(Chunk([job], ack=slow_ack, in_order=True))
+        jobs.append(job)
+    try:
+        pool.submit(Chunk(jobs, ack=slow_ack, in_order=True))
         assert acking.wait(5)
         time.sleep(0.1)  # past the handler's timeout, while its ack is being written
         assert pool.time_out() == [] and pool.stuck() == []
-        assert [j.delivery_id for j in pool.held()] == [1]  # still ours meanwhile
+        assert [j.delivery_id for j in pool.held()] == [2, 1]  # still ours meanwhile
         release.set()
-        wait_for(pool.has_outcomes)
-        (outcome,) = pool.take_outcomes()
-        assert outcome.acked and outcome.error is None and not outcome.late
+        wait_for(lambda: not pool.busy_chunks)
+        first, second = sorted(pool.take_outcomes(), key=lambda o: o.job.delivery_id)
+        assert first.acked and first.error is None and not first.late
+        # The last of the run: acked by the dispatcher, with the rest of its claim.
+        assert not second.acked and second.error is None and not second.unstarted
     finally:
         release.set()
         pool.close()

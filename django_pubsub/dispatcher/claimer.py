@@ -32,6 +32,11 @@ CHUNK_SECONDS = 0.05
 # Deliveries one process holds at most (all chunks of all workers): keeps every list of ids
 # in one statement under SQLite's default limit of 32,766 parameters.
 MAX_HELD = 20_000
+# Seconds a keyed subscription whose claim found less than it asked for is not claimed
+# again, unless a chunk of it ends here or new deliveries of it are made first: each such
+# claim walks its waiting rows, and while its keys run here nothing more can be found. (What
+# other processes finish, and retries that become due, are found within this time.)
+KEYED_RECHECK = 0.5
 
 
 @dataclass
@@ -75,6 +80,12 @@ class Claimer:
         self._chunk_size: dict[int, int] = defaultdict(lambda: 1)
         # A claim failed: deliveries may be leased here that no worker holds.
         self.orphans = False
+        # Seconds of handler time a message, as last seen, by subscription.
+        self._per_message: dict[int, float] = {}
+        # Jobs of each keyed chunk (by id()) whose outcome is not recorded yet.
+        self._unsettled: dict[int, int] = {}
+        # Keyed subscriptions not to claim before this time.monotonic() (KEYED_RECHECK).
+        self._quiet_until: dict[int, float] = {}
 
     def budget(self) -> Budget | None:
         """What this pass may claim; None if nothing."""
@@ -92,6 +103,8 @@ class Claimer:
         if sub.effective_ordered and self.in_flight[sub.pk]:
             # Its head is running here, or a timed-out run of it is still stuck in a
             # thread: nothing behind it (nor its own retry) may start until that ends.
+            return 0
+        if sub.keyed and time.monotonic() < self._quiet_until.get(sub.pk, 0.0):
             return 0
         if sub.batch_size:
             # A batch is a chunk. A batch of an ordered or keyed subscription is one claim,
@@ -149,6 +162,10 @@ class Claimer:
         for sub_jobs in jobs:
             assert budget is not None  # leased only with a budget
             self._hand_out(sub_jobs, 1, budget)
+        if fanned.created:
+            for sub in self.subscriptions:
+                if sub.topic_id == topic_id:
+                    self.changed(sub.pk)
         return fanned.created
 
     def claim(self, now: datetime) -> int:
@@ -172,10 +189,29 @@ class Claimer:
             except BaseException:
                 self._failed_claim()
                 raise
+            if sub.keyed and len(rows) < limit:
+                self._quiet_until[sub.pk] = time.monotonic() + KEYED_RECHECK
             self._hand_out(jobs, chunks, budget)
             if budget.spent:
                 break
         return budget.claimed
+
+    def changed(self, sub_id: int) -> None:
+        """New deliveries of the subscription were made, or a chunk of it ended here: a
+        keyed claim may find more."""
+        self._quiet_until.pop(sub_id, None)
+
+    def settled(self, job: Job) -> None:
+        """One job's outcome is recorded (its last, for a timed-out one)."""
+        chunk = id(job.chunk)
+        left = self._unsettled.get(chunk)
+        if left is None:
+            return
+        if left > 1:
+            self._unsettled[chunk] = left - 1
+            return
+        del self._unsettled[chunk]
+        self.changed(job.subscription_id)
 
     def gathering_wait(self) -> float | None:
         """The shortest batch_wait of the batch subscriptions here (None: none): the loop
@@ -240,6 +276,11 @@ class Claimer:
         if sub.batch_size:
             parts = [jobs[at : at + sub.batch_size] for at in range(0, len(jobs), sub.batch_size)]
         elif sub.keyed:
+            # Over as many workers as the work needs (a chunk's worth of handler time
+            # each): the fewer chunks, the more keys take each turn, the fewer acks.
+            per_message = self._per_message.get(sub.pk)
+            if per_message is not None:
+                chunks = min(chunks, 1 + int(len(jobs) * per_message / CHUNK_SECONDS))
             parts = by_key(jobs, chunks)
         else:
             count = 1 if sub.effective_ordered else min(chunks, len(jobs))
@@ -250,6 +291,8 @@ class Claimer:
             chunk = Chunk(
                 part, ack=ack, in_order=in_order, atomic=atomic, batch=bool(sub.batch_size)
             )
+            if sub.keyed:
+                self._unsettled[id(chunk)] = len(part)
             self.pool.submit(chunk)
         budget.free -= len(parts)
         budget.claimed += len(jobs)
@@ -305,6 +348,7 @@ class Claimer:
         a time, so a delivery that kills the process is soon alone in its claim.
         """
         per_message = max(sum(durations) / len(durations), 1e-6)
+        self._per_message[sub_id] = per_message
         fits = max(1, int(CHUNK_SECONDS / per_message))
         cap = max(1, MAX_HELD // self.workers)
         size = min(2 * self._chunk_size[sub_id], fits, pubsub_settings.batch_size, cap)

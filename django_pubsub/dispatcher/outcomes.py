@@ -122,6 +122,8 @@ class OutcomeRecorder:
         timed-out handler keeps its subscription's slot until its thread is free again."""
         ran: dict[int, list[float]] = {}
         for outcome in outcomes:
+            if not outcome.late:
+                self.claimer.settled(outcome.job)
             if outcome.frees_slot:
                 self.claimer.in_flight[outcome.job.subscription_id] -= 1
             if not outcome.unstarted and not outcome.late:

@@ -9,7 +9,8 @@ wake-up per message. In a chunk of an ordered or keyed subscription each job has
 *order* (the subscription's one order, or its message's key): a job starts only once the
 one before it in its order is acked, and a failure hands the rest of its order back
 unstarted, so nothing behind a failed message runs first; other orders go on. Jobs of
-several keys take turns, so the acks of one turn are written in one statement. A batch
+several keys take turns, so the acks of one turn are written in one statement, and the
+last turn's are left to the dispatcher. A batch
 subscription's chunk is one call of its handler with every message of the chunk. A
 transactional subscription's handler runs in a transaction that its ack commits.
 
@@ -375,8 +376,11 @@ class WorkerPool:
                     self._outcomes.append(outcome)
                     if chunk.in_order and outcome.error is not None and job.order is not None:
                         self._hand_back(chunk.take_rest(job.order))
-            self._flush(chunk)
             with self._lock:
+                # The last of each order: nothing behind it starts in this chunk, and no
+                # claim takes what follows it while it is inflight, so the dispatcher acks
+                # these with the rest of the claim (no connection of this thread needed).
+                self._outcomes += self._undefer(chunk)
                 self._active.discard(chunk)
             return False
         finally:
