@@ -108,3 +108,21 @@ def test_the_dispatcher_runs_a_gathering_batch_once_it_waited(dispatch: Any) -> 
     assert counts.acked == 3 and BATCHES == [ids]
     # It waited for more (0.3 s), and looked again well before the 5 s poll.
     assert 0.3 <= time.monotonic() - started < 4
+
+
+def test_in_a_keyed_batch_a_message_without_a_key_holds_nothing_back(
+    dispatch: Any, clock: FakeClock
+) -> None:
+    publish_many("t.batch", [{"n": 0, "fail_in_batch": 1}, {"n": 1}])  # no key
+    dispatch("batch.keyed", clock=clock)
+    rows = Delivery.objects.filter(subscription__name="batch.keyed").order_by("offset")
+    assert [row.state for row in rows] == ["retry", "acked"]
+
+
+def test_drain_runs_a_batch_backlog_of_any_size(transactional_db: None) -> None:
+    from django_pubsub.testing import drain
+
+    ids = publish_many("t.batch", [{"n": n} for n in range(4100)])
+    drained = drain(["batch.keyed"])
+    assert len(drained["batch.keyed"].acked) == len(ids)
+    assert all(len(batch) <= 4 for batch in BATCHES)

@@ -22,7 +22,7 @@ from django_pubsub.models import Delivery, Message, Subscription, Topic
 from tests.conftest import runs, states
 from tests.pubsub_app.models import HandlerRun
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.processes]
 SUBS = ("kill.unordered", "kill.ordered")
 N = 24
 

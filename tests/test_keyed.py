@@ -176,3 +176,34 @@ def test_the_admin_shows_keys_modes_and_blocked_keys(
     behind = Delivery.objects.get(subscription=sub, offset=1)
     page = client.get(f"/admin/django_pubsub/delivery/{behind.pk}/change/").content.decode()
     assert "waits behind message" in page and "of key &#x27;a&#x27;" in page
+
+
+def test_a_hung_head_holds_its_key_here_until_it_returns(dispatch: Any) -> None:
+    """Its attempt timed out and is retried, but not beside the run still going, and
+    nothing behind it starts before that ends (one process: see guarantees 3)."""
+    publish("t.keyed.hang", {"k": "a", "sleep_first": 1.2, "span": True}, key="a")
+    publish("t.keyed.hang", {"k": "a", "span": True}, key="a")
+    publish("t.keyed.hang", {"k": "b", "span": True}, key="b")
+    dispatch("keyed.hang", idle_wait=0.5)
+    a = [run for run in runs("keyed.hang") if run.payload["k"] == "a"]
+    assert [(run.offset, run.attempt) for run in a] == [(0, 1), (0, 2), (1, 1)]
+    hung = a[0]
+    assert all(run.started >= hung.ended for run in a[1:]), [(r.started, r.ended) for r in a]
+    b = [run for run in runs("keyed.hang") if run.payload["k"] == "b"]
+    assert b[0].started < hung.ended  # other keys went on meanwhile
+
+
+def test_replay_and_seek_are_refused_while_a_key_runs(dispatch: Any) -> None:
+    from django_pubsub.exceptions import ActionRefused
+
+    publish("t.keyed", {"k": "a"}, key="a")
+    publish("t.keyed", {"k": "a"}, key="a")
+    dispatch("keyed.one")
+    first, second = Delivery.objects.filter(subscription__name="keyed.one").order_by("offset")
+    Delivery.objects.filter(pk=first.pk).update(state="dead")
+    Delivery.objects.filter(pk=second.pk).update(state="inflight", lease_token="x")
+    with pytest.raises(ActionRefused, match=r"keyed\.one"):
+        Delivery.objects.filter(pk=first.pk).replay(timezone.now())
+    with pytest.raises(ActionRefused, match=r"keyed\.one"):
+        Subscription.objects.get(name="keyed.one").seek(offset=0)
+    assert Delivery.objects.get(pk=first.pk).state == "dead"

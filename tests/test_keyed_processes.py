@@ -22,7 +22,7 @@ from django_pubsub.models import Delivery, Dispatcher
 from tests.conftest import ROOT, runs, wait_for
 from tests.pubsub_app.models import HandlerRun
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.processes]
 KILLS = int(os.environ.get("PUBSUB_SOAK_KILLS", "3"))
 DISPATCHERS = 3
 

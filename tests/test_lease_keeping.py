@@ -22,7 +22,11 @@ from django_pubsub.models import Delivery, Subscription, Topic
 from tests.conftest import is_postgres, runs, states, wait_for
 
 # Minutes, not seconds: an ordered subscription runs every message one after the other.
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(600),
+    pytest.mark.processes,
+]
 RUN = ("lock.ordered", "lock.unordered")  # lease 1 s each
 HANDLER = {"sleep": 1.5, "span": True}
 

@@ -22,7 +22,7 @@ from django_pubsub.models import Delivery, Dispatcher
 from tests.conftest import ROOT, runs, states, wait_for
 from tests.pubsub_app.models import HandlerRun
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.processes]
 KILL_SUBS = "kill.unordered,kill.ordered"
 # The default suite kills twice; a soak sets PUBSUB_SOAK_KILLS (docs/guarantees.md).
 KILLS = int(os.environ.get("PUBSUB_SOAK_KILLS", "2"))

@@ -29,7 +29,7 @@ from django_pubsub.models import Delivery
 from tests.conftest import ROOT, is_postgres, runs, wait_for, write_with_rollbacks
 from tests.pubsub_app.models import HandlerRun
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.processes]
 SCALE_SUBS = ("scale.a", "scale.b", "scale.c", "scale.d", "scale.e")
 SCALE_MESSAGES = int(os.environ.get("PUBSUB_SCALE_MESSAGES", "200"))
 

@@ -22,7 +22,7 @@ from django_pubsub import publish, publish_many
 from tests.conftest import PostgresServer, runs, states, wait_for
 from tests.pubsub_app.models import HandlerRun
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.processes]
 SUBS = ("multi.a", "multi.b", "multi.ordered")
 
 

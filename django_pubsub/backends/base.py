@@ -193,6 +193,7 @@ class Backend:
         token: str,
         dispatcher_id: int | None,
         keyed: bool = False,
+        hung_keys: Sequence[str] = (),
         buries: bool = False,
         batch: tuple[int, float] | None = None,
     ) -> list[Claimed]:
@@ -209,10 +210,13 @@ class Backend:
         ``buries`` (keyed): rows of a key that has a dead letter before them end dead
         instead, unrun, and come back marked ``buried``. ``batch``: (size, wait): lease
         nothing unless ``size`` rows are due, or one has been due for ``wait`` seconds.
+        ``hung_keys`` (keyed): keys whose handler hangs in this process: none of them.
         """
         started = time.monotonic()
         locked = ordered or keyed
-        ctes, cte_params = _picked(subscription_id, ordered, keyed, limit, now, self.skip_locked)
+        ctes, cte_params = _picked(
+            subscription_id, ordered, keyed, limit, now, self.skip_locked, hung_keys
+        )
         update_params: list[Any] = []
         ready = ""
         if batch is not None:
@@ -371,7 +375,13 @@ class Backend:
 
 
 def _picked(
-    subscription_id: int, ordered: bool, keyed: bool, limit: int, now: datetime, skip_locked: bool
+    subscription_id: int,
+    ordered: bool,
+    keyed: bool,
+    limit: int,
+    now: datetime,
+    skip_locked: bool,
+    hung_keys: Sequence[str] = (),
 ) -> tuple[str, list[Any]]:
     """The CTE that picks what a claim leases (``picked``: picked_id, and due, when it
     became due), and its parameters."""
@@ -402,6 +412,9 @@ def _picked(
             f"d.{OFFSET} AND (e.state = %s OR (e.state = %s AND e.available_at > %s))))"
         )
         held_params = [subscription_id, INFLIGHT, RETRY, now]
+        if hung_keys:
+            held_back += f" AND (key IS NULL OR key NOT IN ({', '.join(['%s'] * len(hung_keys))}))"
+            held_params += list(hung_keys)
         skip_locked = False
     skip = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
     # MATERIALIZED: PostgreSQL may otherwise rescan a LIMIT ... SKIP LOCKED subquery as part

@@ -110,7 +110,8 @@ class Claimer:
             # A batch is a chunk. A batch of an ordered or keyed subscription is one claim,
             # so that no two batches share an order; otherwise, when batches are quick, a
             # claim takes several for each worker (as many as its chunk size holds).
-            if sub.effective_ordered or sub.keyed:
+            if sub.effective_ordered or sub.keyed or sub.batch_wait:
+                # (one that gathers: one batch a claim, each ready by itself)
                 limit = sub.batch_size
             else:
                 per_worker = max(1, self._chunk_size[sub.pk] // sub.batch_size)
@@ -183,7 +184,12 @@ class Claimer:
             sent = time.monotonic()
             try:
                 rows = Delivery.objects.claim(
-                    sub, limit=limit, now=now, token=token, dispatcher_id=self.row.pk
+                    sub,
+                    limit=limit,
+                    now=now,
+                    token=token,
+                    dispatcher_id=self.row.pk,
+                    hung_keys=self.hung_keys(sub),
                 )
                 jobs = self.jobs(sub, token, rows, sent)
             except BaseException:
@@ -195,6 +201,19 @@ class Claimer:
             if budget.spent:
                 break
         return budget.claimed
+
+    def hung_keys(self, sub: Subscription) -> list[str]:
+        """The keys of a keyed subscription whose handler outran its timeout here and
+        still runs: nothing more of those keys starts here until it returns."""
+        if not sub.keyed:
+            return []
+        return sorted(
+            {
+                job.order
+                for job, _ in self.pool.stuck()
+                if job.subscription_id == sub.pk and job.order is not None
+            }
+        )
 
     def changed(self, sub_id: int) -> None:
         """New deliveries of the subscription were made, or a chunk of it ended here: a

@@ -473,7 +473,7 @@ class WorkerPool:
                 first = behind[job.order]
                 own = (f"BatchFailure: behind failed message {first} of its batch", "")
             if own is not None:
-                if chunk.in_order:
+                if chunk.in_order and job.order is not None:  # no key: nothing behind it
                     behind.setdefault(job.order, job.message.id)
                 outcomes.append(Outcome(job, own[0], own[1], duration=duration))
             else:

@@ -63,6 +63,7 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         token: str,
         dispatcher_id: int | None,
         gather: bool = True,
+        hung_keys: Sequence[str] = (),
     ) -> list[Claimed]:
         """Lease up to ``limit`` due deliveries; return them with their messages, in offset
         order (an ordered subscription: a run from its head, under its row lock; a keyed
@@ -83,6 +84,7 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
             subscription.pk,
             ordered=subscription.effective_ordered,
             keyed=subscription.keyed,
+            hung_keys=hung_keys,
             buries=subscription.buries_keys,
             batch=batch,
             limit=limit,
@@ -267,7 +269,7 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
             if at_once:
                 yield
                 return
-            wanted = [sub for sub in subs if every or sub.effective_ordered]
+            wanted = [sub for sub in subs if every or sub.effective_ordered or sub.keyed]
             held = [sub for sub in wanted if sub.hold(now, using=using)]
         try:
             yield
@@ -283,7 +285,8 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         For actions that make earlier messages due again: with part of an ordered run in
         flight, the claim would start them beside it.
         """
-        ordered = [sub for sub in subscriptions if sub.effective_ordered]
+        # Keyed ones too: a message made due again would start beside a later one of its key.
+        ordered = [sub for sub in subscriptions if sub.effective_ordered or sub.keyed]
         ordered.sort(key=lambda sub: sub.pk)
         backend = backends.get(self.db)
         with backend.connection.cursor() as cursor:

@@ -108,7 +108,8 @@ def drain(
     Returns what happened per subscription. Inside a transaction each handler runs in a
     savepoint, so one that fails leaves the test's transaction usable, and its writes are
     rolled back. Retries are scheduled without jitter, at exactly the backoff's delay.
-    Timeouts are not enforced: the handler runs in the test's thread.
+    Timeouts are not enforced on def handlers (they run in the test's thread); an async
+    handler is cancelled at its timeout, as in runpubsub.
     """
     from ..conf import pubsub_settings
     from ..dispatcher.workers import handler_message
@@ -133,7 +134,7 @@ def drain(
             token = uuid.uuid4().hex
             claimed = Delivery.objects.using(using).claim(
                 sub,
-                limit=sub.batch_size or batch,
+                limit=batch,
                 now=now,
                 token=token,
                 dispatcher_id=None,
@@ -184,6 +185,8 @@ class _Run:
     handled: Handled
     using: str
     finished: set[int] = field(default_factory=set)
+    # Orders with a failure in this claim: what follows waits.
+    stopped: set[object] = field(default_factory=set)
 
     def unfinished(self, rows: list[Any]) -> list[Any]:
         return [row for row in rows if row.delivery_id not in self.finished]
@@ -203,7 +206,7 @@ class _Run:
     def one_by_one(self, rows: list[Any]) -> None:
         from ..dispatcher.workers import describe, formatted_traceback, handler_message
 
-        stopped: set[object] = set()
+        stopped = self.stopped
         for row in rows:
             order = self.order(row)
             if order is not None and order in stopped:  # waits behind a failed one
@@ -224,6 +227,20 @@ class _Run:
             self._ack([row], [message])
 
     def batch(self, rows: list[Any]) -> None:
+        """The claim's rows a batch of batch_size at a time, in offset order; what follows
+        a failure of its order in a later batch waits (given back)."""
+        size = self.sub.batch_size or len(rows) or 1
+        for start in range(0, len(rows), size):
+            part = []
+            for row in rows[start : start + size]:
+                if self.order(row) is not None and self.order(row) in self.stopped:
+                    _give_back([row], self.token, self.now, self.using)
+                    self.finished.add(row.delivery_id)
+                else:
+                    part.append(row)
+            self._one_batch(part)
+
+    def _one_batch(self, rows: list[Any]) -> None:
         from ..dispatcher.workers import describe, formatted_traceback, handler_message
 
         if not rows:
@@ -259,6 +276,7 @@ class _Run:
                 continue
             if order is not None:
                 behind.setdefault(order, message.id)
+                self.stopped.add(order)
             self.finished.add(row.delivery_id)
             self._fail(row, message, error, trace)
         if done:

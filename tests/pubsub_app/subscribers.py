@@ -336,3 +336,8 @@ def tx_kill(message: Message) -> None:
     """One row per message, written in the transaction its ack commits in."""
     record_only(message)
     time.sleep(message.payload.get("sleep", 0) if isinstance(message.payload, dict) else 0)
+
+
+@subscriber("t.keyed.hang", name="keyed.hang", ordered="key", timeout=0.3, backoff={"base": 0.1})
+def keyed_hang(message: Message) -> None:
+    record(message)
