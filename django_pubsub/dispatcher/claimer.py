@@ -110,7 +110,7 @@ class Claimer:
             # A batch is a chunk. A batch of an ordered or keyed subscription is one claim,
             # so that no two batches share an order; otherwise, when batches are quick, a
             # claim takes several for each worker (as many as its chunk size holds).
-            if sub.effective_ordered or sub.keyed or sub.batch_wait:
+            if sub.keeps_order or sub.batch_wait:
                 # (one that gathers: one batch a claim, each ready by itself)
                 limit = sub.batch_size
             else:
@@ -136,7 +136,7 @@ class Claimer:
         promised = 0
         if budget is not None and Topic.leases_at_fan_out():
             for sub in self.subscriptions.rotated(advance=False):
-                if sub.topic_id != topic_id or sub.effective_ordered or sub.keyed:
+                if sub.topic_id != topic_id or sub.keeps_order:
                     continue  # an ordered run is claimed under its subscription's lock
                 if sub.batch_size and sub.batch_wait:
                     continue  # a batch's claim waits until the batch is ready
@@ -250,7 +250,7 @@ class Claimer:
             if row.buried:
                 self._report_buried(sub, row)
                 continue
-            order = "" if sub.effective_ordered else row.key if sub.keyed else None
+            order = sub.order_of(row.key)
             message = handler_message(sub, row)
             job = Job(row.delivery_id, token, sub.pk, message, handler, deadline, timeout)
             job.order = order
@@ -286,7 +286,7 @@ class Claimer:
         if not jobs:
             return
         sub = self.subscriptions[jobs[0].subscription_id]
-        in_order = sub.effective_ordered or sub.keyed
+        in_order = sub.keeps_order
         atomic = router.db_for_write(Delivery) if sub.delivery == "transactional" else None
         # The worker acks what it ran itself where order needs it, and in a transactional
         # handler's transaction. (Not otherwise: outside a handler's own use of the

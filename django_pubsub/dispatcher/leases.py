@@ -150,7 +150,7 @@ class Recovery:
         ]:
             token = leased_to or ""  # inflight: always leased
             sub = self.subscriptions.get(sub_id) or Subscription.objects.get(pk=sub_id)
-            in_order = sub.effective_ordered or (sub.keyed and key is not None)
+            in_order = sub.order_of(key) is not None
             if in_order and not sub.batch_size:
                 order = (sub_id, key if sub.keyed else None)
                 if order not in heads:

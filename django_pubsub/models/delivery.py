@@ -269,7 +269,7 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
             if at_once:
                 yield
                 return
-            wanted = [sub for sub in subs if every or sub.effective_ordered or sub.keyed]
+            wanted = [sub for sub in subs if every or sub.keeps_order]
             held = [sub for sub in wanted if sub.hold(now, using=using)]
         try:
             yield
@@ -286,7 +286,7 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
         flight, the claim would start them beside it.
         """
         # Keyed ones too: a message made due again would start beside a later one of its key.
-        ordered = [sub for sub in subscriptions if sub.effective_ordered or sub.keyed]
+        ordered = [sub for sub in subscriptions if sub.keeps_order]
         ordered.sort(key=lambda sub: sub.pk)
         backend = backends.get(self.db)
         with backend.connection.cursor() as cursor:
@@ -435,7 +435,7 @@ class Delivery(models.Model):
                 f"Waiting to retry at {_local(self.available_at)} "
                 f"(attempt {self.attempts + 1} of {sub.effective_max_attempts})."
             )
-        if sub.effective_ordered or (sub.keyed and self.key is not None):
+        if sub.order_of(self.key) is not None:
             ahead = Delivery.objects.heads(self.subscription_id).filter(offset__lt=self.offset)
             head = ahead.filter(key=self.key).first() if sub.keyed else ahead.first()
             if head is not None:

@@ -94,6 +94,19 @@ class Subscription(models.Model):
         return pubsub_settings.ordered if self.ordered is None else self.ordered
 
     @property
+    def keeps_order(self) -> bool:
+        """Ordered, for the whole subscription or per key: a message may wait behind
+        another."""
+        return self.keyed or self.effective_ordered
+
+    def order_of(self, key: str | None) -> str | None:
+        """The order a message with ``key`` keeps: the subscription's one order (""), its
+        key, or None (it waits for nothing)."""
+        if self.effective_ordered:
+            return ""
+        return key if self.keyed else None
+
+    @property
     def ordering(self) -> str:
         """How its messages are ordered: "key", "subscription" or "none"."""
         if self.keyed:

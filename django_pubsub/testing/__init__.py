@@ -192,9 +192,7 @@ class _Run:
         return [row for row in rows if row.delivery_id not in self.finished]
 
     def order(self, row: Any) -> object:
-        if self.sub.effective_ordered:
-            return ""
-        return row.key if self.sub.keyed else None
+        return self.sub.order_of(row.key)
 
     def atomic(self) -> Any:
         """Each handler in a transaction when it is transactional, or in a savepoint when
