@@ -399,33 +399,42 @@ def _picked(
         )
         params: list[Any] = [subscription_id, PENDING, RETRY, INFLIGHT, limit]
         return ctes, [*params, INFLIGHT, now, subscription_id]
+    held = ""
     held_back = ""
     held_params: list[Any] = []
     if keyed:
-        # Each key's run from its head: a row goes unless an earlier unfinished row of its
-        # key is inflight or not yet due (one probe of the keys' index per row). Rows
-        # without a key wait for nothing. The subscription's row lock, not SKIP LOCKED,
-        # keeps two claims from leasing parts of one key's run.
-        held_back = (
-            f" AND (key IS NULL OR NOT EXISTS (SELECT 1 FROM {DELIVERY} e WHERE "
-            f"e.subscription_id = %s AND e.key = d.key AND {KEYS_SQL} AND e.{OFFSET} < "
-            f"d.{OFFSET} AND (e.state = %s OR (e.state = %s AND e.available_at > %s))))"
+        # Each key's run from its head: a row goes unless its key is held, by a row of it
+        # that runs or waits for a retry not yet due (found in the keys' index, which holds
+        # only such rows and dead ones: a short list, read once). A row earlier than a
+        # held key's running one is held too: it waits, never overtakes. Rows without a
+        # key wait for nothing. The subscription's row lock, not SKIP LOCKED, keeps two
+        # claims from leasing parts of one key's run. (A probe of that index per row, the
+        # first way, walked every waiting row of a running key: 60 ms behind 10,000.)
+        held = (
+            f"held AS MATERIALIZED (SELECT DISTINCT key FROM {DELIVERY} WHERE "
+            f"subscription_id = %s AND {KEYS_SQL} AND (state = %s OR (state = %s AND "
+            f"available_at > %s))), "
         )
         held_params = [subscription_id, INFLIGHT, RETRY, now]
+        held_back = " AND (key IS NULL OR key NOT IN (SELECT key FROM held))"
         if hung_keys:
             held_back += f" AND (key IS NULL OR key NOT IN ({', '.join(['%s'] * len(hung_keys))}))"
-            held_params += list(hung_keys)
         skip_locked = False
     skip = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
     # MATERIALIZED: PostgreSQL may otherwise rescan a LIMIT ... SKIP LOCKED subquery as part
     # of a join and lease more rows than asked for.
     ctes = (
-        f"picked AS MATERIALIZED (SELECT id AS picked_id, available_at AS due FROM {DELIVERY} d "
-        f"WHERE subscription_id = %s AND {UNFINISHED_SQL} AND state IN (%s, %s) "
+        f"{held}picked AS MATERIALIZED (SELECT id AS picked_id, available_at AS due FROM "
+        f"{DELIVERY} d WHERE subscription_id = %s AND {UNFINISHED_SQL} AND state IN (%s, %s) "
         f"AND {_due(keyed)} AND {NOT_PAUSED_SQL}{held_back} "
         f"ORDER BY {OFFSET} LIMIT %s{skip})"
     )
-    return ctes, [subscription_id, PENDING, RETRY, now, subscription_id, *held_params, limit]
+    return ctes, [
+        *held_params,
+        *[subscription_id, PENDING, RETRY, now, subscription_id],
+        *hung_keys,
+        limit,
+    ]
 
 
 def _due(keyed: bool) -> str:
