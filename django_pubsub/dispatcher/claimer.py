@@ -34,7 +34,7 @@ CHUNK_SECONDS = 0.05
 MAX_HELD = 20_000
 # Seconds a keyed subscription whose claim found less than it asked for is not claimed
 # again, unless a chunk of it ends here or new deliveries of it are made first: each such
-# claim walks its waiting rows, and while its keys run here nothing more can be found. (What
+# claim reads its waiting rows, and while its keys run here nothing more can be found. (What
 # other processes finish, and retries that become due, are found within this time.)
 KEYED_RECHECK = 0.5
 
