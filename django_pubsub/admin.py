@@ -67,10 +67,33 @@ class TopicAdmin(ReadOnlyAdmin):
         return [path("dashboard/", view, name="django_pubsub_dashboard"), *super().get_urls()]
 
 
+class ScheduledFilter(admin.SimpleListFilter):
+    title = "schedule"
+    parameter_name = "schedule"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("later", "published for later, not in the log yet"), ("expiring", "expiring")]
+
+    def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        if self.value() == "later":
+            return queryset.filter(offset__isnull=True, deliver_at__isnull=False)
+        if self.value() == "expiring":
+            return queryset.filter(expires_at__isnull=False)
+        return queryset
+
+
 @admin.register(Message)
 class MessageAdmin(ReadOnlyAdmin):
-    list_display = ["id", "topic", "offset", "key", to_the_second("published_at")]
-    list_filter = ["topic"]
+    list_display = [
+        "id",
+        "topic",
+        "offset",
+        "key",
+        to_the_second("published_at"),
+        to_the_second("deliver_at"),
+        to_the_second("expires_at"),
+    ]
+    list_filter = ["topic", ScheduledFilter]
     search_fields = ["=id", "key"]
     list_select_related = ["topic"]
     exclude = ["payload", "payload_bytes"]

@@ -25,6 +25,10 @@ class InvalidKey(PubSubError, TypeError):
     """A message key that is not a short string."""
 
 
+class InvalidSchedule(PubSubError, ValueError):
+    """A ``deliver_at``/``delay`` or ``expires_at``/``ttl`` that cannot work as given."""
+
+
 class InvalidSubscriber(PubSubError, ImproperlyConfigured):
     """A ``@subscriber`` declaration that cannot work as written."""
 

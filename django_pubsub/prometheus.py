@@ -11,6 +11,12 @@ def registry_for(figures: Figures) -> CollectorRegistry:
     """A registry holding one snapshot of the figures (built per scrape)."""
     registry = CollectorRegistry()
     published = Gauge("pubsub_topic_published", "Messages published", ["topic"], registry=registry)
+    scheduled = Gauge(
+        "pubsub_topic_scheduled",
+        "Messages published for later whose time has not come",
+        ["topic"],
+        registry=registry,
+    )
     deliveries = Gauge(
         "pubsub_deliveries",
         "Deliveries by state",
@@ -38,6 +44,7 @@ def registry_for(figures: Figures) -> CollectorRegistry:
     alive = Gauge("pubsub_dispatchers_alive", "Dispatchers alive", registry=registry)
     for topic in figures.topics:
         published.labels(topic.name).set(topic.published)
+        scheduled.labels(topic.name).set(topic.scheduled)
     for sub in figures.subscriptions:
         for state, count in sub.states.items():
             deliveries.labels(sub.name, sub.topic, state).set(count)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
@@ -13,7 +15,7 @@ from . import backends, signals
 from .backends.base import INSERT_BATCH
 from .conf import pubsub_settings
 from .exceptions import InvalidPayload
-from .validation import check_headers, check_key, check_payload, check_topic
+from .validation import check_headers, check_key, check_payload, check_schedule, check_topic
 
 
 def publish(
@@ -22,17 +24,28 @@ def publish(
     *,
     key: str | None = None,
     headers: Mapping[str, str] | None = None,
+    deliver_at: datetime | None = None,
+    delay: float | timedelta | None = None,
+    expires_at: datetime | None = None,
+    ttl: float | timedelta | None = None,
 ) -> int:
     """Publish one message to ``topic``; return its id.
 
     The row is written on the default database inside the caller's transaction: if that
     transaction rolls back, nothing is published. Outside a transaction it commits at once.
+
+    ``deliver_at`` (or ``delay``, seconds or a timedelta from now): the message joins the
+    topic's log then, and no subscription runs it before. ``expires_at`` (or ``ttl``,
+    counted from when it is due): a delivery of it not started by then ends "expired",
+    unrun.
     """
     check_topic(topic)
     key = check_key(key)
     header_dict = check_headers(headers)
     body = check_payload(payload, pubsub_settings.max_payload_bytes)
-    return _write(topic, [body], key, header_dict)[0]
+    now = timezone.now()
+    schedule = check_schedule(now, deliver_at, delay, expires_at, ttl)
+    return _write(topic, [body], key, header_dict, now, schedule)[0]
 
 
 def publish_many(
@@ -41,11 +54,18 @@ def publish_many(
     *,
     key: str | None = None,
     headers: Mapping[str, str] | None = None,
+    deliver_at: datetime | None = None,
+    delay: float | timedelta | None = None,
+    expires_at: datetime | None = None,
+    ttl: float | timedelta | None = None,
 ) -> list[int]:
-    """Publish several messages to ``topic`` atomically, in order; return their ids."""
+    """Publish several messages to ``topic`` atomically, in order; return their ids.
+    The keywords apply to every one of them, as publish() says."""
     check_topic(topic)
     key = check_key(key)
     header_dict = check_headers(headers)
+    now = timezone.now()
+    schedule = check_schedule(now, deliver_at, delay, expires_at, ttl)
     if isinstance(payloads, str | bytes | bytearray | Mapping) or not isinstance(
         payloads, Iterable
     ):
@@ -62,17 +82,21 @@ def publish_many(
             raise InvalidPayload(f"payloads[{index}]: {exc}") from None
     if not checked:
         return []
-    return _write(topic, checked, key, header_dict)
+    return _write(topic, checked, key, header_dict, now, schedule)
 
 
 def _write(
-    topic: str, checked: list[str | bytes | None], key: str | None, header_dict: dict[str, str]
+    topic: str,
+    checked: list[str | bytes | None],
+    key: str | None,
+    header_dict: dict[str, str],
+    now: datetime,
+    schedule: tuple[datetime | None, datetime | None],
 ) -> list[int]:
     """Insert checked payloads (as check_payload() returns them: JSON text, bytes or None);
     tell the receivers of message_published."""
     from .models import Message
 
-    now = timezone.now()
     # The default database, as documented (docs/guarantees.md), whatever a router says of
     # reads: the caller's transaction is there, and a replica would refuse the write.
     connection = connections[DEFAULT_DB_ALIAS]
@@ -82,10 +106,13 @@ def _write(
     # commits on its own; more need a transaction of their own.
     single = len(checked) <= INSERT_BATCH and not connection.in_atomic_block
     with nullcontext() if single else transaction.atomic(savepoint=False):
-        ids = backend.insert_messages(topic, checked, key=key, headers=header_dict, now=now)
+        insert = functools.partial(
+            backend.insert_messages, key=key, headers=header_dict, now=now, schedule=schedule
+        )
+        ids = insert(topic, checked)
         if ids is None:  # the first message of this topic: create it, then insert
             _create_topic(topic)
-            ids = backend.insert_messages(topic, checked, key=key, headers=header_dict, now=now)
+            ids = insert(topic, checked)
     assert ids is not None
     signals.send(signals.message_published, Message, savepoint=True, topic=topic, ids=ids)
     return ids

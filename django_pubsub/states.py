@@ -14,8 +14,10 @@ class DeliveryState(models.TextChoices):
     # Given up on by an operator (recorded in the admin log): runs again only after a
     # seek back before it.
     DISCARDED = "discarded"
+    # Not started before its message's expires_at: ended unrun.
+    EXPIRED = "expired"
 
 
 WAITING = (DeliveryState.PENDING, DeliveryState.RETRY)
 UNFINISHED = (DeliveryState.PENDING, DeliveryState.RETRY, DeliveryState.INFLIGHT)
-ENDED = (DeliveryState.ACKED, DeliveryState.DEAD, DeliveryState.DISCARDED)
+ENDED = (DeliveryState.ACKED, DeliveryState.DEAD, DeliveryState.DISCARDED, DeliveryState.EXPIRED)

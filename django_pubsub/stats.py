@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import Count, Min, Q
-from django.db.models.functions import TruncMinute
+from django.db.models.functions import Coalesce, Greatest, TruncMinute
 from django.utils import timezone
 
 from . import backends
@@ -57,6 +57,9 @@ class TopicFigures:
     failed: int = 0
     dead: int = 0
     queue: int = 0
+    # Messages published for later (deliver_at) that have not joined the log yet: not in
+    # any lag until then.
+    scheduled: int = 0
     # The largest lag and age among its active subscriptions.
     lag: int = 0
     oldest_age: float | None = None
@@ -119,7 +122,8 @@ def _collect(now: datetime) -> Figures:
     # Subscriptions before topics: a position never passes its topic's head.
     subscriptions = list(Subscription.objects.order_by("name"))
     topics = {topic.pk: topic for topic in Topic.objects.all()}
-    unsequenced, first_unsequenced = _unsequenced()
+    unsequenced, first_unsequenced = _unsequenced(now)
+    scheduled = _scheduled(now)
     by_state: dict[int, dict[str, int]] = {}
     failed: dict[int, int] = {}
     rows = Delivery.objects.values_list("subscription_id", "state").annotate(
@@ -130,7 +134,10 @@ def _collect(now: datetime) -> Figures:
         failed[sub_id] = failed.get(sub_id, 0) + failures
     topic_figures = {
         pk: TopicFigures(
-            name=topic.name, published=topic.next_offset + unsequenced.get(pk, 0), subscribers=0
+            name=topic.name,
+            published=topic.next_offset + unsequenced.get(pk, 0) + scheduled.get(pk, 0),
+            subscribers=0,
+            scheduled=scheduled.get(pk, 0),
         )
         for pk, topic in topics.items()
     }
@@ -186,7 +193,7 @@ def health(now: datetime) -> Health:
     with _snapshot():
         subscriptions = list(Subscription.objects.filter(active=True, paused=False))
         topics = {topic.pk: topic for topic in Topic.objects.all()}
-        first_unsequenced = _unsequenced()[1]
+        first_unsequenced = _unsequenced(now)[1]
         ages = [
             _age(now, _oldest_unhandled(sub, topics[sub.topic_id], first_unsequenced))
             for sub in subscriptions
@@ -195,16 +202,30 @@ def health(now: datetime) -> Health:
         return Health(alive_dispatchers(now), max(known) if known else None)
 
 
-def _unsequenced() -> tuple[dict[int, int], dict[int, datetime]]:
-    """Per topic, the messages not yet sequenced: how many, and when the first was
-    published (through the partial index on exactly those)."""
+def _unsequenced(now: datetime) -> tuple[dict[int, int], dict[int, datetime]]:
+    """Per topic, the messages due by ``now`` not yet sequenced: how many, and since when
+    the first has waited (published, or due later; through the partial index on the
+    unsequenced)."""
     counts: dict[int, int] = {}
     firsts: dict[int, datetime] = {}
-    waiting = Message.objects.unsequenced().values("topic_id")
-    for row in waiting.annotate(n=Count("id"), first=Min("published_at")):
+    waiting = Message.objects.unsequenced(now).values("topic_id")
+    for row in waiting.annotate(n=Count("id"), first=Min(_since())):
         counts[row["topic_id"]] = row["n"]
         firsts[row["topic_id"]] = row["first"]
     return counts, firsts
+
+
+def _since(prefix: str = "") -> Coalesce:
+    """A message's waiting time counts from when it was published, or, for one published
+    for later, from when its time came. (Greatest is NULL with a NULL on SQLite.)"""
+    published, due = f"{prefix}published_at", f"{prefix}deliver_at"
+    return Coalesce(Greatest(due, published), published)
+
+
+def _scheduled(now: datetime) -> dict[int, int]:
+    """Per topic, the messages published for later whose time has not come."""
+    rows = Message.objects.scheduled(now).values("topic_id").annotate(n=Count("id"))
+    return {row["topic_id"]: row["n"] for row in rows}
 
 
 def alive_dispatchers(now: datetime) -> list[DispatcherFigures]:
@@ -230,14 +251,16 @@ def _age(now: datetime, published_at: datetime | None) -> float | None:
 def _oldest_unhandled(
     sub: Subscription, topic: Topic, first_unsequenced: dict[int, datetime]
 ) -> datetime | None:
-    """When the oldest message this subscription has not finished was published."""
+    """Since when the oldest message this subscription has not finished has waited
+    (published, or due if published for later)."""
     unsequenced = first_unsequenced.get(topic.pk)
     candidates = [unsequenced] if unsequenced else []
     head = (
         Delivery.objects.unfinished()
         .filter(subscription=sub)
         .order_by("offset")
-        .values_list("message__published_at", flat=True)
+        .annotate(since=_since("message__"))
+        .values_list("since", flat=True)
         .first()
     )
     if head is not None:
@@ -245,7 +268,8 @@ def _oldest_unhandled(
     if sub.position < topic.next_offset:
         next_up = (
             Message.objects.filter(topic_id=topic.pk, offset=sub.position)
-            .values_list("published_at", flat=True)
+            .annotate(since=_since())
+            .values_list("since", flat=True)
             .first()
         )
         if next_up is not None:
@@ -268,6 +292,7 @@ def as_table(figures: Figures) -> str:
             "failed",
             "dead",
             "queue",
+            "scheduled",
             "lag",
             "oldest",
         ],
@@ -280,6 +305,7 @@ def as_table(figures: Figures) -> str:
                 t.failed,
                 t.dead,
                 t.queue,
+                t.scheduled,
                 t.lag,
                 age(t.oldest_age),
             ]
@@ -297,6 +323,7 @@ def as_table(figures: Figures) -> str:
             "acked",
             "dead",
             "discarded",
+            "expired",
             "failed",
             "lag",
             "oldest",
@@ -312,6 +339,7 @@ def as_table(figures: Figures) -> str:
                 s.states["acked"],
                 s.states["dead"],
                 s.states["discarded"],
+                s.states["expired"],
                 s.failed,
                 s.lag,
                 age(s.oldest_age),

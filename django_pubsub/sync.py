@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from django.db import transaction
+from django.utils import timezone
 
 from . import backends, registry
 from .conf import pubsub_settings
@@ -90,7 +91,8 @@ def _sync_one(spec: SubscriberSpec, using: str, result: SyncResult) -> None:
         position = Topic.first_stored(topic.pk, using=using)
         if start == "latest":
             batch = pubsub_settings.batch_size
-            while Topic.sequence(topic.pk, batch=batch, using=using) == batch:
+            now = timezone.now()
+            while Topic.sequence(topic.pk, batch=batch, now=now, using=using) == batch:
                 pass
             position = Topic.objects.using(using).get(pk=topic.pk).next_offset
         Subscription.objects.using(using).create(

@@ -7,9 +7,13 @@ import math
 import re
 import sys
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
-from .exceptions import InvalidHeaders, InvalidKey, InvalidPayload, InvalidTopic
+from django.conf import settings
+from django.utils import timezone
+
+from .exceptions import InvalidHeaders, InvalidKey, InvalidPayload, InvalidSchedule, InvalidTopic
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,200}")
 KEY_MAX_LENGTH = 255
@@ -171,3 +175,53 @@ def is_positive_number(value: object, maximum: float = MAX_SECONDS) -> bool:
 
 def is_positive_int(value: object, maximum: int = MAX_COUNT) -> bool:
     return isinstance(value, int) and is_positive_number(value, maximum)
+
+
+def check_schedule(
+    now: datetime,
+    deliver_at: object = None,
+    delay: object = None,
+    expires_at: object = None,
+    ttl: object = None,
+) -> tuple[datetime | None, datetime | None]:
+    """publish()'s deliver_at/delay and expires_at/ttl as two times (None: not given):
+    when the message joins its topic's log, and after which no delivery of it starts.
+    ``ttl`` counts from the first: a message published for later lives that long from
+    then."""
+    due = _moment("deliver_at", deliver_at, "delay", delay, now, zero_ok=True)
+    expiry = _moment("expires_at", expires_at, "ttl", ttl, due or now, zero_ok=False)
+    if expiry is not None and expiry <= (due or now):
+        when = "its deliver_at" if due is not None else "now"
+        raise InvalidSchedule(
+            f"expires_at ({expiry.isoformat()}) must be after {when} "
+            f"({(due or now).isoformat()}): the message could never run."
+        )
+    return due, expiry
+
+
+def _moment(
+    at_name: str, at: object, span_name: str, span: object, base: datetime, *, zero_ok: bool
+) -> datetime | None:
+    if at is not None and span is not None:
+        raise InvalidSchedule(f"Pass {at_name}= or {span_name}=, not both.")
+    if at is not None:
+        if not isinstance(at, datetime) or timezone.is_aware(at) != settings.USE_TZ:
+            kind = "an aware" if settings.USE_TZ else "a naive"
+            raise InvalidSchedule(f"{at_name} must be {kind} datetime (USE_TZ); got {at!r}.")
+        return at
+    if span is None:
+        return None
+    seconds = span.total_seconds() if isinstance(span, timedelta) else span
+    bounds = f"from 0 to {MAX_SECONDS}" if zero_ok else f"above 0 and at most {MAX_SECONDS}"
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+        or not (seconds >= 0 if zero_ok else seconds > 0)
+        or seconds > MAX_SECONDS
+    ):
+        raise InvalidSchedule(
+            f"{span_name} must be seconds {bounds} (a year), as a number or a timedelta; "
+            f"got {span!r}."
+        )
+    return base + timedelta(seconds=seconds)

@@ -33,6 +33,9 @@ OFFSET = '"offset"'
 # bound parameter never matches a literal; so queries that need one add these.
 UNFINISHED_SQL = "state IN ('pending', 'retry', 'inflight')"
 INFLIGHT_SQL = "state = 'inflight'"
+# A message that may join its topic's log by the sequencer's time (a parameter): published
+# without a deliver_at, or whose deliver_at has come.
+DUE_SQL = "(deliver_at IS NULL OR deliver_at <= %s)"
 # The keyed deliveries' index (pubsub_delivery_keys): only the rows that can hold a key
 # back (running, waiting for a retry, dead), so that asking whether one does costs the
 # same however many messages of the key are pending.
@@ -54,6 +57,7 @@ INFLIGHT, DEAD = DeliveryState.INFLIGHT.value, DeliveryState.DEAD.value
 # Every state a delivery may have reached since the snapshot that picked it for a claim:
 # an operator's discard included, or an ordered claim could run what was discarded.
 TAKEN = (INFLIGHT, *(state.value for state in ENDED))
+TAKEN_SQL = ", ".join(["%s"] * len(TAKEN))
 
 
 class Backend:
@@ -82,6 +86,7 @@ class Backend:
         key: str | None,
         headers: dict[str, str],
         now: datetime,
+        schedule: tuple[datetime | None, datetime | None] = (None, None),
     ) -> list[int] | None:
         """Insert messages into the topic named ``topic``, in order, in the caller's
         transaction; their ids, or None (nothing written) when the topic does not exist
@@ -93,11 +98,15 @@ class Backend:
         connection up again for each was a measurable part of what is Python's in it.
         """
         connection = self.connection
-        # The same for every message of the call, so sent once.
+        adapt = connection.ops.adapt_datetimefield_value
+        # The same for every message of the call, so sent once: key, headers, published
+        # at, deliver at, expires at.
         shared = [
             key,
             json.dumps(headers) if headers else "{}",
-            connection.ops.adapt_datetimefield_value(now),
+            adapt(now),
+            adapt(schedule[0]),
+            adapt(schedule[1]),
         ]
         ids: list[int] = []
         for start in range(0, len(bodies), INSERT_BATCH):
@@ -118,16 +127,17 @@ class Backend:
     ) -> tuple[str, list[Any]]:
         """The INSERT of one batch of message bodies (JSON text, bytes or None, as
         validation.check_payload() returns them), with its parameters: ``shared`` (key,
-        headers, time) are the same for every message, and ``first`` says whether it is
-        the call's first batch."""
+        headers, the published, deliver and expiry times) are the same for every message,
+        and ``first`` says whether it is the call's first batch."""
         raise NotImplementedError
 
     # -- sequencing and fan-out ------------------------------------------------------------
 
-    def sequence(self, *, batch: int, topic_id: int | None = None) -> dict[int, int]:
-        """Give committed unsequenced messages of every topic (or the one given) the next
-        offsets, up to ``batch`` a topic, in id order, under the topic's row lock; {topic
-        id: messages sequenced} for those that got any."""
+    def sequence(self, *, batch: int, now: datetime, topic_id: int | None = None) -> dict[int, int]:
+        """Give committed unsequenced messages of every topic (or the one given) that are
+        due by ``now`` (DUE_SQL) the next offsets, up to ``batch`` a topic, in id order,
+        under the topic's row lock; {topic id: messages sequenced} for those that got
+        any."""
         raise NotImplementedError
 
     def subscriptions_behind(self, topic_id: int | None = None) -> list[tuple[int, int]]:
@@ -462,6 +472,6 @@ def _claim_update(in_picked: str, ready: str = "", keyed: bool = False) -> str:
     return (
         f"UPDATE {DELIVERY} SET state = %s, attempts = attempts + 1, lease_token = %s, "
         f"lease_expires_at = %s, dispatcher_id = %s, updated_at = %s "
-        f"WHERE id {in_picked} AND state NOT IN (%s, %s, %s, %s) AND {_due(keyed)}{ready} "
+        f"WHERE id {in_picked} AND state NOT IN ({TAKEN_SQL}) AND {_due(keyed)}{ready} "
         f"RETURNING id, attempts, message_id"
     )

@@ -107,14 +107,14 @@ class PostgreSQLBackend(Backend):
 
     # -- sequencing and fan-out ------------------------------------------------------------
 
-    def sequence(self, *, batch: int, topic_id: int | None = None) -> dict[int, int]:
-        """One call of the function that migration 0004 creates: one round trip whatever
-        the number of topics, and the server keeps the plans of the statements inside it.
-        Its migration says why it cannot skip a message."""
+    def sequence(self, *, batch: int, now: datetime, topic_id: int | None = None) -> dict[int, int]:
+        """One call of the function that migration 0004 creates (0010 gave it ``now``):
+        one round trip whatever the number of topics, and the server keeps the plans of
+        the statements inside it. Its migration says why it cannot skip a message."""
         with self.connection.wrap_database_errors, self.bound_cursor() as cursor:
             cursor.execute(
-                "SELECT topic_id, sequenced FROM django_pubsub_sequence(%s, %s, %s)",
-                [int(batch), self.may_commit_lazily(), topic_id],
+                "SELECT topic_id, sequenced FROM django_pubsub_sequence(%s, %s, %s, %s)",
+                [int(batch), self.may_commit_lazily(), topic_id, now],
             )
             return {int(topic): int(count) for topic, count in cursor.fetchall()}
 
@@ -195,7 +195,7 @@ class PostgreSQLBackend(Backend):
         return (
             f"WITH {ctes}, claimed AS ({update}) SELECT c.id, c.attempts, m.id, m.{OFFSET}, "
             f"m.payload::text, m.payload_bytes, m.key, m.headers::text, m.published_at, "
-            f"{LAZY_COMMIT if self.may_commit_lazily() else 'NULL'} "
+            f"m.expires_at, {LAZY_COMMIT if self.may_commit_lazily() else 'NULL'} "
             f"FROM claimed c JOIN {MESSAGE} m ON m.id = c.message_id"
         )
 
@@ -300,8 +300,8 @@ def _insert_sql(rows: int, notify: bool) -> str:
     it every time was a tenth of the client's share. Typed, where a NULL parameter would
     otherwise have no type. ``notify``: the statement also notifies a channel, the last
     parameter."""
-    columns = "topic_id, payload, payload_bytes, key, headers, published_at"
-    shared_sql = "%s::varchar, %s::jsonb, %s::timestamptz"
+    columns = "topic_id, payload, payload_bytes, key, headers, published_at, deliver_at, expires_at"
+    shared_sql = "%s::varchar, %s::jsonb, %s::timestamptz, %s::timestamptz, %s::timestamptz"
     if rows == 1:
         # The common case, in the plainest statement the server can plan.
         insert = (
@@ -365,6 +365,6 @@ _LEASING_FAN_OUT = (
     # batch chose: a scan of a million messages of history per fan-out).
     f"SELECT totals.n, totals.position, c.subscription_id, c.id, c.attempts, m.* "
     f"FROM totals LEFT JOIN (created c CROSS JOIN LATERAL (SELECT m.id, m.{OFFSET}, "
-    f"m.payload::text, m.payload_bytes, m.key, m.headers::text, m.published_at "
-    f"FROM {MESSAGE} m WHERE m.id = c.message_id LIMIT 1) m) ON c.leased"
+    f"m.payload::text, m.payload_bytes, m.key, m.headers::text, m.published_at, "
+    f"m.expires_at FROM {MESSAGE} m WHERE m.id = c.message_id LIMIT 1) m) ON c.leased"
 )

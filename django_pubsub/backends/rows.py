@@ -30,6 +30,8 @@ class Claimed(NamedTuple):
     key: str | None
     headers: dict[str, str]
     published_at: datetime
+    # The message's expires_at: a delivery leased after it is not to run.
+    expires_at: datetime | None = None
     # Ended dead unrun by the claim (a keyed subscription whose key has a dead letter
     # before it, on_dead="dead_letter_key"): not to run.
     buried: bool = False
@@ -37,11 +39,14 @@ class Claimed(NamedTuple):
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Claimed:
         """From the columns delivery id, attempt, message id, offset, payload as JSON
-        text, payload bytes, key, headers as JSON text, published at."""
+        text, payload bytes, key, headers as JSON text, published at, expires at."""
         payload = decode_body(row[4], row[5])
-        return cls(
-            row[0], row[1], row[2], row[3], payload, row[6], json.loads(row[7]) or {}, row[8]
-        )
+        headers = json.loads(row[7]) or {}
+        return cls(row[0], row[1], row[2], row[3], payload, row[6], headers, row[8], row[9])
+
+    def expired_by(self, now: datetime) -> bool:
+        """Whether its message expired by ``now``: then it ends "expired", unrun."""
+        return self.expires_at is not None and self.expires_at <= now
 
 
 class Lease(NamedTuple):

@@ -11,6 +11,7 @@ from typing import IO, Any
 from django.db import transaction
 
 from .base import (
+    DUE_SQL,
     MESSAGE,
     OFFSET,
     SUBSCRIPTION,
@@ -21,7 +22,16 @@ from .data_version import DataVersionWaker
 from .rows import Claimed, FanOut, Lease, in_list
 
 # The message columns a claim's handlers get, as the ORM would read them.
-_MESSAGE_FIELDS = ("id", "offset", "payload", "payload_bytes", "key", "headers", "published_at")
+_MESSAGE_FIELDS = (
+    "id",
+    "offset",
+    "payload",
+    "payload_bytes",
+    "key",
+    "headers",
+    "published_at",
+    "expires_at",
+)
 _READ_MESSAGES = 'SELECT {} FROM {} WHERE {}."id" '.format(
     ", ".join(f'{MESSAGE}."{name}" AS "{name}"' for name in _MESSAGE_FIELDS), MESSAGE, MESSAGE
 )
@@ -73,22 +83,24 @@ class SQLiteBackend(Backend):
 
     # -- sequencing and fan-out ------------------------------------------------------------
 
-    def sequence(self, *, batch: int, topic_id: int | None = None) -> dict[int, int]:
+    def sequence(self, *, batch: int, now: datetime, topic_id: int | None = None) -> dict[int, int]:
+        at = self.connection.ops.adapt_datetimefield_value(now)
         if topic_id is not None:
-            count = self._sequence_topic(topic_id, batch)
+            count = self._sequence_topic(topic_id, batch, at)
             return {topic_id: count} if count else {}
         # This runs every pass, and on the way from a commit to its handler. SQLite,
         # without statistics, would rather scan the whole (topic, offset) index.
         with self.connection.cursor() as cursor:
             cursor.execute(
                 f'SELECT DISTINCT "topic_id" FROM {MESSAGE} INDEXED BY pubsub_message_unsequenced '
-                f"WHERE {OFFSET} IS NULL"
+                f"WHERE {OFFSET} IS NULL AND {DUE_SQL}",
+                [at],
             )
             topic_ids = sorted(row[0] for row in cursor.fetchall())
-        counts = {topic: self._sequence_topic(topic, batch) for topic in topic_ids}
+        counts = {topic: self._sequence_topic(topic, batch, at) for topic in topic_ids}
         return {topic: count for topic, count in counts.items() if count}
 
-    def _sequence_topic(self, topic_id: int, batch: int) -> int:
+    def _sequence_topic(self, topic_id: int, batch: int, at: Any) -> int:
         with transaction.atomic(using=self.connection.alias), self.connection.cursor() as cursor:
             base = self.locked_value(cursor, TOPIC, topic_id, "next_offset")
             if base is None:
@@ -98,9 +110,9 @@ class SQLiteBackend(Backend):
             cursor.execute(
                 f"UPDATE {MESSAGE} SET {OFFSET} = %s + s.rn - 1 FROM ("
                 f"SELECT id, row_number() OVER (ORDER BY id) AS rn FROM {MESSAGE} "
-                f'WHERE "topic_id" = %s AND {OFFSET} IS NULL ORDER BY id LIMIT %s'
+                f'WHERE "topic_id" = %s AND {OFFSET} IS NULL AND {DUE_SQL} ORDER BY id LIMIT %s'
                 f") AS s WHERE {MESSAGE}.id = s.id",
-                [base, topic_id, batch],
+                [base, topic_id, at, batch],
             )
             count = cursor.rowcount
             if count:
@@ -159,9 +171,12 @@ class SQLiteBackend(Backend):
         messages = {row[0]: row for row in cursor.fetchall()}
         claimed = []
         for delivery_id, attempt, message_id in rows:
-            _, offset, payload, payload_bytes, key, headers, published_at = messages[message_id]
-            # As the ORM would give them: the payload's JSON decoded, the time made aware.
+            _, offset, payload, payload_bytes, key, headers, published_at, expires_at = messages[
+                message_id
+            ]
+            # As the ORM would give them: the payload's JSON decoded, the times made aware.
             at = convert(published_at, None, self.connection)
+            expires = convert(expires_at, None, self.connection)
             row = (
                 delivery_id,
                 attempt,
@@ -172,6 +187,7 @@ class SQLiteBackend(Backend):
                 key,
                 headers,
                 at,
+                expires,
             )
             claimed.append(Claimed.from_row(row))
         return claimed
@@ -236,17 +252,17 @@ def _columns(body: str | bytes | None) -> tuple[str | None, bytes | None]:
 @functools.lru_cache(maxsize=64)
 def _insert_sql(rows: int) -> str:
     """insert_messages()'s statement for ``rows`` messages, built once per size."""
-    columns = "topic_id, payload, payload_bytes, key, headers, published_at"
+    columns = "topic_id, payload, payload_bytes, key, headers, published_at, deliver_at, expires_at"
     if rows == 1:
         return (
-            f"INSERT INTO {MESSAGE} ({columns}) SELECT id, %s, %s, %s, %s, %s "
+            f"INSERT INTO {MESSAGE} ({columns}) SELECT id, %s, %s, %s, %s, %s, %s, %s "
             f"FROM {TOPIC} WHERE name = %s RETURNING id"
         )
     # VALUES columns are column1, column2...; column1 keeps the call's order, which the ids
     # follow.
     return (
         f"INSERT INTO {MESSAGE} ({columns}) SELECT t.id, v.column2, v.column3, "
-        f"%s, %s, %s FROM {TOPIC} t CROSS JOIN (VALUES "
+        f"%s, %s, %s, %s, %s FROM {TOPIC} t CROSS JOIN (VALUES "
         f"{', '.join(['(%s, %s, %s)'] * rows)}) AS v WHERE t.name = %s "
         f"ORDER BY v.column1 RETURNING id"
     )

@@ -245,10 +245,16 @@ class Claimer:
         deadline = sent + sub.effective_lease
         handler = self.subscriptions.handler(sub.pk)
         timeout = pool_timeout(self.subscriptions.declared(sub.pk), sub.effective_timeout)
+        now = self.clock()
+        expired = [row for row in rows if row.expired_by(now) and not row.buried]
+        if expired:
+            self._expire(sub, token, expired, now)
         jobs = []
         for row in rows:
             if row.buried:
                 self._report_buried(sub, row)
+                continue
+            if row.expired_by(now):
                 continue
             order = sub.order_of(row.key)
             message = handler_message(sub, row)
@@ -256,6 +262,18 @@ class Claimer:
             job.order = order
             jobs.append(job)
         return jobs
+
+    def _expire(self, sub: Subscription, token: str, rows: list[Claimed], now: datetime) -> None:
+        """End leased deliveries whose message expired before they could start. (If this
+        fails, or the process dies first, they are given back or recovered, and the next
+        claim of them ends them so.)"""
+        ids = [row.delivery_id for row in rows]
+        self.counts.expired += Delivery.objects.expire(ids, token=token, now=now)
+        logger.info(
+            "deliveries id=%s subscription=%s expired before they started (expires_at); not run",
+            ",".join(str(i) for i in ids),
+            sub.name,
+        )
 
     def _report_buried(self, sub: Subscription, row: Claimed) -> None:
         self.counts.dead += 1

@@ -21,3 +21,5 @@ class Counts:
     # Other dispatchers' (or lost) leases taken back and failed so they run again.
     recovered: int = 0
     timed_out: int = 0
+    # Claimed after their message's expires_at: ended "expired", unrun.
+    expired: int = 0

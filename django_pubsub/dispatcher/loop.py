@@ -221,7 +221,7 @@ class DispatchLoop:
             parts.claimer.give_back_orphans()
         self.subscriptions.retry_imports()
         batch = pubsub_settings.batch_size
-        sequenced = Topic.sequence_all(batch=batch)
+        sequenced = Topic.sequence_all(batch=batch, now=now)
         progressed |= bool(sequenced)
         for topic_id in self._topics_to_fan_out(sequenced):
             progressed |= parts.claimer.fan_out(topic_id, now, batch) > 0

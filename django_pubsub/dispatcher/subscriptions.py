@@ -154,7 +154,7 @@ class Subscriptions:
             Subscription.objects.filter(pk__in=pks, paused=True).values_list("pk", flat=True)
         )
         topics = {sub.topic_id for sub in self._rows.values()}
-        if MessageRow.objects.unsequenced().filter(topic_id__in=topics).exists():
+        if MessageRow.objects.unsequenced(horizon).filter(topic_id__in=topics).exists():
             return True
         if set(pks) & set(Subscription.behind()):
             return True

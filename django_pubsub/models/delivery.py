@@ -127,6 +127,21 @@ class DeliveryQuerySet(models.QuerySet["Delivery"]):
             updated_at=now,
         )
 
+    def expire(self, ids: Sequence[int], *, token: str, now: datetime) -> int:
+        """End claimed deliveries whose message expired before their handler started:
+        "expired", unrun, their attempt returned; how many."""
+        leased = self.filter(id__in=padded_ids(ids), state=DeliveryState.INFLIGHT)
+        return leased.filter(lease_token=token).update(
+            state=DeliveryState.EXPIRED,
+            attempts=F("attempts") - 1,
+            last_error="expired before it started (the message's expires_at); not run",
+            lease_token=None,
+            lease_expires_at=None,
+            dispatcher=None,
+            finished_at=now,
+            updated_at=now,
+        )
+
     def fail(
         self,
         delivery_id: int,
@@ -399,6 +414,7 @@ class Delivery(models.Model):
             m.key,
             m.headers or {},
             m.published_at,
+            m.expires_at,
         )
 
     def why(self, now: datetime) -> str:
@@ -419,6 +435,11 @@ class Delivery(models.Model):
                 "Discarded by an operator (a discard, or a seek past it): it runs only if "
                 "the subscription is sought back before it."
             )
+        if self.state == Delivery.State.EXPIRED:
+            return (
+                f"Expired: not started before its message's expires_at "
+                f"({_local(self.message.expires_at, '%Y-%m-%d %H:%M:%S %Z')}); it was not run."
+            )
         if self.state == Delivery.State.INFLIGHT:
             holder = f"dispatcher {self.dispatcher}" if self.dispatcher else "a dispatcher"
             until = f" until {_local(self.lease_expires_at)}" if self.lease_expires_at else ""
@@ -427,6 +448,12 @@ class Delivery(models.Model):
             return (
                 f"Waiting: subscription {sub.name} is no longer declared in the code, so no "
                 f"dispatcher runs it."
+            )
+        expires_at = self.message.expires_at
+        if expires_at is not None and expires_at <= now:
+            return (
+                f"Expired at {_local(expires_at, '%Y-%m-%d %H:%M:%S %Z')} before it started: "
+                f"the next claim of it ends it expired, unrun."
             )
         if sub.paused:
             return f"Waiting: subscription {sub.name} is paused."

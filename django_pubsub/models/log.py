@@ -16,6 +16,7 @@ from typing import Any
 
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 from .. import backends
 from ..backends import FanOut, Lease
@@ -34,18 +35,25 @@ class Topic(models.Model):
         return self.name
 
     @classmethod
-    def sequence_all(cls, *, batch: int, using: str = "default") -> dict[int, int]:
-        """Sequence the committed messages of every topic that has some; return how many
-        each topic got, for those that got any."""
-        return backends.get(using).sequence(batch=batch)
+    def sequence_all(
+        cls, *, batch: int, now: datetime | None = None, using: str = "default"
+    ) -> dict[int, int]:
+        """Sequence the committed messages of every topic that has some due by ``now``
+        (default: the current time); return how many each topic got, for those that got
+        any."""
+        return backends.get(using).sequence(batch=batch, now=now or timezone.now())
 
     @classmethod
-    def sequence(cls, topic_id: int, *, batch: int, using: str = "default") -> int:
-        """Give the topic's committed unsequenced messages the next offsets, up to
+    def sequence(
+        cls, topic_id: int, *, batch: int, now: datetime | None = None, using: str = "default"
+    ) -> int:
+        """Give the topic's committed unsequenced messages due by ``now`` (published
+        without a deliver_at, or whose deliver_at has come) the next offsets, up to
         ``batch`` of them, in id order; return how many. The topic's row is locked even
         when there is nothing to sequence, so its ``next_offset`` read afterwards is not
         half way through another sequencer's work."""
-        return backends.get(using).sequence(batch=batch, topic_id=topic_id).get(topic_id, 0)
+        at = now or timezone.now()
+        return backends.get(using).sequence(batch=batch, topic_id=topic_id, now=at).get(topic_id, 0)
 
     @classmethod
     def first_stored(cls, topic_id: int, using: str = "default") -> int:
@@ -95,10 +103,19 @@ class Topic(models.Model):
 
 
 class MessageQuerySet(models.QuerySet["Message"]):
-    def unsequenced(self) -> MessageQuerySet:
+    def unsequenced(self, now: datetime | None = None) -> MessageQuerySet:
         """Committed messages the dispatcher has not given an offset yet (through the
-        partial index on exactly those)."""
-        return self.filter(offset__isnull=True)
+        partial index on exactly those); with ``now``, only those due by then (not
+        scheduled for later)."""
+        waiting = self.filter(offset__isnull=True)
+        if now is None:
+            return waiting
+        return waiting.filter(Q(deliver_at__isnull=True) | Q(deliver_at__lte=now))
+
+    def scheduled(self, now: datetime) -> MessageQuerySet:
+        """Messages published with a deliver_at still to come: not in their topic's log
+        yet."""
+        return self.filter(offset__isnull=True, deliver_at__gt=now)
 
 
 class Message(models.Model):
@@ -123,6 +140,12 @@ class Message(models.Model):
     key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
     headers = models.JSONField(default=dict, blank=True)
     published_at = models.DateTimeField()
+    # publish(deliver_at=, delay=): the message joins its topic's log (gets its offset)
+    # only once this time has come. NULL: at once.
+    deliver_at = models.DateTimeField(null=True, blank=True)
+    # publish(expires_at=, ttl=): a delivery of it not started by then ends "expired",
+    # unrun. NULL: never.
+    expires_at = models.DateTimeField(null=True, blank=True)
 
     objects = MessageQuerySet.as_manager()
 

@@ -69,10 +69,13 @@ class Handled:
     acked: list[Message] = field(default_factory=list)
     retried: list[Message] = field(default_factory=list)
     dead: list[Message] = field(default_factory=list)
+    # Not run: their message expired (expires_at) before they could start.
+    expired: list[Message] = field(default_factory=list)
 
     def __repr__(self) -> str:
         return (
-            f"Handled(acked={len(self.acked)}, retried={len(self.retried)}, dead={len(self.dead)})"
+            f"Handled(acked={len(self.acked)}, retried={len(self.retried)}, "
+            f"dead={len(self.dead)}, expired={len(self.expired)})"
         )
 
 
@@ -93,6 +96,10 @@ class Drained(dict[str, Handled]):
     @property
     def dead(self) -> int:
         return sum(len(handled.dead) for handled in self.values())
+
+    @property
+    def expired(self) -> int:
+        return sum(len(handled.expired) for handled in self.values())
 
 
 def drain(
@@ -124,7 +131,7 @@ def drain(
     done = Drained()
     for _ in range(MAX_ROUNDS):
         now = clock()
-        while Topic.sequence_all(batch=batch, using=using):
+        while Topic.sequence_all(batch=batch, now=now, using=using):
             pass
         for topic_id in Topic.behind(using=using):
             while Topic.fan_out(topic_id, now=now, batch=batch, using=using).created:
@@ -144,6 +151,12 @@ def drain(
             handled = done.setdefault(sub.name, Handled())
             handled.dead += (handler_message(sub, row) for row in claimed if row.buried)
             rows = [row for row in claimed if not row.buried]
+            expired = [row for row in rows if row.expired_by(now)]
+            if expired:
+                ids = [row.delivery_id for row in expired]
+                Delivery.objects.using(using).expire(ids, token=token, now=now)
+                handled.expired += (handler_message(sub, row) for row in expired)
+                rows = [row for row in rows if not row.expired_by(now)]
             run = _Run(sub, handlers[sub.pk], token, now, handled, using)
             try:
                 run.batch(rows) if sub.batch_size else run.one_by_one(rows)
@@ -322,7 +335,7 @@ def _give_back(rows: list[Any], token: str, now: datetime, using: str) -> None:
 
 
 def _any(handled: Handled) -> bool:
-    return bool(handled.acked or handled.retried or handled.dead)
+    return bool(handled.acked or handled.retried or handled.dead or handled.expired)
 
 
 _since = {"id": 0}

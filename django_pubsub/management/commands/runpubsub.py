@@ -119,7 +119,7 @@ class Command(BaseCommand):
         if options["verbosity"] >= 1:
             self.stdout.write(
                 f"delivered={counts.acked} retried={counts.retried} dead={counts.dead} "
-                f"given_back={counts.given_back}"
+                f"given_back={counts.given_back} expired={counts.expired}"
             )
 
     @staticmethod
