@@ -94,10 +94,10 @@ class MessageAdmin(ReadOnlyAdmin):
         to_the_second("expires_at"),
     ]
     list_filter = ["topic", ScheduledFilter]
-    search_fields = ["=id", "key"]
+    search_fields = ["=id", "key", "=dedup_key"]
     list_select_related = ["topic"]
     exclude = ["payload", "payload_bytes"]
-    readonly_fields = ["pretty_payload", "deliveries"]
+    readonly_fields = ["pretty_payload", "dedup_key", "deliveries"]
 
     @admin.display(description="deliveries")
     def deliveries(self, obj: Message) -> str:

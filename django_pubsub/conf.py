@@ -61,6 +61,9 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a key of a keyed subscription may be held back by its failing head before
     # the key_blocked signal fires (None: never).
     "KEY_BLOCKED_AFTER": 300.0,
+    # Seconds a publish(dedup_key=) is remembered within its topic (None: as long as its
+    # message is kept).
+    "DEDUP_WINDOW": 24 * 3600.0,
 }
 
 RETENTION_DEFAULTS: dict[str, float | None] = {
@@ -181,6 +184,7 @@ VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "RETENTION": (_retention, "a dict of acked, discarded, dead, expired, messages (and topics)"),
     "PRUNE_INTERVAL": (_optional_positive_number, f"{SECONDS}, or None"),
     "KEY_BLOCKED_AFTER": (_optional_positive_number, f"{SECONDS}, or None"),
+    "DEDUP_WINDOW": (_optional_positive_number, f"{SECONDS}, or None"),
 }
 
 
@@ -286,6 +290,11 @@ class PubSubSettings:
     @property
     def key_blocked_after(self) -> float | None:
         value = get("KEY_BLOCKED_AFTER")
+        return None if value is None else float(value)
+
+    @property
+    def dedup_window(self) -> float | None:
+        value = get("DEDUP_WINDOW")
         return None if value is None else float(value)
 
     @property

@@ -14,8 +14,12 @@ from django.utils import timezone
 from . import backends, signals
 from .backends.base import INSERT_BATCH
 from .conf import pubsub_settings
-from .exceptions import InvalidPayload
+from .exceptions import InvalidPayload, PubSubError
 from .validation import check_headers, check_key, check_payload, check_schedule, check_topic
+
+# Rounds of insert, look up, forget a key older than the window: two suffice unless other
+# publishers of the same key keep coming and going.
+DEDUP_TRIES = 5
 
 
 def publish(
@@ -28,6 +32,7 @@ def publish(
     delay: float | timedelta | None = None,
     expires_at: datetime | None = None,
     ttl: float | timedelta | None = None,
+    dedup_key: str | None = None,
 ) -> int:
     """Publish one message to ``topic``; return its id.
 
@@ -38,13 +43,22 @@ def publish(
     topic's log then, and no subscription runs it before. ``expires_at`` (or ``ttl``,
     counted from when it is due): a delivery of it not started by then ends "expired",
     unrun.
+
+    ``dedup_key``: if the topic has a message published with the same key within
+    ``PUBSUB["DEDUP_WINDOW"]``, nothing is written and that message's id is returned. A
+    publish of the same key in a transaction not yet committed is waited for (on
+    PostgreSQL; SQLite has one writer at a time): its id once it commits, this one's if
+    it rolls back.
     """
     check_topic(topic)
     key = check_key(key)
+    dedup_key = check_key(dedup_key, "dedup_key")
     header_dict = check_headers(headers)
     body = check_payload(payload, pubsub_settings.max_payload_bytes)
     now = timezone.now()
     schedule = check_schedule(now, deliver_at, delay, expires_at, ttl)
+    if dedup_key is not None:
+        return _write_once(topic, body, key, header_dict, now, schedule, dedup_key)
     return _write(topic, [body], key, header_dict, now, schedule)[0]
 
 
@@ -116,6 +130,57 @@ def _write(
     assert ids is not None
     signals.send(signals.message_published, Message, savepoint=True, topic=topic, ids=ids)
     return ids
+
+
+def _write_once(
+    topic: str,
+    body: str | bytes | None,
+    key: str | None,
+    header_dict: dict[str, str],
+    now: datetime,
+    schedule: tuple[datetime | None, datetime | None],
+    dedup_key: str,
+) -> int:
+    """publish(dedup_key=): insert unless the topic has the key (within the window); the
+    id of whichever message holds it."""
+    from .models import Message
+
+    backend = backends.for_connection(connections[DEFAULT_DB_ALIAS])
+    window = pubsub_settings.dedup_window
+    insert = functools.partial(
+        backend.insert_messages,
+        key=key,
+        headers=header_dict,
+        now=now,
+        schedule=schedule,
+        dedup_key=dedup_key,
+    )
+    # A few statements: in a transaction of their own outside the caller's.
+    with transaction.atomic(savepoint=False):
+        for _ in range(DEDUP_TRIES):
+            ids = insert(topic, [body])
+            if ids:
+                signals.send(
+                    signals.message_published, Message, savepoint=True, topic=topic, ids=ids
+                )
+                return ids[0]
+            # Nothing written: the key is taken (by a committed message: a transaction that
+            # was writing it has ended), or the topic is new.
+            seen = (
+                Message.objects.filter(topic__name=topic, dedup_key=dedup_key)
+                .values_list("pk", "published_at")
+                .first()
+            )
+            if seen is None:
+                _create_topic(topic)
+            elif window is None or seen[1] > now - timedelta(seconds=window):
+                return int(seen[0])
+            else:  # remembered longer than the window: forget it, and publish again
+                Message.objects.filter(pk=seen[0], dedup_key=dedup_key).update(dedup_key=None)
+    raise PubSubError(
+        f"publish(dedup_key={dedup_key!r}) to {topic!r} did not settle in {DEDUP_TRIES} "
+        f"tries (other publishers of the same key kept changing it); nothing was written."
+    )
 
 
 def _create_topic(name: str) -> None:

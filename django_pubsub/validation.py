@@ -28,14 +28,15 @@ def check_topic(topic: object) -> str:
     return topic
 
 
-def check_key(key: object) -> str | None:
+def check_key(key: object, name: str = "key") -> str | None:
+    """A message's key or dedup key (``name``): None, or a short string."""
     if key is None:
         return None
     if not isinstance(key, str) or not 0 < len(key) <= KEY_MAX_LENGTH:
         raise InvalidKey(
-            f"key must be None or a string of 1 to {KEY_MAX_LENGTH} characters; got {key!r}."
+            f"{name} must be None or a string of 1 to {KEY_MAX_LENGTH} characters; got {key!r}."
         )
-    _check_text(key, "key", InvalidKey)
+    _check_text(key, name, InvalidKey)
     return key
 
 

@@ -87,10 +87,14 @@ class Backend:
         headers: dict[str, str],
         now: datetime,
         schedule: tuple[datetime | None, datetime | None] = (None, None),
+        dedup_key: str | None = None,
     ) -> list[int] | None:
         """Insert messages into the topic named ``topic``, in order, in the caller's
         transaction; their ids, or None (nothing written) when the topic does not exist
         yet. A commit of them wakes the dispatchers where the database can.
+
+        ``dedup_key`` (one message): nothing is written either if the topic has a message
+        with that key; then the result is None too.
 
         One statement per INSERT_BATCH messages, the topic looked up inside it: a publish
         is one round trip. A function of the connection rather than a queryset method: a
@@ -108,10 +112,13 @@ class Backend:
             adapt(schedule[0]),
             adapt(schedule[1]),
         ]
+        dedup = dedup_key is not None
+        if dedup:
+            shared.append(dedup_key)
         ids: list[int] = []
         for start in range(0, len(bodies), INSERT_BATCH):
             batch = bodies[start : start + INSERT_BATCH]
-            sql, params = self.insert_statement(batch, shared, topic, first=start == 0)
+            sql, params = self.insert_statement(batch, shared, topic, first=start == 0, dedup=dedup)
             keep = len(batch) == 1
             with connection.wrap_database_errors, self.bound_cursor(keep=keep) as cursor:
                 cursor.execute(sql, params)
@@ -123,12 +130,14 @@ class Backend:
         return ids
 
     def insert_statement(
-        self, batch: Sequence[Any], shared: list[Any], topic: str, *, first: bool
+        self, batch: Sequence[Any], shared: list[Any], topic: str, *, first: bool, dedup: bool
     ) -> tuple[str, list[Any]]:
         """The INSERT of one batch of message bodies (JSON text, bytes or None, as
         validation.check_payload() returns them), with its parameters: ``shared`` (key,
-        headers, the published, deliver and expiry times) are the same for every message,
-        and ``first`` says whether it is the call's first batch."""
+        headers, the published, deliver and expiry times; the dedup key if ``dedup``) are
+        the same for every message, and ``first`` says whether it is the call's first
+        batch. ``dedup`` (a batch of one): nothing is inserted if the topic has a message
+        with the same dedup key."""
         raise NotImplementedError
 
     # -- sequencing and fan-out ------------------------------------------------------------

@@ -89,7 +89,7 @@ class PostgreSQLBackend(Backend):
     # -- publishing ------------------------------------------------------------------------
 
     def insert_statement(
-        self, batch: Sequence[Any], shared: list[Any], topic: str, *, first: bool
+        self, batch: Sequence[Any], shared: list[Any], topic: str, *, first: bool, dedup: bool
     ) -> tuple[str, list[Any]]:
         """The first batch also notifies the dispatchers' channel, which PostgreSQL
         delivers when the caller's transaction commits (and drops if it rolls back)."""
@@ -103,7 +103,7 @@ class PostgreSQLBackend(Backend):
         if first:
             params.append(CHANNEL)
         # One statement for every batch of two or more: two arrays whatever its size.
-        return _insert_sql(min(len(batch), 2), first), params
+        return _insert_sql(min(len(batch), 2), first, dedup), params
 
     # -- sequencing and fan-out ------------------------------------------------------------
 
@@ -295,18 +295,23 @@ def _psycopg3(connection: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=8)
-def _insert_sql(rows: int, notify: bool) -> str:
+def _insert_sql(rows: int, notify: bool, dedup: bool = False) -> str:
     """insert_messages()'s statement, built once: a publish is one round trip, and building
     it every time was a tenth of the client's share. Typed, where a NULL parameter would
     otherwise have no type. ``notify``: the statement also notifies a channel, the last
-    parameter."""
+    parameter. ``dedup`` (one row): with a dedup key, writing nothing if the topic has it
+    (after waiting for a transaction that is writing it to end)."""
     columns = "topic_id, payload, payload_bytes, key, headers, published_at, deliver_at, expires_at"
     shared_sql = "%s::varchar, %s::jsonb, %s::timestamptz, %s::timestamptz, %s::timestamptz"
     if rows == 1:
         # The common case, in the plainest statement the server can plan.
+        conflict = ""
+        if dedup:
+            columns, shared_sql = f"{columns}, dedup_key", f"{shared_sql}, %s::varchar"
+            conflict = " ON CONFLICT DO NOTHING"
         insert = (
             f"INSERT INTO {MESSAGE} ({columns}) SELECT id, %s::jsonb, %s::bytea, {shared_sql} "
-            f"FROM {TOPIC} WHERE name = %s RETURNING id"
+            f"FROM {TOPIC} WHERE name = %s{conflict} RETURNING id"
         )
     else:
         # Two arrays whatever the batch's size: no parameter per message to send and parse,

@@ -69,7 +69,7 @@ class SQLiteBackend(Backend):
     # -- publishing ------------------------------------------------------------------------
 
     def insert_statement(
-        self, batch: Sequence[Any], shared: list[Any], topic: str, *, first: bool
+        self, batch: Sequence[Any], shared: list[Any], topic: str, *, first: bool, dedup: bool
     ) -> tuple[str, list[Any]]:
         params: list[Any]
         if len(batch) == 1:
@@ -79,7 +79,7 @@ class SQLiteBackend(Backend):
             for n, body in enumerate(batch):
                 params += [n, *_columns(body)]
         params.append(topic)
-        return _insert_sql(len(batch)), params
+        return _insert_sql(len(batch), dedup), params
 
     # -- sequencing and fan-out ------------------------------------------------------------
 
@@ -250,10 +250,16 @@ def _columns(body: str | bytes | None) -> tuple[str | None, bytes | None]:
 
 
 @functools.lru_cache(maxsize=64)
-def _insert_sql(rows: int) -> str:
-    """insert_messages()'s statement for ``rows`` messages, built once per size."""
+def _insert_sql(rows: int, dedup: bool = False) -> str:
+    """insert_messages()'s statement for ``rows`` messages, built once per size; ``dedup``
+    (one row): with a dedup key, writing nothing if the topic has it."""
     columns = "topic_id, payload, payload_bytes, key, headers, published_at, deliver_at, expires_at"
     if rows == 1:
+        if dedup:
+            return (
+                f"INSERT INTO {MESSAGE} ({columns}, dedup_key) SELECT id, %s, %s, %s, %s, %s, "
+                f"%s, %s, %s FROM {TOPIC} WHERE name = %s ON CONFLICT DO NOTHING RETURNING id"
+            )
         return (
             f"INSERT INTO {MESSAGE} ({columns}) SELECT id, %s, %s, %s, %s, %s, %s, %s "
             f"FROM {TOPIC} WHERE name = %s RETURNING id"

@@ -146,12 +146,22 @@ class Message(models.Model):
     # publish(expires_at=, ttl=): a delivery of it not started by then ends "expired",
     # unrun. NULL: never.
     expires_at = models.DateTimeField(null=True, blank=True)
+    # publish(dedup_key=): unique within the topic while set. Cleared once older than
+    # PUBSUB["DEDUP_WINDOW"], when a publish of the same key finds it.
+    dedup_key = models.CharField(max_length=255, null=True, blank=True, editable=False)  # noqa: DJ001
 
     objects = MessageQuerySet.as_manager()
 
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["topic", "offset"], name="pubsub_message_topic_offset"),
+            # One message per dedup key and topic; a publish that finds the key writes
+            # nothing (ON CONFLICT DO NOTHING) and returns the first one's id.
+            models.UniqueConstraint(
+                fields=["topic", "dedup_key"],
+                condition=Q(dedup_key__isnull=False),
+                name="pubsub_message_dedup",
+            ),
         ]
         indexes = [
             # Finds the messages still to sequence without reading the whole log.
