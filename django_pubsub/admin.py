@@ -226,7 +226,7 @@ class SubscriptionAdmin(ActionsAdmin):
         )
 
     @admin.action(
-        description="Seek to an offset or a time (deliver again from there)",
+        description="Seek to an offset, a time or the last messages (deliver again from there)",
         permissions=["change_deliveries"],
     )
     def seek(
@@ -243,7 +243,7 @@ class SubscriptionAdmin(ActionsAdmin):
                 "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
             }
             return TemplateResponse(request, "admin/django_pubsub/subscription/seek.html", context)
-        target = {"offset": form.cleaned_data["offset"], "at": form.cleaned_data["at"]}
+        target = {name: form.cleaned_data[name] for name in ("offset", "at", "last")}
         for sub in queryset.order_by("pk"):
             try:
                 done = sub.seek(**target)

@@ -17,10 +17,19 @@ class SeekForm(forms.Form):
         help_text="Deliver from the first message published at or after it (YYYY-MM-DD HH:MM).",
     )
 
+    last = forms.IntegerField(
+        required=False,
+        min_value=0,
+        label="or the last messages",
+        help_text="How many of the topic's latest messages to deliver again.",
+    )
+
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
         if self.errors:  # a field that did not parse says so itself
             return data
-        if (data.get("offset") is None) == (data.get("at") is None):
-            raise forms.ValidationError("Give an offset or a time, one of the two.")
+        if sum(data.get(name) is not None for name in ("offset", "at", "last")) != 1:
+            raise forms.ValidationError(
+                "Give an offset, a time or a number of last messages, one of them."
+            )
         return data

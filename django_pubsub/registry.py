@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.core.exceptions import ImproperlyConfigured
@@ -20,6 +21,7 @@ from .validation import (
     COUNT,
     NAME_RE,
     SECONDS,
+    check_start,
     check_topic,
     is_positive_int,
     is_positive_number,
@@ -123,7 +125,7 @@ def subscriber(
     lease: float | None = None,
     timeout: float | None = None,
     max_inflight: int | None = None,
-    start: str | None = None,
+    start: str | datetime | tuple[str, int] | None = None,
     backoff: Backoff | Mapping[str, float] | None = None,
     on_dead: str | None = None,
     delivery: str | None = None,
@@ -154,10 +156,10 @@ def subscriber(
     _optional_positive(max_inflight, "max_inflight", int)
     _optional_positive(lease, "lease", float)
     _optional_positive(timeout, "timeout", float)
-    if start is not None and start not in START_CHOICES:
-        raise InvalidSubscriber(
-            f'@subscriber start must be "latest", "earliest" or None, not {start!r}.'
-        )
+    try:
+        start_label = check_start(start, START_CHOICES)
+    except ValueError as exc:
+        raise InvalidSubscriber(f"@subscriber {exc}.") from None
     try:
         coerced_backoff = Backoff.coerce(backoff)
     except ImproperlyConfigured as exc:
@@ -174,7 +176,7 @@ def subscriber(
             lease=float(lease) if lease is not None else None,
             timeout=float(timeout) if timeout is not None else None,
             max_inflight=max_inflight,
-            start=start,
+            start=start_label,
             backoff=coerced_backoff,
             on_dead=on_dead,
             delivery=delivery,

@@ -6,12 +6,11 @@ import logging
 from dataclasses import dataclass, field
 
 from django.db import transaction
-from django.utils import timezone
 
 from . import backends, registry
 from .conf import pubsub_settings
 from .exceptions import InvalidSubscriber
-from .models import Subscription, Topic
+from .models import Subscription, Topic, starting_position
 from .registry import SubscriberSpec
 
 logger = logging.getLogger("django_pubsub.sync")
@@ -87,14 +86,7 @@ def _sync_one(spec: SubscriberSpec, using: str, result: SyncResult) -> None:
     }
     if existing is None:
         start = spec.start or pubsub_settings.start
-        # "earliest": the lowest offset still stored (retention may have pruned below it).
-        position = Topic.first_stored(topic.pk, using=using)
-        if start == "latest":
-            batch = pubsub_settings.batch_size
-            now = timezone.now()
-            while Topic.sequence(topic.pk, batch=batch, now=now, using=using) == batch:
-                pass
-            position = Topic.objects.using(using).get(pk=topic.pk).next_offset
+        position = starting_position(topic, start, using=using)
         Subscription.objects.using(using).create(
             name=spec.name, topic=topic, start=start, position=position, **fields
         )

@@ -226,3 +226,32 @@ def _moment(
             f"got {span!r}."
         )
     return base + timedelta(seconds=seconds)
+
+
+# How a start of the last N messages is kept (Subscription.start): "last 10".
+LAST_PREFIX = "last "
+
+
+def check_start(start: object, choices: tuple[str, ...]) -> str | None:
+    """@subscriber start=: "earliest" or "latest" (``choices``), a datetime, or ("last", N);
+    as the text the subscription row keeps (None: the setting's). Raises ValueError."""
+    if start is None or (isinstance(start, str) and start in choices):
+        return start
+    if isinstance(start, datetime):
+        if timezone.is_aware(start) != settings.USE_TZ:
+            kind = "an aware" if settings.USE_TZ else "a naive"
+            raise ValueError(f"start must be {kind} datetime (USE_TZ), not {start!r}")
+        return start.isoformat()
+    if (
+        isinstance(start, tuple)
+        and len(start) == 2
+        and start[0] == "last"
+        and isinstance(start[1], int)
+        and not isinstance(start[1], bool)
+        and 0 <= start[1] <= MAX_COUNT
+    ):
+        return f"{LAST_PREFIX}{start[1]}"
+    raise ValueError(
+        f'start must be "latest", "earliest", a datetime or ("last", N) with N a whole '
+        f"number from 0 to {MAX_COUNT}, not {start!r}"
+    )

@@ -13,7 +13,7 @@ from ..backends import Claimed
 from .delivery import Delivery, DeliveryQuerySet
 from .dispatcher import Dispatcher, DispatcherQuerySet, pid_namespace
 from .log import Message, MessageQuerySet, Topic
-from .subscription import Seek, Subscription
+from .subscription import Seek, Subscription, starting_position
 
 __all__ = [
     "Claimed",
@@ -27,4 +27,5 @@ __all__ = [
     "Subscription",
     "Topic",
     "pid_namespace",
+    "starting_position",
 ]

@@ -18,10 +18,11 @@ from django.utils import timezone
 from .. import backends
 from ..backends import padded_ids
 from ..backends.base import SUBSCRIPTION
-from ..conf import DELIVERY_CHOICES, ON_DEAD_CHOICES, START_CHOICES, pubsub_settings
+from ..conf import DELIVERY_CHOICES, ON_DEAD_CHOICES, pubsub_settings
 from ..exceptions import ActionRefused, InvalidSeek
 from ..retry import Backoff
 from ..states import ENDED, WAITING
+from ..validation import LAST_PREFIX
 from .delivery import Delivery
 from .log import Message, Topic
 
@@ -62,7 +63,8 @@ class Subscription(models.Model):
     )
     max_inflight = models.PositiveIntegerField(null=True, blank=True)
     backoff = models.JSONField(null=True, blank=True)
-    start = models.CharField(max_length=10, choices=[(c, c) for c in START_CHOICES])
+    # Where it began, as declared: "earliest", "latest", "last N", or a time (ISO format).
+    start = models.CharField(max_length=40)
     # Offset up to which messages of the topic have been fanned out into deliveries.
     position = models.BigIntegerField(default=0, editable=False)
     active = models.BooleanField(
@@ -209,11 +211,12 @@ class Subscription(models.Model):
         *,
         offset: int | None = None,
         at: datetime | None = None,
+        last: int | None = None,
         now: datetime | None = None,
         using: str = "default",
     ) -> Seek:
-        """Deliver the topic again from ``offset``, or from its first message published at
-        or after ``at``; pass over what comes before.
+        """Deliver the topic again from ``offset``, from its first message published at or
+        after ``at``, or from its ``last`` messages; pass over what comes before.
 
         From there on, deliveries that ended (acked, dead or discarded) are pending again,
         with fresh attempts; before it, those still waiting (pending or retry) end
@@ -234,7 +237,7 @@ class Subscription(models.Model):
         it is that transaction's: nothing is held, and the row lock holds up the topic's
         fan-out until the caller commits.
         """
-        _check_seek(offset, at)
+        _check_seek(offset, at, last)
         now = now or timezone.now()
         backend = backends.get(using)
         # Inside a caller's transaction a hold would show only once that commits: the
@@ -250,7 +253,7 @@ class Subscription(models.Model):
                 raise ActionRefused(f"subscription {self.pk} no longer exists")
             position = current.position
             Delivery.objects.using(using).refuse_while_running([current], "seek")
-            point, end = _seek_point(current, offset, at, using)
+            point, end = _seek_point(current.topic, offset, at, last, using)
             held = not inside and current.hold(now, using=using)
             passed_over = 0
             mine = Delivery.objects.using(using).filter(subscription_id=self.pk)
@@ -289,35 +292,66 @@ class Subscription(models.Model):
 
 
 def _seek_point(
-    sub: Subscription, offset: int | None, at: datetime | None, using: str
+    topic: Topic, offset: int | None, at: datetime | None, last: int | None, using: str
 ) -> tuple[int, int]:
-    """The offset a seek goes to (``offset``, or that of the first message published at
-    or after ``at``, the topic's end if none was), and the topic's end."""
+    """The offset a seek (or a new subscription's start) goes to: ``offset``, that of the
+    first message published at or after ``at`` (the topic's end if none was), or ``last``
+    messages before the topic's end; and the topic's end."""
     if at is not None:
         sequenced = Message.objects.using(using).filter(
-            topic_id=sub.topic_id, offset__isnull=False, published_at__gte=at
+            topic_id=topic.pk, offset__isnull=False, published_at__gte=at
         )
         offset = sequenced.aggregate(first=models.Min("offset"))["first"]
     # Read after the lookup: sequencing may have moved it on meanwhile.
-    end: int = Topic.objects.using(using).values_list("next_offset", flat=True).get(pk=sub.topic_id)
+    end: int = Topic.objects.using(using).values_list("next_offset", flat=True).get(pk=topic.pk)
+    if last is not None:
+        offset = max(0, end - last)
     point = end if offset is None else offset
     # Below what retention kept there is nothing to run again: start at the first stored.
-    point = max(point, min(Topic.first_stored(sub.topic_id, using=using), end))
+    point = max(point, min(Topic.first_stored(topic.pk, using=using), end))
     if point > end:
         raise InvalidSeek(
-            f"offset {point} is past the end of topic {sub.topic} (its next message gets "
-            f"offset {end})"
+            f"offset {point} is past the end of topic {topic} (its next message gets offset {end})"
         )
     return point, end
 
 
-def _check_seek(offset: int | None, at: datetime | None) -> None:
-    if (offset is None) == (at is None):
-        raise InvalidSeek("seek() takes an offset or a time (at=), one of the two")
-    if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
-        raise InvalidSeek(f"seek() offset must be an int, not {offset!r}")
-    if offset is not None and offset < 0:
-        raise InvalidSeek(f"seek() offset must be 0 or more, not {offset}")
+def starting_position(topic: Topic, start: str, using: str = "default") -> int:
+    """Where a new subscription begins, for its start (a label as @subscriber keeps it:
+    "earliest", "latest", "last N" or a time in ISO format): the first stored message, the
+    topic's end, N messages before the end, or the first message published at or after
+    the time. Messages already due are sequenced first, so "latest" and "last N" count
+    every message committed before this call."""
+    if start == "earliest":
+        return Topic.first_stored(topic.pk, using=using)
+    batch, now = pubsub_settings.batch_size, timezone.now()
+    while Topic.sequence(topic.pk, batch=batch, now=now, using=using) == batch:
+        pass
+    if start == "latest":
+        return int(
+            Topic.objects.using(using).values_list("next_offset", flat=True).get(pk=topic.pk)
+        )
+    last, at = start_target(start)
+    return _seek_point(topic, None, at, last, using)[0]
+
+
+def start_target(start: str) -> tuple[int | None, datetime | None]:
+    """A start label other than "earliest" and "latest" as (last N, time): one is None."""
+    if start.startswith(LAST_PREFIX):
+        return int(start[len(LAST_PREFIX) :]), None
+    return None, datetime.fromisoformat(start)
+
+
+def _check_seek(offset: int | None, at: datetime | None, last: int | None = None) -> None:
+    if sum(value is not None for value in (offset, at, last)) != 1:
+        raise InvalidSeek(
+            "seek() takes an offset, a time (at=) or a count of messages (last=), one of them"
+        )
+    for name, value in (("offset", offset), ("last", last)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidSeek(f"seek() {name} must be an int, not {value!r}")
+        if value is not None and value < 0:
+            raise InvalidSeek(f"seek() {name} must be 0 or more, not {value}")
     if at is not None and (
         not isinstance(at, datetime) or timezone.is_aware(at) != settings.USE_TZ
     ):
