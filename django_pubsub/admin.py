@@ -4,6 +4,7 @@ needing the model's change permission (viewing needs the view permission)."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib import admin, messages
@@ -134,12 +135,13 @@ class MessageAdmin(ReadOnlyAdmin):
 class SubscriptionAdmin(ActionsAdmin):
     list_display = [
         *("name", "topic", "handler", "in_order", "delivery_mode"),
-        *("batches", "active", "paused", "position"),
+        *("batches", "active", "pause_state", "position"),
     ]
     # Each option as it applies (methods below), then the row's own times.
     readonly_fields = [
         *("in_order", "dead_head", "delivery_mode", "batches", "attempts", "lease_seconds"),
-        *("timeout_seconds", "inflight_bound", "retry_backoff", "created_at", "updated_at"),
+        *("timeout_seconds", "inflight_bound", "retry_backoff", "breaker"),
+        *("paused_until", "paused_reason", "created_at", "updated_at"),
     ]
     fields = ["name", "topic", "handler", "active", "paused", "position", "start", *readonly_fields]
 
@@ -169,6 +171,22 @@ class SubscriptionAdmin(ActionsAdmin):
             return "one message a call"
         return f"up to {obj.batch_size}, gathered up to {obj.effective_batch_wait:g} s"
 
+    @admin.display(description="paused", ordering="paused")
+    def pause_state(self, obj: Subscription) -> str:
+        if not obj.paused:
+            return "no"
+        text = "yes"
+        if obj.paused_until is not None:
+            text += f", until {to_the_second('paused_until')(obj)}"
+        return f"{text}: {obj.paused_reason}" if obj.paused_reason else text
+
+    @admin.display(description="circuit breaker")
+    def breaker(self, obj: Subscription) -> str:
+        if not obj.breaker_failures:
+            return "none"
+        pause = "until resumed" if obj.breaker_pause is None else f"for {obj.breaker_pause:g} s"
+        return f"pauses it {pause} after {obj.breaker_failures} failures in a row of one type"
+
     @admin.display(description="max attempts")
     def attempts(self, obj: Subscription) -> str:
         if obj.delivery == "at_most_once":
@@ -197,13 +215,42 @@ class SubscriptionAdmin(ActionsAdmin):
 
     list_filter = ["active", "paused", "topic"]
     search_fields = ["name", "handler"]
-    actions = ["pause", "resume", "replay_dead", "seek", "retire"]
+    actions = [
+        "pause",
+        "pause_15_minutes",
+        "pause_1_hour",
+        "resume",
+        "replay_dead",
+        "seek",
+        "retire",
+    ]
 
     @admin.action(description="Pause: claim nothing more of it", permissions=["change"])
     def pause(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
         # Paused ones too: one held by a seek or replay then stays paused when it ends.
         n, pause = queryset.count(), each(Subscription.pause)
         self.act(request, queryset, pause, "Paused", selected=n, noun=SUBS, skipped="")
+
+    @admin.action(description="Pause for 15 minutes (resumes by itself)", permissions=["change"])
+    def pause_15_minutes(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
+        self._pause_for(request, queryset, timedelta(minutes=15))
+
+    @admin.action(description="Pause for 1 hour (resumes by itself)", permissions=["change"])
+    def pause_1_hour(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
+        self._pause_for(request, queryset, timedelta(hours=1))
+
+    def _pause_for(
+        self, request: HttpRequest, queryset: QuerySet[Subscription], span: timedelta
+    ) -> None:
+        n = queryset.count()
+
+        def pause(sub: Subscription, now: datetime) -> bool:
+            # Paused already too: from now on it ends at that time.
+            sub.pause(now, until=now + span)
+            return True
+
+        done = f"Paused until {span} from now"
+        self.act(request, queryset, each(pause), done, selected=n, noun=SUBS, skipped="")
 
     @admin.action(description="Resume", permissions=["change"])
     def resume(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:

@@ -52,6 +52,9 @@ class SubscriberSpec:
     delivery: str | None = None
     batch_size: int | None = None
     batch_wait: float | None = None
+    # circuit_breaker=: failures in a row with one exception type, and the pause's seconds.
+    breaker_failures: int | None = None
+    breaker_pause: float | None = None
 
 
 # The most messages one batch handler call takes.
@@ -131,6 +134,7 @@ def subscriber(
     delivery: str | None = None,
     batch_size: int | None = None,
     batch_wait: float | None = None,
+    circuit_breaker: int | Mapping[str, float | None] | None = None,
 ) -> Callable[[H], H]:
     """Declare ``func`` as the handler of the subscription ``name`` on ``topic``.
 
@@ -138,7 +142,9 @@ def subscriber(
     ``ordered="key"``: messages of one key run in offset order, keys in parallel.
     ``batch_size``: the handler takes a list of at most that many messages, gathered for
     at most ``batch_wait`` seconds. ``delivery``: "at_least_once" (the default),
-    "at_most_once" or "transactional". See docs/reference/api.md.
+    "at_most_once" or "transactional". ``circuit_breaker``: N (or {"failures": N,
+    "pause": seconds}): N failures in a row with one exception type pause the
+    subscription (for that long, or until resumed). See docs/reference/api.md.
     """
     check_topic(topic)
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
@@ -152,6 +158,7 @@ def subscriber(
         )
     _check_modes(ordered, on_dead, delivery, max_attempts)
     _check_batch(batch_size, batch_wait)
+    breaker_failures, breaker_pause = _check_breaker(circuit_breaker)
     _optional_positive(max_attempts, "max_attempts", int)
     _optional_positive(max_inflight, "max_inflight", int)
     _optional_positive(lease, "lease", float)
@@ -182,6 +189,8 @@ def subscriber(
             delivery=delivery,
             batch_size=batch_size,
             batch_wait=float(batch_wait) if batch_wait is not None else None,
+            breaker_failures=breaker_failures,
+            breaker_pause=breaker_pause,
         )
         register(spec)
         return func
@@ -229,6 +238,26 @@ def _check_batch(batch_size: object, batch_wait: object) -> None:
             f"@subscriber batch_wait must be a number of seconds from 0 to 3600, or None; "
             f"not {batch_wait!r}."
         )
+
+
+def _check_breaker(breaker: object) -> tuple[int | None, float | None]:
+    """circuit_breaker= as (failures, pause seconds or None)."""
+    if breaker is None:
+        return None, None
+    failures: object = breaker
+    pause: object = None
+    if isinstance(breaker, Mapping):
+        unknown = sorted(set(breaker) - {"failures", "pause"})
+        failures, pause = breaker.get("failures"), breaker.get("pause")
+        if unknown:
+            failures = None  # refused below, naming the keys
+    if not is_positive_int(failures, 1_000_000) or not (pause is None or is_positive_number(pause)):
+        raise InvalidSubscriber(
+            f"@subscriber circuit_breaker must be a number of failures from 1 to 1000000, or "
+            f'{{"failures": N, "pause": seconds or None}} (pause {SECONDS}); not {breaker!r}.'
+        )
+    assert isinstance(failures, int)
+    return failures, None if pause is None else float(pause)  # type: ignore[arg-type]
 
 
 def register(spec: SubscriberSpec) -> None:

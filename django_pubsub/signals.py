@@ -51,9 +51,16 @@ dead_lettered = Signal()
 # head first failed; waiting: messages of the key behind it; retry_at: datetime.
 key_blocked = Signal()
 
-# An operator paused or resumed a subscription. sender: Subscription; subscription: it.
+# A subscription was paused or resumed: by an operator, by its circuit breaker, or at
+# the end of a pause with an end (paused_until). sender: Subscription; subscription: it.
 subscription_paused = Signal()
 subscription_resumed = Signal()
+
+# A subscription's circuit breaker paused it (after subscription_paused): its handler
+# failed ``failures`` times in a row with one exception type in one dispatcher. sender:
+# Subscription; subscription; error: the last failure's "Type: text"; failures: int;
+# until: when it resumes by itself, or None.
+breaker_tripped = Signal()
 
 
 class _ReceiverFailed(Exception):

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db.models import Count, Min, Q
 from django.db.models.functions import Coalesce, Greatest, TruncMinute
 from django.utils import timezone
@@ -41,6 +42,9 @@ class SubscriptionFigures:
     lag: int
     # Seconds since the oldest of those was published (None: nothing waits).
     oldest_age: float | None
+    # A pause that ends by itself, and why it was paused (the circuit breaker's words).
+    paused_until: datetime | None = None
+    paused_reason: str = ""
 
     @property
     def queue(self) -> int:
@@ -154,6 +158,8 @@ def _collect(now: datetime) -> Figures:
                 topic=topic.name,
                 active=sub.active,
                 paused=sub.paused,
+                paused_until=sub.paused_until,
+                paused_reason=sub.paused_reason,
                 ordered=sub.effective_ordered,
                 states=states,
                 failed=failed.get(sub.pk, 0),
@@ -357,7 +363,13 @@ def as_table(figures: Figures) -> str:
 def status(sub: SubscriptionFigures) -> str:
     if not sub.active:
         return "inactive"
-    return "paused" if sub.paused else "active"
+    if not sub.paused:
+        return "active"
+    text = "paused"
+    if sub.paused_until is not None:
+        until = timezone.localtime(sub.paused_until) if settings.USE_TZ else sub.paused_until
+        text += f" until {until.strftime('%Y-%m-%d %H:%M:%S %Z').strip()}"
+    return f"{text} ({sub.paused_reason})" if sub.paused_reason else text
 
 
 def _table(rows: list[list[Any]], names: int) -> str:

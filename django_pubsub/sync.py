@@ -77,6 +77,8 @@ def _sync_one(spec: SubscriberSpec, using: str, result: SyncResult) -> None:
         "delivery": spec.delivery or "at_least_once",
         "batch_size": spec.batch_size,
         "batch_wait": spec.batch_wait,
+        "breaker_failures": spec.breaker_failures,
+        "breaker_pause": spec.breaker_pause,
         "max_attempts": spec.max_attempts,
         "lease": spec.lease,
         "timeout": spec.timeout,

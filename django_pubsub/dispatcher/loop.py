@@ -34,6 +34,7 @@ from .heartbeat import Heartbeat, Keeping
 from .keywatch import KeyWatch
 from .leases import LeaseKeeper, Recovery
 from .outcomes import OutcomeRecorder
+from .pauses import Pauses
 from .pruner import Pruner
 from .stopping import drain, on_stop
 from .subscriptions import Subscriptions
@@ -57,6 +58,7 @@ class Parts:
     waker: Waker | None
     pruner: Pruner
     keys: KeyWatch
+    pauses: Pauses
 
 
 class DispatchLoop:
@@ -179,6 +181,7 @@ class DispatchLoop:
             clock=clock,
             stopping=self._stop.is_set,
         )
+        pauses = Pauses(subs)
         outcomes = OutcomeRecorder(
             subscriptions=subs,
             pool=pool,
@@ -186,6 +189,7 @@ class DispatchLoop:
             counts=counts,
             rand=self.rand,
             clock=clock,
+            pauses=pauses,
         )
         heartbeat = Heartbeat(row, pool)
         recovery = Recovery(
@@ -205,7 +209,7 @@ class DispatchLoop:
             after = pubsub_settings.key_blocked_after
         assert after is None or isinstance(after, int | float)
         keys = KeyWatch(subs, after, clock)
-        return Parts(row, pool, claimer, outcomes, recovery, keeping, waker, pruner, keys)
+        return Parts(row, pool, claimer, outcomes, recovery, keeping, waker, pruner, keys, pauses)
 
     def step(self) -> bool:
         """One pass; True if it did something (so the next should follow at once)."""
@@ -230,6 +234,7 @@ class DispatchLoop:
         # that commit and its handler.
         progressed |= parts.recovery.run(self.clock()) > 0
         parts.keys.look()
+        parts.pauses.look(self.clock())
         return progressed
 
     def _topics_to_fan_out(self, sequenced: dict[int, int]) -> list[int]:

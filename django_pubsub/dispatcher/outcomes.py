@@ -15,6 +15,7 @@ from ..models import Delivery, Subscription
 from ..retry import Random
 from .claimer import Claimer
 from .counts import Counts
+from .pauses import Pauses
 from .subscriptions import Subscriptions
 from .workers import Job, Outcome, WorkerPool, by_token
 
@@ -33,8 +34,10 @@ class OutcomeRecorder:
         counts: Counts,
         rand: Random,
         clock: Clock,
+        pauses: Pauses | None = None,
     ) -> None:
         self.subscriptions = subscriptions
+        self.pauses = pauses
         self.pool = pool
         self.claimer = claimer
         self.counts = counts
@@ -129,6 +132,8 @@ class OutcomeRecorder:
             if not outcome.unstarted and not outcome.late:
                 ran.setdefault(outcome.job.subscription_id, []).append(outcome.duration)
                 if outcome.acked:  # not if its ack was fenced out
+                    if self.pauses is not None:
+                        self.pauses.succeeded(outcome.job.subscription_id)
                     message, duration = outcome.job.message, outcome.duration
                     signals.send(
                         signals.delivery_succeeded, Subscription, message=message, duration=duration
@@ -180,6 +185,8 @@ class OutcomeRecorder:
             # counted at its timeout, and --max-messages counts each attempt once.
             self.counts.failed += 1
             signal_failure(job.message, outcome.error or "", outcome.traceback, state, due)
+            if self.pauses is not None:
+                self.pauses.failed(job.subscription_id, outcome.error or "", now)
         if state == Delivery.State.DEAD:
             self.counts.dead += 1
             logger.error(

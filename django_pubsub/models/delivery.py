@@ -456,7 +456,9 @@ class Delivery(models.Model):
                 f"the next claim of it ends it expired, unrun."
             )
         if sub.paused:
-            return f"Waiting: subscription {sub.name} is paused."
+            until = f" until {_local(sub.paused_until)}" if sub.paused_until else ""
+            why = f" ({sub.paused_reason})" if sub.paused_reason else ""
+            return f"Waiting: subscription {sub.name} is paused{until}{why}."
         if self.state == Delivery.State.RETRY and self.available_at > now:
             return (
                 f"Waiting to retry at {_local(self.available_at)} "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import models, transaction
@@ -63,6 +63,10 @@ class Subscription(models.Model):
     )
     max_inflight = models.PositiveIntegerField(null=True, blank=True)
     backoff = models.JSONField(null=True, blank=True)
+    # The circuit breaker (@subscriber circuit_breaker=): this many failures in a row with
+    # one exception type pause it, for breaker_pause seconds (None: until resumed).
+    breaker_failures = models.PositiveIntegerField(null=True, blank=True)
+    breaker_pause = models.FloatField(null=True, blank=True)
     # Where it began, as declared: "earliest", "latest", "last N", or a time (ISO format).
     start = models.CharField(max_length=40)
     # Offset up to which messages of the topic have been fanned out into deliveries.
@@ -74,6 +78,11 @@ class Subscription(models.Model):
     # db_default: rows that code from before this field inserts (during a rolling deploy)
     # are not paused.
     paused = models.BooleanField(default=False, db_default=False)
+    # A pause that ends by itself at this time (a dispatcher resumes it); None: until an
+    # operator resumes it. And why it was paused, when something other than an operator
+    # did it (the circuit breaker).
+    paused_until = models.DateTimeField(null=True, blank=True)
+    paused_reason = models.CharField(max_length=500, blank=True, default="", db_default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -157,24 +166,50 @@ class Subscription(models.Model):
         keys = Message.objects.using(using).filter(pk=models.OuterRef("message_id"))
         return rows.update(key=models.Subquery(keys.values("key")[:1]))
 
-    def pause(self, now: datetime | None = None) -> bool:
-        """Stop claiming its deliveries (those running finish); False if already paused."""
-        return self._set_paused(True, now or timezone.now())
+    def pause(
+        self, now: datetime | None = None, *, until: datetime | None = None, reason: str = ""
+    ) -> bool:
+        """Stop claiming its deliveries (those running finish); False if already paused
+        (then ``until`` and ``reason`` replace what it had). ``until``: a dispatcher
+        resumes it at that time (within a second); None: an operator does."""
+        fields = {"paused_until": until, "paused_reason": reason[:500]}
+        return self._set_paused(True, now or timezone.now(), fields)
 
     def resume(self, now: datetime | None = None) -> bool:
         """Claim its deliveries again; False if it was not paused."""
-        return self._set_paused(False, now or timezone.now())
+        fields = {"paused_until": None, "paused_reason": ""}
+        return self._set_paused(False, now or timezone.now(), fields)
 
-    def _set_paused(self, paused: bool, now: datetime) -> bool:
+    @classmethod
+    def resume_due(cls, now: datetime, using: str = "default") -> list[Subscription]:
+        """Resume the subscriptions whose pause ends by ``now`` (paused_until); those it
+        resumed (one a pause changed meanwhile is left as it is now)."""
+        from .. import signals
+
+        resumed: list[Subscription] = []
+        for sub in cls.objects.using(using).filter(paused=True, paused_until__lte=now):
+            rows = cls.objects.using(using).filter(
+                pk=sub.pk, paused=True, paused_until=sub.paused_until
+            )
+            if rows.update(paused=False, paused_until=None, paused_reason="", updated_at=now):
+                sub.paused, sub.paused_until, sub.paused_reason = False, None, ""
+                logger.info("subscription %s resumed: its pause ended", sub.name)
+                signals.send(signals.subscription_resumed, Subscription, subscription=sub)
+                resumed.append(sub)
+        return resumed
+
+    def _set_paused(self, paused: bool, now: datetime, fields: dict[str, Any]) -> bool:
         from .. import signals
 
         rows = Subscription.objects.filter(pk=self.pk, paused=not paused)
-        changed = rows.update(paused=paused, updated_at=now) == 1
+        changed = rows.update(paused=paused, updated_at=now, **fields) == 1
         if not changed and paused:
             # Paused already, maybe held by a seek or replay: the operator's pause is what
             # the row says now, and the hold's end must leave it paused (release()).
-            Subscription.objects.filter(pk=self.pk, paused=True).update(updated_at=now)
+            Subscription.objects.filter(pk=self.pk, paused=True).update(updated_at=now, **fields)
         self.paused = paused
+        for name, value in fields.items():
+            setattr(self, name, value)
         if changed:
             signal = signals.subscription_paused if paused else signals.subscription_resumed
             signals.send(signal, Subscription, subscription=self)

@@ -120,11 +120,12 @@ def drain(
     """
     from ..conf import pubsub_settings
     from ..dispatcher.workers import handler_message
-    from ..models import Delivery, Topic
+    from ..models import Delivery, Subscription, Topic
     from ..sync import sync_subscriptions
 
     clock = clock or timezone.now
     sync_subscriptions(using=using)
+    Subscription.resume_due(clock(), using=using)  # pauses that ended by the test's clock
     subs = _chosen(subscriptions, using)
     handlers = {sub.pk: as_sync(import_string(sub.handler), sub.effective_timeout) for sub in subs}
     batch = pubsub_settings.batch_size

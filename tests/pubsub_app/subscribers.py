@@ -341,3 +341,19 @@ def tx_kill(message: Message) -> None:
 @subscriber("t.keyed.hang", name="keyed.hang", ordered="key", timeout=0.3, backoff={"base": 0.1})
 def keyed_hang(message: Message) -> None:
     record(message)
+
+
+@subscriber(
+    "t.breaker",
+    name="breaker.one",
+    circuit_breaker={"failures": 3, "pause": 60},
+    max_attempts=1,
+    max_inflight=1,
+)
+def breaker_one(message: Message) -> None:
+    record(message)
+    payload = message.payload if isinstance(message.payload, dict) else {}
+    if payload.get("error") == "value":
+        raise ValueError("the partner's API said no")
+    if payload.get("error") == "key":
+        raise KeyError("missing")
