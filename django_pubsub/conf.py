@@ -71,6 +71,7 @@ RETENTION_DEFAULTS: dict[str, float | None] = {
     "discarded": 7 * 24 * 3600.0,  # an operator's act, kept a week
     "dead": 30 * 24 * 3600.0,  # a month: dead letters wait for someone to look at them
     "expired": 7 * 24 * 3600.0,  # not started before its message expired: kept a week
+    "filtered": 24 * 3600.0,  # passed over by the subscription's filter: a day, as acked
     "messages": 7 * 24 * 3600.0,  # a week to seek back over, once every subscription is past
 }
 
@@ -181,7 +182,10 @@ VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: is_positive_int(v, MAX_PAYLOAD_CEILING),
         f"an integer of bytes from 1 to {MAX_PAYLOAD_CEILING:,}",
     ),
-    "RETENTION": (_retention, "a dict of acked, discarded, dead, expired, messages (and topics)"),
+    "RETENTION": (
+        _retention,
+        "a dict of acked, discarded, dead, expired, filtered, messages (and topics)",
+    ),
     "PRUNE_INTERVAL": (_optional_positive_number, f"{SECONDS}, or None"),
     "KEY_BLOCKED_AFTER": (_optional_positive_number, f"{SECONDS}, or None"),
     "DEDUP_WINDOW": (_optional_positive_number, f"{SECONDS}, or None"),

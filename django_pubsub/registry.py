@@ -7,6 +7,7 @@ synced from it by ``sync.py``.
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -55,6 +56,8 @@ class SubscriberSpec:
     # circuit_breaker=: failures in a row with one exception type, and the pause's seconds.
     breaker_failures: int | None = None
     breaker_pause: float | None = None
+    # filter=, as canonical JSON text ({"headers": {...}, "key": ...}); None: every message.
+    message_filter: str | None = None
 
 
 # The most messages one batch handler call takes.
@@ -135,6 +138,7 @@ def subscriber(
     batch_size: int | None = None,
     batch_wait: float | None = None,
     circuit_breaker: int | Mapping[str, float | None] | None = None,
+    filter: Mapping[str, Any] | None = None,
 ) -> Callable[[H], H]:
     """Declare ``func`` as the handler of the subscription ``name`` on ``topic``.
 
@@ -144,7 +148,9 @@ def subscriber(
     at most ``batch_wait`` seconds. ``delivery``: "at_least_once" (the default),
     "at_most_once" or "transactional". ``circuit_breaker``: N (or {"failures": N,
     "pause": seconds}): N failures in a row with one exception type pause the
-    subscription (for that long, or until resumed). See docs/reference/api.md.
+    subscription (for that long, or until resumed). ``filter``: {"headers": {name: value},
+    "key": key}: only messages with all of these get a delivery to run; the others are
+    "filtered" at fan-out. See docs/reference/api.md.
     """
     check_topic(topic)
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
@@ -159,6 +165,7 @@ def subscriber(
     _check_modes(ordered, on_dead, delivery, max_attempts)
     _check_batch(batch_size, batch_wait)
     breaker_failures, breaker_pause = _check_breaker(circuit_breaker)
+    message_filter = _check_filter(filter)
     _optional_positive(max_attempts, "max_attempts", int)
     _optional_positive(max_inflight, "max_inflight", int)
     _optional_positive(lease, "lease", float)
@@ -191,6 +198,7 @@ def subscriber(
             batch_wait=float(batch_wait) if batch_wait is not None else None,
             breaker_failures=breaker_failures,
             breaker_pause=breaker_pause,
+            message_filter=message_filter,
         )
         register(spec)
         return func
@@ -238,6 +246,33 @@ def _check_batch(batch_size: object, batch_wait: object) -> None:
             f"@subscriber batch_wait must be a number of seconds from 0 to 3600, or None; "
             f"not {batch_wait!r}."
         )
+
+
+def _check_filter(spec: object) -> str | None:
+    """filter= as canonical JSON text: {"headers": {str: str, ...}, "key": str}, either
+    part optional, at least one condition."""
+    if spec is None:
+        return None
+    problem = ""
+    if not isinstance(spec, Mapping) or not spec or set(spec) - {"headers", "key"}:
+        problem = 'a dict with "headers" (a dict of str to str) and/or "key" (a str)'
+    else:
+        headers, key = spec.get("headers", {}), spec.get("key")
+        if not isinstance(headers, Mapping) or not all(
+            isinstance(name, str) and isinstance(value, str) for name, value in headers.items()
+        ):
+            problem = '"headers" must be a dict of str to str'
+        elif key is not None and not (isinstance(key, str) and key):
+            problem = '"key" must be a non-empty str'
+        elif not headers and key is None:
+            problem = "at least one header or a key"
+    if problem:
+        raise InvalidSubscriber(f"@subscriber filter needs {problem}; not {spec!r}.")
+    assert isinstance(spec, Mapping)
+    return json.dumps(
+        {name: dict(value) if name == "headers" else value for name, value in spec.items()},
+        sort_keys=True,
+    )
 
 
 def _check_breaker(breaker: object) -> tuple[int | None, float | None]:

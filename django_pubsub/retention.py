@@ -1,8 +1,8 @@
 """Retention: prune() removes ended deliveries and the messages nothing needs any more,
 topic by topic, a batch at a time, never what a subscription has not finished.
 
-A delivery goes once it has been acked, discarded, dead or expired for longer than its kind's
-retention. A message goes once it is older than the messages retention, every
+A delivery goes once it has been acked, discarded, dead, expired or filtered for longer
+than its kind's retention. A message goes once it is older than the messages retention, every
 subscription of its topic (inactive and paused ones included) has fanned it out, and no
 delivery of it remains. Settings: PUBSUB["RETENTION"], read per topic at each prune.
 """
@@ -185,7 +185,7 @@ def retiring(sub: Subscription, using: str = "default") -> Retiring:
     mine = Delivery.objects.using(using).filter(subscription=sub)
     with backends.get(using).connection.cursor() as cursor:
         messages = pruning.held_only_by(cursor, sub.pk, sub.topic_id)
-    unfinished = mine.exclude(state__in=["acked", "discarded", "expired"]).count()
+    unfinished = mine.exclude(state__in=["acked", "discarded", "expired", "filtered"]).count()
     return Retiring(mine.count(), unfinished, messages)
 
 

@@ -16,6 +16,9 @@ class DeliveryState(models.TextChoices):
     DISCARDED = "discarded"
     # Not started before its message's expires_at: ended unrun.
     EXPIRED = "expired"
+    # Its message did not match the subscription's filter: never to run. (Not "ended":
+    # a seek back leaves it as it is.)
+    FILTERED = "filtered"
 
 
 WAITING = (DeliveryState.PENDING, DeliveryState.RETRY)

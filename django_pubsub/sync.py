@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -79,6 +80,7 @@ def _sync_one(spec: SubscriberSpec, using: str, result: SyncResult) -> None:
         "batch_wait": spec.batch_wait,
         "breaker_failures": spec.breaker_failures,
         "breaker_pause": spec.breaker_pause,
+        "message_filter": json.loads(spec.message_filter) if spec.message_filter else None,
         "max_attempts": spec.max_attempts,
         "lease": spec.lease,
         "timeout": spec.timeout,

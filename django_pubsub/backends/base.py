@@ -53,6 +53,7 @@ DELIVERY_COLUMNS = (
 )
 
 PENDING, RETRY = DeliveryState.PENDING.value, DeliveryState.RETRY.value
+FILTERED = DeliveryState.FILTERED.value
 INFLIGHT, DEAD = DeliveryState.INFLIGHT.value, DeliveryState.DEAD.value
 # Every state a delivery may have reached since the snapshot that picked it for a claim:
 # an operator's discard included, or an ordered claim could run what was discarded.
@@ -190,14 +191,31 @@ class Backend:
         """Pending deliveries of the messages at offsets low to high (not included), but
         for those the subscription has already; how many it created. ``keyed``: the
         subscription is ordered by key, and its deliveries carry their messages' keys."""
+        match = self.filter_match("sf.f")
+        ends = [subscription_id, topic_id, low, high]
         cursor.execute(
-            f"INSERT INTO {DELIVERY} ({DELIVERY_COLUMNS}) "
-            f"SELECT %s, id, {OFFSET}, CASE WHEN %s THEN key END, %s, 0, %s, %s, '', %s, %s "
-            f"FROM {MESSAGE} WHERE topic_id = %s AND {OFFSET} >= %s AND {OFFSET} < %s "
+            f"INSERT INTO {DELIVERY} ({DELIVERY_COLUMNS}, finished_at) "
+            f"SELECT %s, m.id, m.{OFFSET}, CASE WHEN %s THEN m.key END, "
+            f"CASE WHEN {match} THEN %s ELSE %s END, 0, %s, %s, '', %s, %s, "
+            f"CASE WHEN {match} THEN NULL ELSE %s END "
+            f"FROM {MESSAGE} m, (SELECT message_filter AS f FROM {SUBSCRIPTION} WHERE id = %s) sf "
+            f"WHERE m.topic_id = %s AND m.{OFFSET} >= %s AND m.{OFFSET} < %s "
             f"ON CONFLICT DO NOTHING",
-            [subscription_id, keyed, PENDING, now, "[]", now, now, topic_id, low, high],
+            [subscription_id, keyed, PENDING, FILTERED, now, "[]", now, now, now, *ends],
         )
         return int(cursor.rowcount)
+
+    def filter_match(self, spec: str) -> str:
+        """SQL true if message ``m`` matches the subscription filter that the SQL
+        expression ``spec`` gives (JSON: {"headers": {name: value}, "key": key}), or that
+        is NULL; never NULL itself (a message without a key). Here: SQLite's JSON
+        functions."""
+        return (
+            f"COALESCE({spec} IS NULL OR ((json_extract({spec}, '$.key') IS NULL "
+            f"OR m.key = json_extract({spec}, '$.key')) AND NOT EXISTS (SELECT 1 FROM "
+            f"json_each({spec}, '$.headers') w WHERE NOT EXISTS (SELECT 1 FROM "
+            f"json_each(m.headers) h WHERE h.key = w.key AND h.value = w.value))), 0)"
+        )
 
     # -- claim and ack ---------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from django.db import transaction
 from .base import (
     DELIVERY,
     DELIVERY_COLUMNS,
+    FILTERED,
     INFLIGHT,
     MESSAGE,
     NOT_PAUSED_SQL,
@@ -155,25 +156,27 @@ class PostgreSQLBackend(Backend):
             f"ORDER BY id FOR NO KEY UPDATE), "
             f"moved AS (UPDATE {SUBSCRIPTION} s SET position = LEAST((SELECT h FROM head), "
             f"subs.lo + %s) FROM subs WHERE s.id = subs.id RETURNING s.id, subs.lo, "
-            f"s.position AS hi, s.keyed), "
+            f"s.position AS hi, s.keyed, s.message_filter AS f), "
         )
+        match = self.filter_match("moved.f")
         if not leases:
             sql = (
-                f"{moved}created AS (INSERT INTO {DELIVERY} ({DELIVERY_COLUMNS}) "
+                f"{moved}created AS (INSERT INTO {DELIVERY} ({DELIVERY_COLUMNS}, finished_at) "
                 f"SELECT moved.id, m.id, m.{OFFSET}, CASE WHEN moved.keyed THEN m.key END, "
-                f"%s, 0, %s, '[]', '', %s, %s "
+                f"CASE WHEN {match} THEN %s ELSE %s END, 0, %s, '[]', '', %s, %s, "
+                f"CASE WHEN {match} THEN NULL ELSE %s::timestamptz END "
                 f"FROM moved JOIN {MESSAGE} m ON m.topic_id = %s AND m.{OFFSET} >= moved.lo "
                 f"AND m.{OFFSET} < moved.hi ON CONFLICT DO NOTHING RETURNING 1) "
                 f"SELECT (SELECT count(*) FROM created), (SELECT max(hi) FROM moved)"
             )
-            params += [PENDING, at, at, at, topic_id]
+            params += [PENDING, FILTERED, at, at, at, at, topic_id]
         else:
-            sql = moved + _LEASING_FAN_OUT.format(wanted=_wanted(len(leases)))
+            sql = moved + _LEASING_FAN_OUT.format(wanted=_wanted(len(leases)), match=match)
             for lease in leases:
                 expires = connection.ops.adapt_datetimefield_value(lease.expires)
                 params += [lease.subscription_id, lease.limit, lease.token, expires]
                 params += [lease.subscription_id, PENDING, RETRY, at, lease.subscription_id]
-            params += [topic_id, INFLIGHT, PENDING, at, at, at, dispatcher_id]
+            params += [topic_id, INFLIGHT, PENDING, FILTERED, at, at, at, at, dispatcher_id]
         with connection.wrap_database_errors, self.bound_cursor() as cursor:
             cursor.execute(sql, params)
             rows = cursor.fetchall()
@@ -213,6 +216,13 @@ class PostgreSQLBackend(Backend):
 
     def claimed_rows(self, cursor: Any) -> list[Claimed]:
         return [Claimed.from_row(row) for row in cursor.fetchall()]
+
+    def filter_match(self, spec: str) -> str:
+        """As the base's, with jsonb containment for the headers."""
+        return (
+            f"COALESCE({spec} IS NULL OR ((({spec})->>'key' IS NULL OR m.key = ({spec})->>'key') "
+            f"AND m.headers @> COALESCE(({spec})->'headers', '{{}}'::jsonb)), false)"
+        )
 
     def id_match(self, ids: Sequence[int]) -> tuple[str, list[Any]]:
         return "id = ANY(%s)", [list(ids)]
@@ -349,15 +359,18 @@ def _wanted(count: int) -> str:
 # operator's seek, another fan-out) is added to what the dispatcher asked for.
 _LEASING_FAN_OUT = (
     "wanted AS MATERIALIZED ({wanted}), "
-    f"fresh AS (SELECT moved.id AS sub, m.id AS mid, m.{OFFSET} AS o, "
-    f"CASE WHEN moved.keyed THEN m.key END AS k, w.token, "
-    f"w.expires, row_number() OVER (PARTITION BY moved.id ORDER BY m.{OFFSET}) "
-    f"<= COALESCE(w.lim, 0) AS leased FROM moved JOIN {MESSAGE} m "
-    f"ON m.topic_id = %s AND m.{OFFSET} >= moved.lo AND m.{OFFSET} < moved.hi "
-    f"LEFT JOIN wanted w ON w.sub = moved.id), "
-    f"created AS (INSERT INTO {DELIVERY} ({DELIVERY_COLUMNS}, lease_token, lease_expires_at, "
-    f"dispatcher_id) SELECT sub, mid, o, k, CASE WHEN leased THEN %s ELSE %s END, "
-    f"leased::int, %s, '[]', '', %s, %s, CASE WHEN leased THEN token END, "
+    # ok: the message matches the subscription's filter (``match``); only those are leased,
+    # the first of them, numbered apart from the others.
+    f"matched AS (SELECT moved.id AS sub, m.id AS mid, m.{OFFSET} AS o, "
+    f"CASE WHEN moved.keyed THEN m.key END AS k, {{match}} AS ok FROM moved JOIN {MESSAGE} m "
+    f"ON m.topic_id = %s AND m.{OFFSET} >= moved.lo AND m.{OFFSET} < moved.hi), "
+    f"fresh AS (SELECT matched.*, w.token, w.expires, ok AND row_number() OVER "
+    f"(PARTITION BY matched.sub, ok ORDER BY o) <= COALESCE(w.lim, 0) AS leased FROM matched "
+    f"LEFT JOIN wanted w ON w.sub = matched.sub), "
+    f"created AS (INSERT INTO {DELIVERY} ({DELIVERY_COLUMNS}, finished_at, lease_token, "
+    f"lease_expires_at, dispatcher_id) SELECT sub, mid, o, k, CASE WHEN leased THEN %s "
+    f"WHEN ok THEN %s ELSE %s END, leased::int, %s, '[]', '', %s, %s, "
+    f"CASE WHEN ok THEN NULL ELSE %s::timestamptz END, CASE WHEN leased THEN token END, "
     f"CASE WHEN leased THEN expires + (clock_timestamp() - statement_timestamp()) END, "
     f"CASE WHEN leased THEN %s::bigint END "
     f"FROM fresh ON CONFLICT DO NOTHING "

@@ -15,7 +15,7 @@ from typing import Any
 from .base import DELIVERY, MESSAGE, OFFSET, SUBSCRIPTION, TOPIC
 
 # The ended states retention removes.
-KINDS = ("acked", "discarded", "dead", "expired")
+KINDS = ("acked", "discarded", "dead", "expired", "filtered")
 
 
 def ended_before(cutoffs: Mapping[str, Any]) -> tuple[str, list[Any]]:

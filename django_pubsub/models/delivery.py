@@ -435,6 +435,11 @@ class Delivery(models.Model):
                 "Discarded by an operator (a discard, or a seek past it): it runs only if "
                 "the subscription is sought back before it."
             )
+        if self.state == Delivery.State.FILTERED:
+            return (
+                "Filtered out: its message does not match the subscription's filter "
+                f"({sub.message_filter}); it is never run."
+            )
         if self.state == Delivery.State.EXPIRED:
             return (
                 f"Expired: not started before its message's expires_at "

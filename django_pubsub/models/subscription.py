@@ -67,6 +67,9 @@ class Subscription(models.Model):
     # one exception type pause it, for breaker_pause seconds (None: until resumed).
     breaker_failures = models.PositiveIntegerField(null=True, blank=True)
     breaker_pause = models.FloatField(null=True, blank=True)
+    # @subscriber filter=: {"headers": {name: value}, "key": key}; messages that do not
+    # match all of it get a "filtered" delivery at fan-out, never run. NULL: every one.
+    message_filter = models.JSONField(null=True, blank=True)
     # Where it began, as declared: "earliest", "latest", "last N", or a time (ISO format).
     start = models.CharField(max_length=40)
     # Offset up to which messages of the topic have been fanned out into deliveries.

@@ -357,3 +357,18 @@ def breaker_one(message: Message) -> None:
         raise ValueError("the partner's API said no")
     if payload.get("error") == "key":
         raise KeyError("missing")
+
+
+@subscriber("t.filter", name="filter.eu", filter={"headers": {"region": "eu"}})
+def filter_eu(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.filter", name="filter.key", filter={"key": "vip", "headers": {"tier": "gold"}})
+def filter_key(message: Message) -> None:
+    record(message)
+
+
+@subscriber("t.filter", name="filter.keyed", ordered="key", filter={"headers": {"region": "eu"}})
+def filter_keyed(message: Message) -> None:
+    record(message)

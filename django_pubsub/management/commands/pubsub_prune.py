@@ -9,7 +9,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 
 from django_pubsub import retention
 
-KINDS = ("acked", "discarded", "dead", "expired", "messages")
+KINDS = ("acked", "discarded", "dead", "expired", "filtered", "messages")
 
 
 class Command(BaseCommand):
