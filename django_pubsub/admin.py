@@ -141,6 +141,7 @@ class SubscriptionAdmin(ActionsAdmin):
     readonly_fields = [
         *("in_order", "dead_head", "delivery_mode", "batches", "attempts", "lease_seconds"),
         *("timeout_seconds", "inflight_bound", "retry_backoff", "breaker", "message_filter"),
+        "rate",
         *("paused_until", "paused_reason", "created_at", "updated_at"),
     ]
     fields = ["name", "topic", "handler", "active", "paused", "position", "start", *readonly_fields]

@@ -26,6 +26,7 @@ from .validation import (
     check_topic,
     is_positive_int,
     is_positive_number,
+    parse_rate,
 )
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class SubscriberSpec:
     # circuit_breaker=: failures in a row with one exception type, and the pause's seconds.
     breaker_failures: int | None = None
     breaker_pause: float | None = None
+    # rate=, as declared ("100/s"); None: no limit.
+    rate: str | None = None
     # filter=, as canonical JSON text ({"headers": {...}, "key": ...}); None: every message.
     message_filter: str | None = None
 
@@ -139,6 +142,7 @@ def subscriber(
     batch_wait: float | None = None,
     circuit_breaker: int | Mapping[str, float | None] | None = None,
     filter: Mapping[str, Any] | None = None,
+    rate: str | None = None,
 ) -> Callable[[H], H]:
     """Declare ``func`` as the handler of the subscription ``name`` on ``topic``.
 
@@ -150,7 +154,8 @@ def subscriber(
     "pause": seconds}): N failures in a row with one exception type pause the
     subscription (for that long, or until resumed). ``filter``: {"headers": {name: value},
     "key": key}: only messages with all of these get a delivery to run; the others are
-    "filtered" at fan-out. See docs/reference/api.md.
+    "filtered" at fan-out. ``rate``: "100/s" (or /min, /hour, /day): at most that many
+    starts of its handler, across all dispatchers. See docs/reference/api.md.
     """
     check_topic(topic)
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
@@ -166,6 +171,11 @@ def subscriber(
     _check_batch(batch_size, batch_wait)
     breaker_failures, breaker_pause = _check_breaker(circuit_breaker)
     message_filter = _check_filter(filter)
+    if rate is not None:
+        try:
+            parse_rate(rate)
+        except ValueError as exc:
+            raise InvalidSubscriber(f"@subscriber {exc}.") from None
     _optional_positive(max_attempts, "max_attempts", int)
     _optional_positive(max_inflight, "max_inflight", int)
     _optional_positive(lease, "lease", float)
@@ -199,6 +209,7 @@ def subscriber(
             breaker_failures=breaker_failures,
             breaker_pause=breaker_pause,
             message_filter=message_filter,
+            rate=rate,
         )
         register(spec)
         return func

@@ -81,6 +81,7 @@ def _sync_one(spec: SubscriberSpec, using: str, result: SyncResult) -> None:
         "breaker_failures": spec.breaker_failures,
         "breaker_pause": spec.breaker_pause,
         "message_filter": json.loads(spec.message_filter) if spec.message_filter else None,
+        "rate": spec.rate or "",
         "max_attempts": spec.max_attempts,
         "lease": spec.lease,
         "timeout": spec.timeout,

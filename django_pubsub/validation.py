@@ -255,3 +255,24 @@ def check_start(start: object, choices: tuple[str, ...]) -> str | None:
         f'start must be "latest", "earliest", a datetime or ("last", N) with N a whole '
         f"number from 0 to {MAX_COUNT}, not {start!r}"
     )
+
+
+# @subscriber rate=: "N/unit", the unit's first letter: seconds in it.
+RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_RATE = 1_000_000
+
+
+def parse_rate(rate: str) -> tuple[int, float]:
+    """A rate as declared ("100/s", "10/min", "1000/hour", "5/day") as (N, seconds of its
+    period). Raises ValueError."""
+    count, _, unit = rate.partition("/") if isinstance(rate, str) else ("", "", "")
+    seconds = RATE_UNITS.get(unit.strip()[:1].lower()) if unit.strip() else None
+    word = unit.strip().lower()
+    if word not in ("s", "sec", "second", "m", "min", "minute", "h", "hour", "d", "day"):
+        seconds = None
+    if not count.strip().isdigit() or seconds is None or not 0 < int(count) <= MAX_RATE:
+        raise ValueError(
+            f'rate must be "N/s", "N/min", "N/hour" or "N/day" with N a whole number from 1 '
+            f"to {MAX_RATE:,}, not {rate!r}"
+        )
+    return int(count), seconds

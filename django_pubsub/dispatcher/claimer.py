@@ -140,6 +140,8 @@ class Claimer:
                     continue  # an ordered run is claimed under its subscription's lock
                 if sub.batch_size and sub.batch_wait:
                     continue  # a batch's claim waits until the batch is ready
+                if sub.rate:
+                    continue  # its starts are counted by its claims
                 limit = self.limit(sub, budget, 1 if not sub.batch_size else budget.free)
                 if budget.left is not None:
                     limit = min(limit, budget.left - promised)
@@ -178,6 +180,8 @@ class Claimer:
             ordered = sub.effective_ordered
             chunks = 1 if ordered else budget.free  # an ordered run goes to one thread
             limit = self.limit(sub, budget, chunks)
+            if sub.rate and limit > 0:
+                limit = sub.take_starts(limit, now)
             if limit <= 0:
                 continue
             token = uuid.uuid4().hex
@@ -195,6 +199,7 @@ class Claimer:
             except BaseException:
                 self._failed_claim()
                 raise
+            sub.give_back_starts(limit - len(rows))
             if sub.keyed and len(rows) < limit:
                 self._quiet_until[sub.pk] = time.monotonic() + KEYED_RECHECK
             self._hand_out(jobs, chunks, budget)

@@ -22,7 +22,7 @@ from ..conf import DELIVERY_CHOICES, ON_DEAD_CHOICES, pubsub_settings
 from ..exceptions import ActionRefused, InvalidSeek
 from ..retry import Backoff
 from ..states import ENDED, WAITING
-from ..validation import LAST_PREFIX
+from ..validation import LAST_PREFIX, parse_rate
 from .delivery import Delivery
 from .log import Message, Topic
 
@@ -70,6 +70,11 @@ class Subscription(models.Model):
     # @subscriber filter=: {"headers": {name: value}, "key": key}; messages that do not
     # match all of it get a "filtered" delivery at fan-out, never run. NULL: every one.
     message_filter = models.JSONField(null=True, blank=True)
+    # @subscriber rate= ("100/s"; "": none): a token bucket shared by every dispatcher,
+    # kept in the row: tokens left as of rate_at.
+    rate = models.CharField(max_length=30, blank=True, default="", db_default="")
+    rate_tokens = models.FloatField(default=0.0, db_default=0.0, editable=False)
+    rate_at = models.DateTimeField(null=True, blank=True, editable=False)
     # Where it began, as declared: "earliest", "latest", "last N", or a time (ISO format).
     start = models.CharField(max_length=40)
     # Offset up to which messages of the topic have been fanned out into deliveries.
@@ -182,6 +187,40 @@ class Subscription(models.Model):
         """Claim its deliveries again; False if it was not paused."""
         fields = {"paused_until": None, "paused_reason": ""}
         return self._set_paused(False, now or timezone.now(), fields)
+
+    def take_starts(self, want: int, now: datetime, using: str = "default") -> int:
+        """Of ``want`` starts of its handler, how many its rate allows now (all of them
+        without a rate). A token bucket in its row, under the row's lock, so every
+        dispatcher draws from the same one: it fills at N per period up to N (a period's
+        burst). What a claim then does not start goes back (give_back_starts())."""
+        if not self.rate or want <= 0:
+            return want
+        count, seconds = parse_rate(self.rate)
+        backend = backends.get(using)
+        with transaction.atomic(using=using), backend.connection.cursor() as cursor:
+            backend.lock_row(cursor, SUBSCRIPTION, self.pk, "rate_tokens")
+            tokens, at = (
+                Subscription.objects.using(using)
+                .values_list("rate_tokens", "rate_at")
+                .get(pk=self.pk)
+            )
+            if at is None:
+                tokens = float(count)
+            else:
+                elapsed = max(0.0, (now - at).total_seconds())
+                tokens = min(float(count), tokens + elapsed * count / seconds)
+            granted = min(want, int(tokens))
+            Subscription.objects.using(using).filter(pk=self.pk).update(
+                rate_tokens=tokens - granted, rate_at=now
+            )
+        return granted
+
+    def give_back_starts(self, unused: int, using: str = "default") -> None:
+        """Starts take_starts() allowed that a claim did not make."""
+        if self.rate and unused > 0:
+            Subscription.objects.using(using).filter(pk=self.pk).update(
+                rate_tokens=models.F("rate_tokens") + unused
+            )
 
     @classmethod
     def resume_due(cls, now: datetime, using: str = "default") -> list[Subscription]:

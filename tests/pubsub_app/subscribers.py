@@ -372,3 +372,8 @@ def filter_key(message: Message) -> None:
 @subscriber("t.filter", name="filter.keyed", ordered="key", filter={"headers": {"region": "eu"}})
 def filter_keyed(message: Message) -> None:
     record(message)
+
+
+@subscriber("t.rate", name="rate.one", rate="20/s")
+def rate_one(message: Message) -> None:
+    record_only(message, started=time.time())
