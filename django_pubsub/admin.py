@@ -45,7 +45,10 @@ DELIVERIES: dict[str, Any] = {"noun": ("delivery", "deliveries")}
 
 @admin.register(Topic)
 class TopicAdmin(ReadOnlyAdmin):
-    list_display = ["name", "sequenced", "subscribers", to_the_second("created_at")]
+    list_display = [
+        *("name", "sequenced", "subscribers", "backlog", "backlog_of"),
+        *(to_the_second("backlog_at"), to_the_second("created_at")),
+    ]
     search_fields = ["name"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Topic]:

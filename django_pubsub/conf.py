@@ -64,6 +64,9 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a publish(dedup_key=) is remembered within its topic (None: as long as its
     # message is kept).
     "DEDUP_WINDOW": 24 * 3600.0,
+    # Per topic name: {"max_backlog": N, "policy": "reject" or "warn"}. Past N messages
+    # unfinished by the topic's slowest subscription, publish() refuses or warns.
+    "BACKPRESSURE": {},
 }
 
 RETENTION_DEFAULTS: dict[str, float | None] = {
@@ -116,6 +119,31 @@ def _retention(value: Any) -> bool:
     problem = retention_problem(value)
     if problem:
         raise ImproperlyConfigured(problem)
+    return True
+
+
+BACKPRESSURE_POLICIES = ("reject", "warn")
+
+
+def _backpressure(value: Any) -> bool:
+    """Raises ImproperlyConfigured naming the part that is wrong."""
+    if not isinstance(value, dict):
+        return False
+    for topic, limits in value.items():
+        if not isinstance(topic, str) or not isinstance(limits, dict):
+            raise ImproperlyConfigured(
+                f"each entry must map a topic name to a dict, not {topic!r}: {limits!r}"
+            )
+        unknown = sorted(set(limits) - {"max_backlog", "policy"})
+        if unknown or not is_positive_int(limits.get("max_backlog")):
+            raise ImproperlyConfigured(
+                f"{topic!r} needs max_backlog, {COUNT}, and no other key than policy; "
+                f"got {limits!r}"
+            )
+        if limits.get("policy", "reject") not in BACKPRESSURE_POLICIES:
+            raise ImproperlyConfigured(
+                f"{topic!r}: policy must be 'reject' or 'warn', not {limits.get('policy')!r}"
+            )
     return True
 
 
@@ -189,6 +217,10 @@ VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "PRUNE_INTERVAL": (_optional_positive_number, f"{SECONDS}, or None"),
     "KEY_BLOCKED_AFTER": (_optional_positive_number, f"{SECONDS}, or None"),
     "DEDUP_WINDOW": (_optional_positive_number, f"{SECONDS}, or None"),
+    "BACKPRESSURE": (
+        lambda v: _backpressure(v),
+        'a dict of topic name to {"max_backlog": N, "policy": "reject" or "warn"}',
+    ),
 }
 
 
@@ -295,6 +327,10 @@ class PubSubSettings:
     def key_blocked_after(self) -> float | None:
         value = get("KEY_BLOCKED_AFTER")
         return None if value is None else float(value)
+
+    @property
+    def backpressure(self) -> dict[str, dict[str, Any]]:
+        return dict(get("BACKPRESSURE"))
 
     @property
     def dedup_window(self) -> float | None:

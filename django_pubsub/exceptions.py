@@ -29,6 +29,20 @@ class InvalidSchedule(PubSubError, ValueError):
     """A ``deliver_at``/``delay`` or ``expires_at``/``ttl`` that cannot work as given."""
 
 
+class Backpressure(PubSubError):
+    """publish() to a topic whose slowest subscription is further behind than its
+    PUBSUB["BACKPRESSURE"] limit, with the policy "reject": nothing was written."""
+
+    def __init__(self, topic: str, backlog: int, limit: int, subscription: str) -> None:
+        self.topic, self.backlog, self.limit = topic, backlog, limit
+        self.subscription = subscription
+        super().__init__(
+            f"topic {topic!r} is backed up: its slowest subscription ({subscription}) has "
+            f"{backlog:,} messages unfinished, its limit is {limit:,} "
+            f"(PUBSUB['BACKPRESSURE']); nothing was published. Try again later."
+        )
+
+
 class InvalidSubscriber(PubSubError, ImproperlyConfigured):
     """A ``@subscriber`` declaration that cannot work as written."""
 

@@ -11,7 +11,7 @@ from typing import Any
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 from django.utils import timezone
 
-from . import backends, signals
+from . import backends, backpressure, signals
 from .backends.base import INSERT_BATCH
 from .conf import pubsub_settings
 from .exceptions import InvalidPayload, PubSubError
@@ -57,6 +57,7 @@ def publish(
     body = check_payload(payload, pubsub_settings.max_payload_bytes)
     now = timezone.now()
     schedule = check_schedule(now, deliver_at, delay, expires_at, ttl)
+    backpressure.check(topic)
     if dedup_key is not None:
         return _write_once(topic, body, key, header_dict, now, schedule, dedup_key)
     return _write(topic, [body], key, header_dict, now, schedule)[0]
@@ -96,6 +97,7 @@ def publish_many(
             raise InvalidPayload(f"payloads[{index}]: {exc}") from None
     if not checked:
         return []
+    backpressure.check(topic)
     return _write(topic, checked, key, header_dict, now, schedule)
 
 

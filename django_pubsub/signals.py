@@ -63,6 +63,12 @@ subscription_resumed = Signal()
 breaker_tripped = Signal()
 
 
+# publish() to a topic whose backlog is at or past its PUBSUB["BACKPRESSURE"] limit, with
+# the policy "warn" (the message is published) or "reject" (it is not). sender: Topic;
+# topic: name; backlog, limit: ints; subscription: the slowest one's name; policy.
+backlog_exceeded = Signal()
+
+
 class _ReceiverFailed(Exception):
     """Rolls the receivers' savepoint back."""
 

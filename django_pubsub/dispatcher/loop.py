@@ -28,6 +28,7 @@ from ..exceptions import PubSubError
 from ..models import Dispatcher, Topic
 from ..retry import ErrorBackoff, Random
 from ..sync import sync_subscriptions
+from .backlogs import Backlogs
 from .claimer import Claimer
 from .counts import Counts
 from .heartbeat import Heartbeat, Keeping
@@ -59,6 +60,7 @@ class Parts:
     pruner: Pruner
     keys: KeyWatch
     pauses: Pauses
+    backlogs: Backlogs
 
 
 class DispatchLoop:
@@ -209,7 +211,10 @@ class DispatchLoop:
             after = pubsub_settings.key_blocked_after
         assert after is None or isinstance(after, int | float)
         keys = KeyWatch(subs, after, clock)
-        return Parts(row, pool, claimer, outcomes, recovery, keeping, waker, pruner, keys, pauses)
+        backlogs = Backlogs()
+        return Parts(
+            row, pool, claimer, outcomes, recovery, keeping, waker, pruner, keys, pauses, backlogs
+        )
 
     def step(self) -> bool:
         """One pass; True if it did something (so the next should follow at once)."""
@@ -235,6 +240,7 @@ class DispatchLoop:
         progressed |= parts.recovery.run(self.clock()) > 0
         parts.keys.look()
         parts.pauses.look(self.clock())
+        parts.backlogs.look(self.clock())
         return progressed
 
     def _topics_to_fan_out(self, sequenced: dict[int, int]) -> list[int]:

@@ -27,6 +27,12 @@ class Topic(models.Model):
     # The offset the next sequenced message of this topic gets.
     next_offset = models.BigIntegerField(default=0, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Topics with a PUBSUB["BACKPRESSURE"] limit: the messages its slowest active
+    # subscription has not finished (backlog_of), as measured at backlog_at by a
+    # dispatcher (every BACKLOG_INTERVAL) or by a publisher that found it stale.
+    backlog = models.BigIntegerField(null=True, blank=True, editable=False)
+    backlog_of = models.CharField(max_length=200, blank=True, default="", db_default="")
+    backlog_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["name"]
