@@ -189,6 +189,8 @@ def check_schedule(
     when the message joins its topic's log, and after which no delivery of it starts.
     ``ttl`` counts from the first: a message published for later lives that long from
     then."""
+    if deliver_at is None and delay is None and expires_at is None and ttl is None:
+        return None, None  # every plain publish
     due = _moment("deliver_at", deliver_at, "delay", delay, now, zero_ok=True)
     expiry = _moment("expires_at", expires_at, "ttl", ttl, due or now, zero_ok=False)
     if expiry is not None and expiry <= (due or now):

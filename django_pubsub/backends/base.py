@@ -110,8 +110,8 @@ class Backend:
             key,
             json.dumps(headers) if headers else "{}",
             adapt(now),
-            adapt(schedule[0]),
-            adapt(schedule[1]),
+            None if schedule[0] is None else adapt(schedule[0]),
+            None if schedule[1] is None else adapt(schedule[1]),
         ]
         dedup = dedup_key is not None
         if dedup:
