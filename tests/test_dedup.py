@@ -43,7 +43,7 @@ def test_a_second_publish_of_a_key_writes_nothing_and_returns_the_first_id(
     plain = publish("t.basic", {"n": 4})
     assert len({first, other, plain}) == 3
     dispatch("basic.one")
-    assert [run.message_id for run in runs("basic.one")] == [first, plain]
+    assert sorted(run.message_id for run in runs("basic.one")) == sorted([first, plain])
 
 
 def test_a_producer_sequence_number_makes_retried_sends_idempotent() -> None:
