@@ -208,3 +208,18 @@ def test_an_expiry_before_the_delivery_time_is_refused() -> None:
     with pytest.raises(InvalidSchedule, match="must be after its deliver_at"):
         publish("t.basic", {"n": 1}, deliver_at=at, expires_at=at - timedelta(minutes=1))
     assert not Message.objects.exists()
+
+
+def test_a_delivery_that_expires_while_it_waits_in_its_chunk_does_not_run(
+    dispatch: Any,
+) -> None:
+    """One worker runs a chunk's deliveries one after another: each is checked as it is
+    about to start, not only when the chunk was claimed."""
+    publish_many("t.ordered", [{"n": n} for n in range(300)])  # chunks grow on fast runs
+    publish("t.ordered", {"n": "slow", "sleep": 2.0})
+    expiring = publish("t.ordered", {"n": "expiring"}, ttl=1.0)
+    after = publish("t.ordered", {"n": "after"})
+    counts = dispatch("ordered.one", workers=1)
+    ran = [run.message_id for run in runs("ordered.one")]
+    assert expiring not in ran and ran[-1] == after  # the order goes on past it
+    assert counts.expired == 1 and states("ordered.one") == {"acked": 302, "expired": 1}

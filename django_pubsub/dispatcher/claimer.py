@@ -265,6 +265,7 @@ class Claimer:
             message = handler_message(sub, row)
             job = Job(row.delivery_id, token, sub.pk, message, handler, deadline, timeout)
             job.order = order
+            job.expires_at = row.expires_at
             jobs.append(job)
         return jobs
 

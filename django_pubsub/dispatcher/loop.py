@@ -172,7 +172,7 @@ class DispatchLoop:
     def _assemble(self, row: Dispatcher) -> Parts:
         subs, counts, clock = self.subscriptions, self.counts, self.clock
         self._progress = time.monotonic()  # waiting for the database at start is no stall
-        pool = WorkerPool(self.workers, on_done=self._wake.set)
+        pool = WorkerPool(self.workers, on_done=self._wake.set, clock=clock)
         claimer = Claimer(
             subscriptions=subs,
             pool=pool,

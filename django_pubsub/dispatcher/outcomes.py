@@ -93,9 +93,12 @@ class OutcomeRecorder:
         """Write outcomes to the database, adding each to ``done`` once it is written."""
         acks: list[Outcome] = []
         unstarted: list[Outcome] = []
+        expired: list[Outcome] = []
         for outcome in outcomes:
             if outcome.unstarted:
                 unstarted.append(outcome)
+            elif outcome.expired:
+                expired.append(outcome)
             elif outcome.acked:
                 self.counts.acked += 1
                 done.append(outcome)
@@ -106,6 +109,10 @@ class OutcomeRecorder:
                 done.append(outcome)
         self.claimer.give_back_leases(((o.job.delivery_id, o.job.token) for o in unstarted), now)
         done += unstarted
+        for token, group in by_token(expired, lambda outcome: outcome.job.token).items():
+            ids = [outcome.job.delivery_id for outcome in group]
+            self.counts.expired += Delivery.objects.expire(ids, token=token, now=now)
+            done += group
         for token, group in by_token(acks, lambda outcome: outcome.job.token).items():
             ids = [outcome.job.delivery_id for outcome in group]
             acked = set(Delivery.objects.ack(ids, token=token, now=now))
@@ -129,7 +136,7 @@ class OutcomeRecorder:
                 self.claimer.settled(outcome.job)
             if outcome.frees_slot:
                 self.claimer.in_flight[outcome.job.subscription_id] -= 1
-            if not outcome.unstarted and not outcome.late:
+            if not (outcome.unstarted or outcome.late or outcome.expired):
                 ran.setdefault(outcome.job.subscription_id, []).append(outcome.duration)
                 if outcome.acked:  # not if its ack was fenced out
                     if self.pauses is not None:

@@ -36,10 +36,12 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.db import close_old_connections, connections, transaction
+from django.utils import timezone
 
 from .. import signals
 from ..exceptions import BatchFailure
@@ -72,6 +74,8 @@ class Job:
     # The order it keeps within its chunk (an ordered subscription's one order, or its
     # message's key): None, none.
     order: str | None = None
+    # Its message's expires_at: reached before the job starts, it does not run.
+    expires_at: datetime | None = None
 
 
 def handler_message(sub: Subscription, row: Claimed) -> Message:
@@ -154,16 +158,22 @@ class Outcome:
     duration: float = 0.0
     # Acked: by the worker (Chunk.ack), or once the dispatcher has recorded it.
     acked: bool = False
+    # Not run: its message expired while it waited in its chunk (to be ended "expired").
+    expired: bool = False
 
     @property
     def deferrable(self) -> bool:
         """A handler that returned and whose ack is still to write."""
-        return self.error is None and not self.acked and not self.unstarted
+        return self.error is None and not (self.acked or self.unstarted or self.expired)
 
 
 class WorkerPool:
-    def __init__(self, size: int, on_done: Callable[[], None]) -> None:
+    def __init__(
+        self, size: int, on_done: Callable[[], None], clock: Callable[[], datetime] = timezone.now
+    ) -> None:
         self._on_done = on_done
+        # What a job's expires_at is compared with, as it is about to start.
+        self._clock = clock
         self._lock = threading.Condition()
         self._queued: deque[Chunk] = deque()
         self._active: set[Chunk] = set()
@@ -357,7 +367,10 @@ class WorkerPool:
                     chunk.next += 1
                     job.started = time.monotonic()
                     self._running[id(job)] = (job, threading.current_thread())
-                outcome = self._run(job, chunk)
+                if job.expires_at is not None and self._clock() >= job.expires_at:
+                    outcome = Outcome(job, expired=True)  # it waited too long in its chunk
+                else:
+                    outcome = self._run(job, chunk)
                 if outcome.error is not None:
                     close_old_connections()  # the failure may have broken a connection
                 with self._lock:
@@ -413,14 +426,18 @@ class WorkerPool:
     def _run_batch(self, chunk: Chunk) -> bool:
         """One handler call with every message of the chunk; True if it left this thread
         stuck."""
+        now = self._clock()
         with self._lock:
             jobs = chunk.jobs[chunk.next : chunk.end]
             chunk.next = chunk.end
+            expired = [job for job in jobs if job.expires_at is not None and now >= job.expires_at]
+            jobs = [job for job in jobs if job not in expired]
             started = time.monotonic()
             for job in jobs:
                 job.started = started
                 self._running[id(job)] = (job, threading.current_thread())
-        outcomes = self._call_batch(jobs, chunk)
+        outcomes = self._call_batch(jobs, chunk) if jobs else []
+        outcomes += (Outcome(job, expired=True) for job in expired)
         if any(outcome.error is not None for outcome in outcomes):
             close_old_connections()
         with self._lock:
