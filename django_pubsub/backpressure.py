@@ -4,7 +4,8 @@ finished) against its PUBSUB["BACKPRESSURE"] limit, without a query per publish.
 Dispatchers measure the backlog of each limited topic every BACKLOG_INTERVAL seconds and
 keep it in the topic's row. A publisher reads that row at most every READ_INTERVAL
 seconds per topic and process; if the figure is older than STALE (no dispatcher runs),
-the publisher measures it itself. So what publish() compares with the limit is at most
+the publisher counts it itself (reads only: it keeps nothing, so it takes no lock in the
+caller's transaction). So what publish() compares with the limit is at most
 about BACKLOG_INTERVAL + READ_INTERVAL seconds old while a dispatcher runs, and STALE +
 READ_INTERVAL if none does.
 """
@@ -91,7 +92,9 @@ def _known(topic: str) -> tuple[int, str]:
     if found is None:
         backlog, slowest = 0, ""  # no topic yet: nothing waits
     elif found["backlog_at"] is None or now - found["backlog_at"] > timedelta(seconds=STALE):
-        backlog, slowest = measure(found["pk"], now)
+        # Counted, not kept: a write here would lock the topic's row in the caller's
+        # transaction, holding up the sequencer and other publishers until it commits.
+        backlog, slowest = measure(found["pk"], now, keep=False)
     else:
         backlog, slowest = int(found["backlog"] or 0), found["backlog_of"]
     with _lock:
@@ -99,8 +102,9 @@ def _known(topic: str) -> tuple[int, str]:
     return backlog, slowest
 
 
-def measure(topic_id: int, now: datetime) -> tuple[int, str]:
-    """The topic's backlog now, and the slowest subscription's name; kept in its row."""
+def measure(topic_id: int, now: datetime, *, keep: bool = True) -> tuple[int, str]:
+    """The topic's backlog now, and the slowest subscription's name; kept in its row
+    unless not ``keep`` (only reads then)."""
     from .models import Delivery, Message, Subscription, Topic
 
     head = Topic.objects.values_list("next_offset", flat=True).get(pk=topic_id)
@@ -118,7 +122,10 @@ def measure(topic_id: int, now: datetime) -> tuple[int, str]:
         behind = waiting + (head - sub.position) + unfinished.get(sub.pk, 0)
         if behind > backlog or not slowest:
             backlog, slowest = behind, sub.name
-    Topic.objects.filter(pk=topic_id).update(backlog=backlog, backlog_of=slowest, backlog_at=now)
+    if keep:
+        Topic.objects.filter(pk=topic_id).update(
+            backlog=backlog, backlog_of=slowest, backlog_at=now
+        )
     return backlog, slowest
 
 

@@ -4,18 +4,22 @@ is too far behind, from a backlog measured by the dispatchers, not per publish."
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.core.checks import run_checks
+from django.db import connections, transaction
 from django.test import override_settings
 from django.utils import timezone
 
 from django_pubsub import backpressure, publish, publish_many, signals
 from django_pubsub.exceptions import Backpressure
 from django_pubsub.models import Message, Topic
+from tests.conftest import is_postgres
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -98,7 +102,40 @@ def test_a_dispatcher_keeps_the_figure_and_a_stale_one_is_measured_again(
         backpressure.forget()
         with pytest.raises(Backpressure):
             publish("t.basic", {"n": "over"})
-        assert Topic.objects.get(pk=row.pk).backlog == 6
+        assert Topic.objects.get(pk=row.pk).backlog == 0  # counted, not written: no lock
+
+
+@pytest.mark.skipif(not is_postgres(), reason="concurrent writers: PostgreSQL only")
+def test_a_publisher_that_counts_a_stale_backlog_locks_nothing() -> None:
+    """Counting it itself, a publisher writes nothing: its transaction, still open, holds
+    up neither the sequencer nor another publisher of the topic."""
+    with override_settings(PUBSUB=REJECT):
+        publish("t.basic", {"n": 0})
+        old = timezone.now() - timedelta(seconds=backpressure.STALE + 1)
+        Topic.objects.filter(name="t.basic").update(backlog=0, backlog_at=old)
+        opened, release, done = threading.Event(), threading.Event(), threading.Event()
+
+        def hold() -> None:
+            try:
+                with transaction.atomic():
+                    publish("t.basic", {"n": 1})  # counts the stale backlog itself
+                    opened.set()
+                    release.wait(10)
+            finally:
+                connections.close_all()
+                done.set()
+
+        threading.Thread(target=hold, daemon=True).start()
+        assert opened.wait(10)
+        try:
+            started = time.monotonic()
+            Topic.sequence_all(batch=10)
+            backpressure.forget()
+            publish("t.basic", {"n": 2})
+            assert time.monotonic() - started < 1.0
+        finally:
+            release.set()
+            assert done.wait(10)
 
 
 @pytest.mark.parametrize(
