@@ -23,6 +23,7 @@ from .validation import (
     NAME_RE,
     SECONDS,
     check_start,
+    check_text,
     check_topic,
     is_positive_int,
     is_positive_number,
@@ -277,6 +278,12 @@ def _check_filter(spec: object) -> str | None:
             problem = '"key" must be a non-empty str'
         elif not headers and key is None:
             problem = "at least one header or a key"
+        else:
+            try:  # what the database can store, on both
+                for text in [*headers, *headers.values(), *([key] if key else [])]:
+                    check_text(text, "a filter's text")
+            except ValueError as exc:
+                problem = f"text it can store ({exc})"
     if problem:
         raise InvalidSubscriber(f"@subscriber filter needs {problem}; not {spec!r}.")
     assert isinstance(spec, Mapping)

@@ -96,6 +96,11 @@ def _check_text(text: str, where: str, error: type[Exception] = InvalidPayload) 
         ) from None
 
 
+def check_text(text: str, where: str) -> None:
+    """As publish() checks text, for other callers: raises ValueError."""
+    _check_text(text, where, ValueError)
+
+
 def storable(text: str, limit: int) -> str:
     """Any text (a handler's error, a traceback) as both databases store it: NUL and lone
     surrogates written as escapes, at most ``limit`` characters, the cut said so."""
@@ -262,17 +267,15 @@ def check_start(start: object, choices: tuple[str, ...]) -> str | None:
 # @subscriber rate=: "N/unit", the unit's first letter: seconds in it.
 RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 MAX_RATE = 1_000_000
+RATE_RE = re.compile(r"([0-9]{1,7})/(s|sec|second|m|min|minute|h|hour|d|day)")
 
 
 def parse_rate(rate: str) -> tuple[int, float]:
     """A rate as declared ("100/s", "10/min", "1000/hour", "5/day") as (N, seconds of its
     period). Raises ValueError."""
-    count, _, unit = rate.partition("/") if isinstance(rate, str) else ("", "", "")
-    seconds = RATE_UNITS.get(unit.strip()[:1].lower()) if unit.strip() else None
-    word = unit.strip().lower()
-    if word not in ("s", "sec", "second", "m", "min", "minute", "h", "hour", "d", "day"):
-        seconds = None
-    if not count.strip().isdigit() or seconds is None or not 0 < int(count) <= MAX_RATE:
+    found = RATE_RE.fullmatch(rate) if isinstance(rate, str) else None
+    count, seconds = (int(found[1]), RATE_UNITS[found[2][0]]) if found else (0, 0.0)
+    if not 0 < count <= MAX_RATE:
         raise ValueError(
             f'rate must be "N/s", "N/min", "N/hour" or "N/day" with N a whole number from 1 '
             f"to {MAX_RATE:,}, not {rate!r}"

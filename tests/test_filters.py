@@ -86,6 +86,8 @@ def test_a_filtered_subscription_among_others_of_its_topic(dispatch: Any) -> Non
         {"headers": {}},
         {"key": ""},
         {"key": 5},
+        {"headers": {"region": "eu\x00"}},
+        {"headers": {"\ud800": "eu"}},
         "region=eu",
     ],
 )

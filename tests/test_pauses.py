@@ -4,15 +4,15 @@ hour") and the circuit breaker (@subscriber circuit_breaker=)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from django.contrib.admin.models import LogEntry
 from django.utils import timezone
 
-from django_pubsub import publish, registry, signals, stats, subscriber
-from django_pubsub.exceptions import InvalidSubscriber
+from django_pubsub import publish, publish_many, registry, signals, stats, subscriber
+from django_pubsub.exceptions import InvalidSchedule, InvalidSubscriber
 from django_pubsub.models import Delivery, Subscription
 from tests.conftest import FakeClock, log_in_operator, runs, states
 from tests.pubsub_app.subscribers import basic_one
@@ -147,3 +147,40 @@ def test_a_circuit_breaker_that_cannot_work_is_refused(breaker: Any) -> None:
     with pytest.raises(InvalidSubscriber, match="circuit_breaker must be"):
         subscriber("t.basic", name="breaker.bad", circuit_breaker=breaker)(basic_one)
     assert "breaker.bad" not in registry.get_specs()
+
+
+def test_a_breaker_trips_on_errors_whose_text_the_database_cannot_hold(
+    dispatch: Any, clock: FakeClock
+) -> None:
+    for n in range(6):
+        publish("t.breaker", {"n": n, "error": "awkward"})
+    dispatch("breaker.one", clock=clock)
+    assert states("breaker.one") == {"dead": 3, "pending": 3}
+    sub = _sub("breaker.one")
+    assert sub.paused and "\\x00" in sub.paused_reason and "\\ud800" in sub.paused_reason
+
+
+def test_a_failed_batch_is_one_failure_to_the_breaker(dispatch: Any) -> None:
+    """Ten messages failing by one call of a batch handler are one failure: it takes three
+    calls (the retries come at once here) to trip a breaker of three."""
+    publish_many("t.breaker.batch", [{"n": n} for n in range(10)])
+    dispatch("breaker.batch", idle_wait=2)
+    sub = _sub("breaker.batch")
+    assert sub.paused and sub.paused_reason.startswith("circuit breaker: 3 failures")
+    assert len(runs("breaker.batch")) == 30  # three calls of ten
+    assert states("breaker.batch") == {"retry": 10}
+
+
+def test_a_trip_never_overwrites_a_pause_that_is_there(clock: FakeClock, sent: list[Any]) -> None:
+    sub = _sub("breaker.one")
+    sub.pause(clock())  # an operator's, until resumed
+    assert not sub.trip(clock(), until=clock() + timedelta(minutes=1), reason="breaker")
+    row = _sub("breaker.one")
+    assert row.paused and row.paused_until is None and row.paused_reason == ""
+
+
+@pytest.mark.parametrize("until", [3600, timedelta(hours=1), "tomorrow", datetime(2030, 1, 1)])
+def test_a_pause_until_that_is_not_an_aware_datetime_is_refused(until: Any) -> None:
+    with pytest.raises(InvalidSchedule, match="until= must be None or an aware datetime"):
+        _sub("basic.one").pause(until=until)
+    assert not _sub("basic.one").paused

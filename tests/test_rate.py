@@ -56,7 +56,24 @@ def test_the_bucket_is_shared_and_gives_back_what_a_claim_did_not_use() -> None:
     assert Subscription.objects.get(pk=sub.pk).take_starts(5, now) == 3
 
 
-@pytest.mark.parametrize("rate", ["20", "0/s", "-1/s", "x/s", "10/week", "10/", 10, "1.5/s"])
+def test_a_claim_with_an_older_clock_refills_nothing() -> None:
+    """Two dispatchers' clocks differ, or one waited for the row's lock: the bucket's time
+    never goes back, so no interval is refilled twice."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    sub, now = Subscription.objects.get(name="rate.one"), timezone.now()
+    assert sub.take_starts(100, now) == RATE
+    assert sub.take_starts(100, now + timedelta(seconds=1)) == RATE
+    assert sub.take_starts(100, now + timedelta(seconds=0.5)) == 0
+    assert sub.take_starts(100, now + timedelta(seconds=1.5)) == RATE // 2
+
+
+@pytest.mark.parametrize(
+    "rate",
+    ["20", "0/s", "-1/s", "x/s", "10/week", "10/", 10, "1.5/s", "²/s", "1" + " " * 40 + "/s"],
+)
 def test_a_rate_that_cannot_work_is_refused(rate: Any) -> None:
     with pytest.raises(InvalidSubscriber, match="rate must be"):
         subscriber("t.basic", name="rate.bad", rate=rate)(basic_one)

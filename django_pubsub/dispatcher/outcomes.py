@@ -193,7 +193,11 @@ class OutcomeRecorder:
             self.counts.failed += 1
             signal_failure(job.message, outcome.error or "", outcome.traceback, state, due)
             if self.pauses is not None:
-                self.pauses.failed(job.subscription_id, outcome.error or "", now)
+                # A batch's messages fail by one call: the breaker counts calls.
+                chunk = job.chunk
+                batch = chunk is not None and chunk.batch
+                call = (job.token, chunk.jobs[0].delivery_id) if chunk and batch else None
+                self.pauses.failed(job.subscription_id, outcome.error or "", now, call)
         if state == Delivery.State.DEAD:
             self.counts.dead += 1
             logger.error(

@@ -25,9 +25,9 @@ class Pauses:
     def __init__(self, subscriptions: Subscriptions) -> None:
         self.subscriptions = subscriptions
         self._next_look = 0.0
-        # Per subscription: the exception type of its last failures here, and how many
-        # in a row.
-        self._streaks: dict[int, tuple[str, int]] = {}
+        # Per subscription: the exception type of its last failures here, how many handler
+        # calls in a row, and the last call counted (a batch's failures are one call).
+        self._streaks: dict[int, tuple[str, int, object]] = {}
 
     def look(self, now: datetime) -> None:
         """Resume what should be, at most every RESUME_CHECK seconds."""
@@ -41,17 +41,20 @@ class Pauses:
         row."""
         self._streaks.pop(sub_id, None)
 
-    def failed(self, sub_id: int, error: str, now: datetime) -> None:
-        """A failure of the subscription was recorded (``error``: "Type: text"): count it;
-        pause the subscription when its circuit breaker says so."""
+    def failed(self, sub_id: int, error: str, now: datetime, call: object = None) -> None:
+        """A failure of the subscription was recorded (``error``: "Type: text"; ``call``:
+        what tells one handler call from another, for a batch's messages): count it per
+        call; pause the subscription when its circuit breaker says so."""
         sub = self.subscriptions[sub_id]
         if not sub.breaker_failures:
             return
         kind = error.split(":", 1)[0]
-        last, count = self._streaks.get(sub_id, ("", 0))
+        last, count, last_call = self._streaks.get(sub_id, ("", 0, None))
+        if call is not None and call == last_call and kind == last:
+            return  # another message of the same failed batch call
         count = count + 1 if kind == last else 1
         if count < sub.breaker_failures:
-            self._streaks[sub_id] = (kind, count)
+            self._streaks[sub_id] = (kind, count, call)
             return
         self._streaks.pop(sub_id, None)
         self._trip(sub_id, kind, count, error, now)
@@ -60,10 +63,8 @@ class Pauses:
         sub = self.subscriptions[sub_id]
         until = None if sub.breaker_pause is None else now + timedelta(seconds=sub.breaker_pause)
         reason = f"circuit breaker: {count} failures in a row with {kind} (the last: {error})"
-        # Not over a pause that is already there (an operator's, or another dispatcher's
-        # trip): that one says when it ends.
-        row = Subscription.objects.filter(pk=sub_id, paused=False).first()
-        if row is None or not row.pause(now, until=until, reason=reason):
+        row = Subscription.objects.filter(pk=sub_id).first()
+        if row is None or not row.trip(now, until=until, reason=reason):
             return
         logger.error(
             "subscription %s paused by its circuit breaker %s: %s failures in a row with %s; "

@@ -19,10 +19,10 @@ from .. import backends
 from ..backends import padded_ids
 from ..backends.base import SUBSCRIPTION
 from ..conf import DELIVERY_CHOICES, ON_DEAD_CHOICES, pubsub_settings
-from ..exceptions import ActionRefused, InvalidSeek
+from ..exceptions import ActionRefused, InvalidSchedule, InvalidSeek
 from ..retry import Backoff
 from ..states import ENDED, WAITING
-from ..validation import LAST_PREFIX, parse_rate
+from ..validation import LAST_PREFIX, parse_rate, storable
 from .delivery import Delivery
 from .log import Message, Topic
 
@@ -180,8 +180,25 @@ class Subscription(models.Model):
         """Stop claiming its deliveries (those running finish); False if already paused
         (then ``until`` and ``reason`` replace what it had). ``until``: a dispatcher
         resumes it at that time (within a second); None: an operator does."""
-        fields = {"paused_until": until, "paused_reason": reason[:500]}
+        _check_until(until)
+        fields = {"paused_until": until, "paused_reason": storable(reason, REASON_CHARS)}
         return self._set_paused(True, now or timezone.now(), fields)
+
+    def trip(self, now: datetime, *, until: datetime | None, reason: str) -> bool:
+        """Pause it for the circuit breaker, unless it is paused already (an operator's
+        pause, another dispatcher's trip: that one says when it ends). One conditional
+        UPDATE, so no pause set meanwhile is overwritten. False if it was paused."""
+        from .. import signals
+
+        fields = {"paused_until": until, "paused_reason": storable(reason, REASON_CHARS)}
+        rows = Subscription.objects.filter(pk=self.pk, paused=False)
+        if rows.update(paused=True, updated_at=now, **fields) != 1:
+            return False
+        self.paused = True
+        for name, value in fields.items():
+            setattr(self, name, value)
+        signals.send(signals.subscription_paused, Subscription, subscription=self)
+        return True
 
     def resume(self, now: datetime | None = None) -> bool:
         """Claim its deliveries again; False if it was not paused."""
@@ -205,13 +222,13 @@ class Subscription(models.Model):
                 .get(pk=self.pk)
             )
             if at is None:
-                tokens = float(count)
-            else:
-                elapsed = max(0.0, (now - at).total_seconds())
-                tokens = min(float(count), tokens + elapsed * count / seconds)
+                tokens, at = float(count), now
+            elif now > at:  # never back: a claim with an older clock refills nothing
+                tokens = min(float(count), tokens + (now - at).total_seconds() * count / seconds)
+                at = now
             granted = min(want, int(tokens))
             Subscription.objects.using(using).filter(pk=self.pk).update(
-                rate_tokens=tokens - granted, rate_at=now
+                rate_tokens=tokens - granted, rate_at=at
             )
         return granted
 
@@ -417,6 +434,21 @@ def start_target(start: str) -> tuple[int | None, datetime | None]:
     if start.startswith(LAST_PREFIX):
         return int(start[len(LAST_PREFIX) :]), None
     return None, datetime.fromisoformat(start)
+
+
+# What paused_reason keeps of a reason (a breaker's includes an exception's text), its
+# cut said so within the column's 500.
+REASON_CHARS = 440
+
+
+def _check_until(until: object) -> None:
+    if until is not None and (
+        not isinstance(until, datetime) or timezone.is_aware(until) != settings.USE_TZ
+    ):
+        kind = "an aware" if settings.USE_TZ else "a naive"
+        raise InvalidSchedule(
+            f"pause() until= must be None or {kind} datetime (USE_TZ), not {until!r}"
+        )
 
 
 def _check_seek(offset: int | None, at: datetime | None, last: int | None = None) -> None:

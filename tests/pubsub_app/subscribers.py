@@ -357,6 +357,20 @@ def breaker_one(message: Message) -> None:
         raise ValueError("the partner's API said no")
     if payload.get("error") == "key":
         raise KeyError("missing")
+    if payload.get("error") == "awkward":
+        raise ValueError("bad \ud800 and \x00 text")
+
+
+@subscriber(
+    "t.breaker.batch",
+    name="breaker.batch",
+    batch_size=10,
+    max_attempts=5,
+    circuit_breaker={"failures": 3, "pause": 60},
+)
+def breaker_batch(messages: list[Message]) -> None:
+    record_batch(messages)
+    raise ValueError("the whole batch fails")
 
 
 @subscriber("t.filter", name="filter.eu", filter={"headers": {"region": "eu"}})
