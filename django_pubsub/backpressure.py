@@ -47,7 +47,7 @@ def check(topic: str) -> None:
     if limits is None:
         return
     limit, policy = int(limits["max_backlog"]), limits.get("policy", "reject")
-    backlog, slowest = _known(topic)
+    backlog, slowest, fresh = _known(topic)
     if backlog < limit:
         return
     from .models import Topic
@@ -63,6 +63,8 @@ def check(topic: str) -> None:
     )
     if policy == "reject":
         raise Backpressure(topic, backlog, limit, slowest)
+    if not fresh:
+        return  # said once per figure read, not at every publish
     logger.warning(
         "topic %s backed up: subscription %s has %s messages unfinished, over %s "
         "(PUBSUB['BACKPRESSURE'], policy warn): published anyway",
@@ -79,11 +81,13 @@ def forget() -> None:
         _read.clear()
 
 
-def _known(topic: str) -> tuple[int, str]:
+def _known(topic: str) -> tuple[int, str, bool]:
+    """The topic's backlog, its slowest subscription, and whether the figure was read just
+    now (not from this process's cache)."""
     with _lock:
         cached = _read.get(topic)
     if cached is not None and time.monotonic() - cached[2] < READ_INTERVAL:
-        return cached[0], cached[1]
+        return cached[0], cached[1], False
     from .models import Topic
 
     row = Topic.objects.filter(name=topic).values("pk", "backlog", "backlog_of", "backlog_at")
@@ -99,7 +103,7 @@ def _known(topic: str) -> tuple[int, str]:
         backlog, slowest = int(found["backlog"] or 0), found["backlog_of"]
     with _lock:
         _read[topic] = (backlog, slowest, time.monotonic())
-    return backlog, slowest
+    return backlog, slowest, True
 
 
 def measure(topic_id: int, now: datetime, *, keep: bool = True) -> tuple[int, str]:

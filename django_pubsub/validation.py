@@ -198,11 +198,12 @@ def check_schedule(
         return None, None  # every plain publish
     due = _moment("deliver_at", deliver_at, "delay", delay, now, zero_ok=True)
     expiry = _moment("expires_at", expires_at, "ttl", ttl, due or now, zero_ok=False)
-    if expiry is not None and expiry <= (due or now):
-        when = "its deliver_at" if due is not None else "now"
+    start = now if due is None or due < now else due
+    if expiry is not None and expiry <= start:
+        when = "its deliver_at" if start is due else "now"
         raise InvalidSchedule(
             f"expires_at ({expiry.isoformat()}) must be after {when} "
-            f"({(due or now).isoformat()}): the message could never run."
+            f"({start.isoformat()}): the message could never run."
         )
     return due, expiry
 

@@ -203,6 +203,14 @@ def test_a_schedule_that_cannot_work_is_refused_and_nothing_is_written(
     assert not Message.objects.exists()
 
 
+def test_an_expiry_already_past_is_refused_even_for_a_message_due_in_the_past() -> None:
+    past = timezone.now() - timedelta(hours=1)
+    for options in ({"deliver_at": past, "ttl": 60}, {"deliver_at": past, "expires_at": past}):
+        with pytest.raises(InvalidSchedule, match="must be after now"):
+            publish("t.basic", {"n": 1}, **options)
+    assert not Message.objects.exists()
+
+
 def test_an_expiry_before_the_delivery_time_is_refused() -> None:
     at = timezone.now() + timedelta(hours=1)
     with pytest.raises(InvalidSchedule, match="must be after its deliver_at"):

@@ -37,15 +37,15 @@ assert CREATE.count("due") == 3, "0004's function is not as this migration expec
 
 
 def create(apps: Any, schema_editor: Any) -> None:
+    # Beside 0004's, which dispatchers of the release before keep calling during a rolling
+    # deploy (they sequence a message published for later at once, as they always did).
     if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(previous.DROP)
         schema_editor.execute(CREATE)
 
 
 def restore(apps: Any, schema_editor: Any) -> None:
     if schema_editor.connection.vendor == "postgresql":
         schema_editor.execute(DROP)
-        schema_editor.execute(previous.CREATE)
 
 
 class Migration(migrations.Migration):
