@@ -231,3 +231,16 @@ def test_a_delivery_that_expires_while_it_waits_in_its_chunk_does_not_run(
     ran = [run.message_id for run in runs("ordered.one")]
     assert expiring not in ran and ran[-1] == after  # the order goes on past it
     assert counts.expired == 1 and states("ordered.one") == {"acked": 302, "expired": 1}
+
+
+def test_messages_that_came_due_in_one_pass_join_the_log_in_the_order_they_came_due(
+    dispatch: Any, clock: FakeClock
+) -> None:
+    """After an outage, say: what came due meanwhile is numbered by when it came due (and
+    before what was published for now), not by when it was published."""
+    later = publish("t.ordered", {"n": "due in 20 s"}, delay=20)
+    sooner = publish("t.ordered", {"n": "due in 10 s"}, delay=10)
+    now = publish("t.ordered", {"n": "now"})
+    clock.advance(30)
+    dispatch("ordered.one", clock=clock)
+    assert [run.message_id for run in runs("ordered.one")] == [sooner, later, now]

@@ -33,9 +33,6 @@ OFFSET = '"offset"'
 # bound parameter never matches a literal; so queries that need one add these.
 UNFINISHED_SQL = "state IN ('pending', 'retry', 'inflight')"
 INFLIGHT_SQL = "state = 'inflight'"
-# A message that may join its topic's log by the sequencer's time (a parameter): published
-# without a deliver_at, or whose deliver_at has come.
-DUE_SQL = "(deliver_at IS NULL OR deliver_at <= %s)"
 # The keyed deliveries' index (pubsub_delivery_keys): only the rows that can hold a key
 # back (running, waiting for a retry, dead), so that asking whether one does costs the
 # same however many messages of the key are pending.
@@ -145,9 +142,12 @@ class Backend:
 
     def sequence(self, *, batch: int, now: datetime, topic_id: int | None = None) -> dict[int, int]:
         """Give committed unsequenced messages of every topic (or the one given) that are
-        due by ``now`` (DUE_SQL) the next offsets, up to ``batch`` a topic, in id order,
-        under the topic's row lock; {topic id: messages sequenced} for those that got
-        any."""
+        due by ``now`` the next offsets, up to ``batch`` a topic, under the topic's row
+        lock: first those published for later whose time has come, in the order it came,
+        then the others in id order (any order among committed messages keeps every offset
+        behind what is visible; this one runs what came due in a pass as it came due).
+        Each kind is read through its own partial index, so messages due later are never
+        read. {topic id: messages sequenced} for those that got any."""
         raise NotImplementedError
 
     def subscriptions_behind(self, topic_id: int | None = None) -> list[tuple[int, int]]:

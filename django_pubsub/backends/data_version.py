@@ -125,7 +125,7 @@ def _data_version(cursor: Any) -> int:
 def _unsequenced(cursor: Any) -> bool:
     cursor.execute(
         'SELECT 1 FROM "django_pubsub_message" INDEXED BY pubsub_message_unsequenced '
-        'WHERE "offset" IS NULL LIMIT 1'
+        'WHERE "offset" IS NULL AND deliver_at IS NULL LIMIT 1'
     )
     return cursor.fetchone() is not None
 

@@ -11,7 +11,6 @@ from typing import IO, Any
 from django.db import transaction
 
 from .base import (
-    DUE_SQL,
     MESSAGE,
     OFFSET,
     SUBSCRIPTION,
@@ -36,6 +35,19 @@ _READ_MESSAGES = 'SELECT {} FROM {} WHERE {}."id" '.format(
     ", ".join(f'{MESSAGE}."{name}" AS "{name}"' for name in _MESSAGE_FIELDS), MESSAGE, MESSAGE
 )
 
+
+# One topic's messages to sequence next (parameters: topic, time, batch, topic, batch),
+# as (id, rn), their order: those published for later whose time has come, by when it
+# came, then the others in id order; each part through its own partial index.
+_PICK = (
+    f"SELECT id, row_number() OVER (ORDER BY part, at, id) AS rn FROM ("
+    f"SELECT * FROM (SELECT id, 0 AS part, deliver_at AS at FROM {MESSAGE} "
+    f"INDEXED BY pubsub_message_scheduled WHERE topic_id = %s AND {OFFSET} IS NULL "
+    f"AND deliver_at IS NOT NULL AND deliver_at <= %s ORDER BY deliver_at, id LIMIT %s) "
+    f"UNION ALL SELECT * FROM (SELECT id, 1 AS part, NULL AS at FROM {MESSAGE} "
+    f"INDEXED BY pubsub_message_unsequenced WHERE topic_id = %s AND {OFFSET} IS NULL "
+    f"AND deliver_at IS NULL ORDER BY id LIMIT %s))"
+)
 
 # The least a background writer leaves the lock free (pause_after()).
 PAUSE_AFTER_WRITE = 0.02
@@ -93,7 +105,9 @@ class SQLiteBackend(Backend):
         with self.connection.cursor() as cursor:
             cursor.execute(
                 f'SELECT DISTINCT "topic_id" FROM {MESSAGE} INDEXED BY pubsub_message_unsequenced '
-                f"WHERE {OFFSET} IS NULL AND {DUE_SQL}",
+                f"WHERE {OFFSET} IS NULL AND deliver_at IS NULL UNION "
+                f'SELECT DISTINCT "topic_id" FROM {MESSAGE} INDEXED BY pubsub_message_scheduled '
+                f"WHERE {OFFSET} IS NULL AND deliver_at IS NOT NULL AND deliver_at <= %s",
                 [at],
             )
             topic_ids = sorted(row[0] for row in cursor.fetchall())
@@ -108,11 +122,9 @@ class SQLiteBackend(Backend):
             # A new statement after the lock: it sees every message committed so far,
             # including the offsets a sequencer that held the lock before us assigned.
             cursor.execute(
-                f"UPDATE {MESSAGE} SET {OFFSET} = %s + s.rn - 1 FROM ("
-                f"SELECT id, row_number() OVER (ORDER BY id) AS rn FROM {MESSAGE} "
-                f'WHERE "topic_id" = %s AND {OFFSET} IS NULL AND {DUE_SQL} ORDER BY id LIMIT %s'
-                f") AS s WHERE {MESSAGE}.id = s.id",
-                [base, topic_id, at, batch],
+                f"UPDATE {MESSAGE} SET {OFFSET} = %s + s.rn - 1 FROM ({_PICK}) AS s "
+                f"WHERE {MESSAGE}.id = s.id AND s.rn <= %s",
+                [base, topic_id, at, batch, topic_id, batch, batch],
             )
             count = cursor.rowcount
             if count:

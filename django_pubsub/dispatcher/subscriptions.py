@@ -154,7 +154,11 @@ class Subscriptions:
             Subscription.objects.filter(pk__in=pks, paused=True).values_list("pk", flat=True)
         )
         topics = {sub.topic_id for sub in self._rows.values()}
-        if MessageRow.objects.unsequenced(horizon).filter(topic_id__in=topics).exists():
+        waiting = MessageRow.objects.filter(topic_id__in=topics, offset__isnull=True)
+        # Apart, each through its own partial index: messages due later are not read.
+        if waiting.filter(deliver_at__isnull=True).exists():
+            return True
+        if waiting.filter(deliver_at__isnull=False, deliver_at__lte=horizon).exists():
             return True
         if set(pks) & set(Subscription.behind()):
             return True

@@ -170,11 +170,18 @@ class Message(models.Model):
             ),
         ]
         indexes = [
-            # Finds the messages still to sequence without reading the whole log.
+            # Finds the messages still to sequence without reading the whole log, nor the
+            # messages published for later (a reminder a month ahead is read once, when due).
             models.Index(
                 fields=["topic", "id"],
-                condition=Q(offset__isnull=True),
+                condition=Q(offset__isnull=True, deliver_at__isnull=True),
                 name="pubsub_message_unsequenced",
+            ),
+            # Messages published for later, by when they are due.
+            models.Index(
+                fields=["deliver_at"],
+                condition=Q(offset__isnull=True, deliver_at__isnull=False),
+                name="pubsub_message_scheduled",
             ),
         ]
 
