@@ -22,7 +22,7 @@ LAYERS = {
     "backends": LEAVES,
     "models": LEAVES | {"backends"},
     "dispatcher": LEAVES
-    | {"backends", "models", "sync", "registry", "workers", "retention", "keys"},
+    | {"backends", "models", "sync", "registry", "workers", "retention", "keys", "backpressure"},
 }
 
 
