@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from django_pubsub import publish_many, registry, subscriber
 from django_pubsub.exceptions import InvalidSubscriber
-from django_pubsub.models import Subscription
+from django_pubsub.models import Subscription, Topic
 from tests.conftest import runs, states
 from tests.pubsub_app.subscribers import basic_one
 
@@ -46,9 +47,10 @@ def test_two_dispatchers_together_keep_to_one_rate(runpubsub: Any, tmp_path: Pat
 
 
 def test_the_bucket_is_shared_and_gives_back_what_a_claim_did_not_use() -> None:
+    publish_many("t.rate", [{"n": n} for n in range(50)])
+    Topic.sequence_all(batch=100)
+    Topic.fan_out(Topic.objects.get(name="t.rate").pk, now=timezone.now(), batch=100)
     sub = Subscription.objects.get(name="rate.one")
-    from django.utils import timezone
-
     now = timezone.now()
     assert sub.take_starts(50, now) == RATE  # a full bucket: one period's worth
     assert sub.take_starts(5, now) == 0
@@ -56,13 +58,24 @@ def test_the_bucket_is_shared_and_gives_back_what_a_claim_did_not_use() -> None:
     assert Subscription.objects.get(pk=sub.pk).take_starts(5, now) == 3
 
 
+def test_an_idle_rate_limited_subscription_writes_nothing(dispatch: Any) -> None:
+    """Nothing to start: the bucket is not touched (two writes a pass, the SQLite write
+    lock each time, for nothing)."""
+    dispatch("rate.one", idle_wait=0.5)
+    assert Subscription.objects.get(name="rate.one").rate_at is None
+    publish_many("t.rate", [{"n": 1}])
+    dispatch("rate.one")
+    assert Subscription.objects.get(name="rate.one").rate_at is not None
+
+
 def test_a_claim_with_an_older_clock_refills_nothing() -> None:
     """Two dispatchers' clocks differ, or one waited for the row's lock: the bucket's time
     never goes back, so no interval is refilled twice."""
     from datetime import timedelta
 
-    from django.utils import timezone
-
+    publish_many("t.rate", [{"n": n} for n in range(50)])
+    Topic.sequence_all(batch=100)
+    Topic.fan_out(Topic.objects.get(name="t.rate").pk, now=timezone.now(), batch=100)
     sub, now = Subscription.objects.get(name="rate.one"), timezone.now()
     assert sub.take_starts(100, now) == RATE
     assert sub.take_starts(100, now + timedelta(seconds=1)) == RATE

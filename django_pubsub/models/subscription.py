@@ -212,6 +212,10 @@ class Subscription(models.Model):
         burst). What a claim then does not start goes back (give_back_starts())."""
         if not self.rate or want <= 0:
             return want
+        due = Q(state=Delivery.State.PENDING) | Q(available_at__lte=now)
+        waiting = Delivery.objects.using(using).unfinished().filter(due, subscription_id=self.pk)
+        if not waiting.filter(subscription__paused=False).exists():
+            return 0  # nothing to start: one read, where the bucket would take two writes
         count, seconds = parse_rate(self.rate)
         backend = backends.get(using)
         with transaction.atomic(using=using), backend.connection.cursor() as cursor:
