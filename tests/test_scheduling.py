@@ -244,3 +244,17 @@ def test_messages_that_came_due_in_one_pass_join_the_log_in_the_order_they_came_
     clock.advance(30)
     dispatch("ordered.one", clock=clock)
     assert [run.message_id for run in runs("ordered.one")] == [sooner, later, now]
+
+
+def test_a_seek_back_leaves_an_expired_delivery_expired(dispatch: Any, clock: FakeClock) -> None:
+    publish("t.basic", {"n": "stale"}, ttl=30)
+    fresh = publish("t.basic", {"n": "fresh"})
+    clock.advance(31)
+    dispatch("basic.one", clock=clock)
+    from django_pubsub.models import Subscription
+
+    done = Subscription.objects.get(name="basic.one").seek(offset=0, now=clock())
+    assert done.replayed == 1
+    dispatch("basic.one", clock=clock)
+    assert states("basic.one") == {"acked": 1, "expired": 1}
+    assert [run.message_id for run in runs("basic.one")] == [fresh, fresh]

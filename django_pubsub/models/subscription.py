@@ -373,6 +373,8 @@ class Subscription(models.Model):
             ended = mine.filter(offset__gte=point, offset__lt=end, state__in=ENDED)
             ended = ended.filter(Q(finished_at__lte=now) | Q(finished_at__isnull=True))
             ended = ended.exclude(id__in=padded_ids(running))
+            # Expired and still so: pending again, it could only expire again.
+            ended = ended.exclude(state=Delivery.State.EXPIRED, message__expires_at__lte=now)
             replayed = ended.in_batches(lambda rows: rows.run_again(now), by="message_id")
             # Messages it has no delivery of yet (published before it began, or passed over
             # by an earlier seek): created here, so the fan-out need not go back.
