@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 from django.conf import settings
 from django.utils import timezone
@@ -183,6 +183,17 @@ def is_positive_int(value: object, maximum: int = MAX_COUNT) -> bool:
     return isinstance(value, int) and is_positive_number(value, maximum)
 
 
+def is_stored_datetime(value: object) -> TypeGuard[datetime]:
+    """A point in time as the project stores them: a datetime, aware with USE_TZ and naive
+    without (what publish(), pause(), seek() and @subscriber take)."""
+    return isinstance(value, datetime) and timezone.is_aware(value) == settings.USE_TZ
+
+
+def datetime_kind() -> str:
+    """What is_stored_datetime() asks for, in words for an error."""
+    return f"{'an aware' if settings.USE_TZ else 'a naive'} datetime (USE_TZ)"
+
+
 def check_schedule(
     now: datetime,
     deliver_at: object = None,
@@ -214,9 +225,8 @@ def _moment(
     if at is not None and span is not None:
         raise InvalidSchedule(f"Pass {at_name}= or {span_name}=, not both.")
     if at is not None:
-        if not isinstance(at, datetime) or timezone.is_aware(at) != settings.USE_TZ:
-            kind = "an aware" if settings.USE_TZ else "a naive"
-            raise InvalidSchedule(f"{at_name} must be {kind} datetime (USE_TZ); got {at!r}.")
+        if not is_stored_datetime(at):
+            raise InvalidSchedule(f"{at_name} must be {datetime_kind()}; got {at!r}.")
         return at
     if span is None:
         return None
@@ -246,9 +256,8 @@ def check_start(start: object, choices: tuple[str, ...]) -> str | None:
     if start is None or (isinstance(start, str) and start in choices):
         return start
     if isinstance(start, datetime):
-        if timezone.is_aware(start) != settings.USE_TZ:
-            kind = "an aware" if settings.USE_TZ else "a naive"
-            raise ValueError(f"start must be {kind} datetime (USE_TZ), not {start!r}")
+        if not is_stored_datetime(start):
+            raise ValueError(f"start must be {datetime_kind()}, not {start!r}")
         return start.isoformat()
     if (
         isinstance(start, tuple)

@@ -77,6 +77,9 @@ class Job:
     # Its message's expires_at: reached before the job starts, it does not run.
     expires_at: datetime | None = None
 
+    def expired_by(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
 
 def handler_message(sub: Subscription, row: Claimed) -> Message:
     """What the handler gets for a leased delivery of ``sub``."""
@@ -367,7 +370,7 @@ class WorkerPool:
                     chunk.next += 1
                     job.started = time.monotonic()
                     self._running[id(job)] = (job, threading.current_thread())
-                if job.expires_at is not None and self._clock() >= job.expires_at:
+                if job.expired_by(self._clock()):
                     outcome = Outcome(job, expired=True)  # it waited too long in its chunk
                 else:
                     outcome = self._run(job, chunk)
@@ -430,7 +433,7 @@ class WorkerPool:
         with self._lock:
             jobs = chunk.jobs[chunk.next : chunk.end]
             chunk.next = chunk.end
-            expired = [job for job in jobs if job.expires_at is not None and now >= job.expires_at]
+            expired = [job for job in jobs if job.expired_by(now)]
             jobs = [job for job in jobs if job not in expired]
             started = time.monotonic()
             for job in jobs:

@@ -10,7 +10,6 @@ import logging
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from django.conf import settings
 from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -22,7 +21,13 @@ from ..conf import DELIVERY_CHOICES, ON_DEAD_CHOICES, pubsub_settings
 from ..exceptions import ActionRefused, InvalidSchedule, InvalidSeek
 from ..retry import Backoff
 from ..states import ENDED, WAITING
-from ..validation import LAST_PREFIX, parse_rate, storable
+from ..validation import (
+    LAST_PREFIX,
+    datetime_kind,
+    is_stored_datetime,
+    parse_rate,
+    storable,
+)
 from .delivery import Delivery
 from .log import Message, Topic
 
@@ -181,24 +186,13 @@ class Subscription(models.Model):
         (then ``until`` and ``reason`` replace what it had). ``until``: a dispatcher
         resumes it at that time (within a second); None: an operator does."""
         _check_until(until)
-        fields = {"paused_until": until, "paused_reason": storable(reason, REASON_CHARS)}
-        return self._set_paused(True, now or timezone.now(), fields)
+        return self._set_paused(True, now or timezone.now(), _pause_fields(until, reason))
 
     def trip(self, now: datetime, *, until: datetime | None, reason: str) -> bool:
         """Pause it for the circuit breaker, unless it is paused already (an operator's
         pause, another dispatcher's trip: that one says when it ends). One conditional
         UPDATE, so no pause set meanwhile is overwritten. False if it was paused."""
-        from .. import signals
-
-        fields = {"paused_until": until, "paused_reason": storable(reason, REASON_CHARS)}
-        rows = Subscription.objects.filter(pk=self.pk, paused=False)
-        if rows.update(paused=True, updated_at=now, **fields) != 1:
-            return False
-        self.paused = True
-        for name, value in fields.items():
-            setattr(self, name, value)
-        signals.send(signals.subscription_paused, Subscription, subscription=self)
-        return True
+        return self._set_paused(True, now, _pause_fields(until, reason), replace=False)
 
     def resume(self, now: datetime | None = None) -> bool:
         """Claim its deliveries again; False if it was not paused."""
@@ -261,12 +255,18 @@ class Subscription(models.Model):
                 resumed.append(sub)
         return resumed
 
-    def _set_paused(self, paused: bool, now: datetime, fields: dict[str, Any]) -> bool:
+    def _set_paused(
+        self, paused: bool, now: datetime, fields: dict[str, Any], *, replace: bool = True
+    ) -> bool:
+        """Pause or resume it, with ``fields``; not ``replace``: a pause leaves one that is
+        there as it is."""
         from .. import signals
 
         rows = Subscription.objects.filter(pk=self.pk, paused=not paused)
         changed = rows.update(paused=paused, updated_at=now, **fields) == 1
         if not changed and paused:
+            if not replace:
+                return False
             # Paused already, maybe held by a seek or replay: the operator's pause is what
             # the row says now, and the hold's end must leave it paused (release()).
             Subscription.objects.filter(pk=self.pk, paused=True).update(updated_at=now, **fields)
@@ -447,14 +447,13 @@ def start_target(start: str) -> tuple[int | None, datetime | None]:
 REASON_CHARS = 440
 
 
+def _pause_fields(until: datetime | None, reason: str) -> dict[str, Any]:
+    return {"paused_until": until, "paused_reason": storable(reason, REASON_CHARS)}
+
+
 def _check_until(until: object) -> None:
-    if until is not None and (
-        not isinstance(until, datetime) or timezone.is_aware(until) != settings.USE_TZ
-    ):
-        kind = "an aware" if settings.USE_TZ else "a naive"
-        raise InvalidSchedule(
-            f"pause() until= must be None or {kind} datetime (USE_TZ), not {until!r}"
-        )
+    if until is not None and not is_stored_datetime(until):
+        raise InvalidSchedule(f"pause() until= must be None or {datetime_kind()}, not {until!r}")
 
 
 def _check_seek(offset: int | None, at: datetime | None, last: int | None = None) -> None:
@@ -467,11 +466,8 @@ def _check_seek(offset: int | None, at: datetime | None, last: int | None = None
             raise InvalidSeek(f"seek() {name} must be an int, not {value!r}")
         if value is not None and value < 0:
             raise InvalidSeek(f"seek() {name} must be 0 or more, not {value}")
-    if at is not None and (
-        not isinstance(at, datetime) or timezone.is_aware(at) != settings.USE_TZ
-    ):
-        kind = "an aware" if settings.USE_TZ else "a naive"
-        raise InvalidSeek(f"seek() at= must be {kind} datetime (USE_TZ), not {at!r}")
+    if at is not None and not is_stored_datetime(at):
+        raise InvalidSeek(f"seek() at= must be {datetime_kind()}, not {at!r}")
 
 
 class Seek(NamedTuple):
